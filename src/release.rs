@@ -1,0 +1,869 @@
+//! Release layout, intake and switching.
+//!
+//! Under the app root:
+//!
+//! ```text
+//! releases/<id>/      one directory per release, never modified after it went live
+//! shared/             persistent paths (pub/media, var/log, ...) linked into every release
+//! current -> releases/<id>
+//! ```
+//!
+//! Intake from a directory (CodeDeploy's unpacked `deployment-archive`) builds the release
+//! without a full copy where the filesystem allows: a reflink, else a hard link, else a copy.
+//! Ownership and modes come from [`crate::perms::Policy`] and are applied in the same pass that
+//! creates each entry, through directory file descriptors (`*at` syscalls), with a few worker
+//! threads. `current` is switched by renaming a new symlink over it, so it always exists.
+
+use std::collections::VecDeque;
+use std::ffi::{CStr, OsStr};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+use crate::perms::{Kind, Policy};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ReleaseConfig {
+    /// Releases kept on disk; current and previous are never pruned.
+    pub keep: usize,
+    /// How files are brought in from a directory: auto (reflink, hard link, copy), reflink,
+    /// hardlink or copy.
+    pub intake: IntakeMode,
+    /// Persistent paths, relative to the release, linked to `<app_root>/shared/<path>`.
+    pub shared_paths: Vec<PathBuf>,
+    /// Upper bound on an archive's total unpacked size, in bytes.
+    pub max_bytes: u64,
+    /// Upper bound on the number of entries in an archive.
+    pub max_entries: u64,
+    /// Free space that must remain after the new release (BeforeInstall pre-flight), bytes.
+    pub min_free_bytes: u64,
+}
+
+impl Default for ReleaseConfig {
+    fn default() -> Self {
+        ReleaseConfig {
+            keep: 5,
+            intake: IntakeMode::Auto,
+            shared_paths: [
+                "pub/media",
+                "var/log",
+                "var/session",
+                "var/report",
+                "var/export",
+            ]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+            max_bytes: 16 << 30,
+            max_entries: 2_000_000,
+            min_free_bytes: 512 << 20,
+        }
+    }
+}
+
+impl ReleaseConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if self.keep < 2 {
+            out.push((
+                "release.keep".into(),
+                "must be at least 2 (the current and the previous release are always kept)".into(),
+            ));
+        }
+        for (i, p) in self.shared_paths.iter().enumerate() {
+            if let Err(e) = crate::perms::check_relative(p) {
+                out.push((format!("release.shared_paths.{i}"), e));
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum IntakeMode {
+    #[default]
+    Auto,
+    Reflink,
+    Hardlink,
+    Copy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("refusing to take {path} into the release: {reason}")]
+    Unsafe { path: PathBuf, reason: String },
+    #[error("release `{0}` does not exist under {1}")]
+    NoSuchRelease(String, PathBuf),
+    #[error("the release source {0} does not exist or is not a directory")]
+    NoSource(PathBuf),
+    #[error("the release directory {0} already exists; refusing to overwrite it")]
+    Exists(PathBuf),
+}
+
+fn io_err(
+    action: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(io::Error) -> ReleaseError {
+    let path = path.into();
+    move |source| ReleaseError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The directories under the app root.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Layout {
+        Layout { root: root.into() }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn releases_dir(&self) -> PathBuf {
+        self.root.join("releases")
+    }
+    pub fn release_dir(&self, id: &str) -> PathBuf {
+        self.releases_dir().join(id)
+    }
+    pub fn shared_dir(&self) -> PathBuf {
+        self.root.join("shared")
+    }
+    pub fn current_link(&self) -> PathBuf {
+        self.root.join("current")
+    }
+
+    /// Creates releases/ and shared/ if missing.
+    pub fn ensure(&self) -> Result<(), ReleaseError> {
+        for d in [self.releases_dir(), self.shared_dir()] {
+            std::fs::create_dir_all(&d).map_err(io_err("create", &d))?;
+        }
+        Ok(())
+    }
+
+    /// The release `current` points at, if any.
+    pub fn current(&self) -> Option<String> {
+        let target = std::fs::read_link(self.current_link()).ok()?;
+        target.file_name().map(|n| n.to_string_lossy().into_owned())
+    }
+
+    /// Release ids on disk, oldest first (ids start with a UTC timestamp, so they sort).
+    pub fn list(&self) -> Result<Vec<String>, ReleaseError> {
+        let dir = self.releases_dir();
+        let mut ids = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(rd) => {
+                for e in rd {
+                    let e = e.map_err(io_err("read", &dir))?;
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') {
+                        continue; // staging directories
+                    }
+                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                        ids.push(name);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("read", &dir)(e)),
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Points `current` at release `id`, atomically.
+    pub fn switch_to(&self, id: &str) -> Result<(), ReleaseError> {
+        let dir = self.release_dir(id);
+        if !dir.is_dir() {
+            return Err(ReleaseError::NoSuchRelease(id.into(), self.releases_dir()));
+        }
+        let target = Path::new("releases").join(id);
+        fsutil::replace_symlink(&target, &self.current_link())
+            .map_err(io_err("switch the current link", self.current_link()))
+    }
+
+    /// Removes releases beyond `keep`, oldest first, never `protect`ed ones (current, previous).
+    pub fn prune(&self, keep: usize, protect: &[&str]) -> Result<Vec<String>, ReleaseError> {
+        let ids = self.list()?;
+        let plan = prune_plan(&ids, keep, protect);
+        for id in &plan {
+            let d = self.release_dir(id);
+            // remove_dir_all does not follow symlinks (shared paths are links).
+            std::fs::remove_dir_all(&d).map_err(io_err("remove old release", &d))?;
+        }
+        Ok(plan)
+    }
+
+    /// Links each shared path of the release to `shared/<path>`, creating the shared side
+    /// with the policy's modes. Whatever the artifact had at that path is removed first.
+    pub fn link_shared(
+        &self,
+        id: &str,
+        shared_paths: &[PathBuf],
+        policy: &Policy,
+    ) -> Result<(), ReleaseError> {
+        let rel_root = self.release_dir(id);
+        for p in shared_paths {
+            let shared = self.shared_dir().join(p);
+            create_dirs_with_policy(&self.shared_dir(), p, policy)?;
+            let in_release = rel_root.join(p);
+            match std::fs::symlink_metadata(&in_release) {
+                Ok(m) if m.is_dir() => {
+                    let non_empty = std::fs::read_dir(&in_release)
+                        .map(|mut d| d.next().is_some())
+                        .unwrap_or(false);
+                    if non_empty {
+                        tracing::warn!(
+                            "the artifact ships content in shared path {}; it is replaced by the link to {}",
+                            p.display(),
+                            shared.display()
+                        );
+                    }
+                    std::fs::remove_dir_all(&in_release).map_err(io_err("remove", &in_release))?;
+                }
+                Ok(_) => {
+                    std::fs::remove_file(&in_release).map_err(io_err("remove", &in_release))?
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("inspect", &in_release)(e)),
+            }
+            if let Some(parent) = p.parent().filter(|x| !x.as_os_str().is_empty()) {
+                create_dirs_with_policy(&rel_root, parent, policy)?;
+            }
+            // Relative link: releases/<id>/<p> -> ../..(/..)*/shared/<p>
+            let depth = p.components().count() + 1; // +1 for <id> under releases/
+            let mut target = PathBuf::new();
+            for _ in 0..depth {
+                target.push("..");
+            }
+            target.push("shared");
+            target.push(p);
+            std::os::unix::fs::symlink(&target, &in_release)
+                .map_err(io_err("link shared path", &in_release))?;
+        }
+        Ok(())
+    }
+}
+
+/// Which releases to delete: the oldest beyond `keep`, never a protected one. Pure.
+pub fn prune_plan(ids_oldest_first: &[String], keep: usize, protect: &[&str]) -> Vec<String> {
+    let excess = ids_oldest_first.len().saturating_sub(keep);
+    ids_oldest_first
+        .iter()
+        .filter(|id| !protect.contains(&id.as_str()))
+        .take(excess)
+        .cloned()
+        .collect()
+}
+
+fn create_dirs_with_policy(base: &Path, rel: &Path, policy: &Policy) -> Result<(), ReleaseError> {
+    let mut cur = base.to_path_buf();
+    let mut rel_so_far = PathBuf::new();
+    for c in rel.components() {
+        let Component::Normal(c) = c else { continue };
+        cur.push(c);
+        rel_so_far.push(c);
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => {
+                return Err(ReleaseError::Unsafe {
+                    path: cur,
+                    reason: "expected a directory here".into(),
+                });
+            }
+            Err(_) => {
+                let pl = policy.placement(&rel_so_far, Kind::Dir, 0o755);
+                std::fs::create_dir(&cur).map_err(io_err("create", &cur))?;
+                apply_path(&cur, pl.mode, pl.uid, pl.gid)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn apply_path(p: &Path, mode: u32, uid: Option<u32>, gid: Option<u32>) -> Result<(), ReleaseError> {
+    rustix::fs::chmod(p, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod", p)(e.into()))?;
+    if uid.is_some() || gid.is_some() {
+        rustix::fs::chown(
+            p,
+            uid.map(rustix::fs::Uid::from_raw),
+            gid.map(rustix::fs::Gid::from_raw),
+        )
+        .map_err(|e| io_err("chown", p)(e.into()))?;
+    }
+    Ok(())
+}
+
+/// A new release id: UTC timestamp, then a tag (deployment id), safe as a directory name.
+pub fn new_release_id(now: std::time::SystemTime, tag: &str) -> String {
+    let ts: String = humantime::format_rfc3339_seconds(now)
+        .to_string()
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
+    let tag: String = tag
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    format!("{ts}-{tag}")
+}
+
+/// What intake did, for the log and the benchmark.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct IntakeReport {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub reflinked: u64,
+    pub hardlinked: u64,
+    pub copied: u64,
+}
+
+const STRAT_REFLINK: u8 = 0;
+const STRAT_HARDLINK: u8 = 1;
+const STRAT_COPY: u8 = 2;
+
+struct Shared<'a> {
+    policy: &'a Policy,
+    src_root: &'a Path,
+    strategy: AtomicU8,
+    queue: Mutex<(VecDeque<PathBuf>, usize)>, // (pending dirs, dirs in progress)
+    cv: Condvar,
+    error: Mutex<Option<ReleaseError>>,
+    files: AtomicU64,
+    dirs: AtomicU64,
+    symlinks: AtomicU64,
+    bytes: AtomicU64,
+    reflinked: AtomicU64,
+    hardlinked: AtomicU64,
+    copied: AtomicU64,
+}
+
+/// Builds release directory `dest` (which must not exist) from the tree at `src`, applying
+/// `policy` to every entry as it is created. On error the partial `dest` is removed.
+pub fn intake_dir(
+    src: &Path,
+    dest: &Path,
+    mode: IntakeMode,
+    policy: &Policy,
+) -> Result<IntakeReport, ReleaseError> {
+    if !src.is_dir() {
+        return Err(ReleaseError::NoSource(src.to_path_buf()));
+    }
+    if dest.symlink_metadata().is_ok() {
+        return Err(ReleaseError::Exists(dest.to_path_buf()));
+    }
+    let root_pl = policy.placement(Path::new(""), Kind::Dir, 0o755);
+    std::fs::create_dir(dest).map_err(io_err("create", dest))?;
+    let result = (|| {
+        apply_path(dest, root_pl.mode, root_pl.uid, root_pl.gid)?;
+        let shared = Shared {
+            policy,
+            src_root: src,
+            strategy: AtomicU8::new(match mode {
+                IntakeMode::Auto | IntakeMode::Reflink => STRAT_REFLINK,
+                IntakeMode::Hardlink => STRAT_HARDLINK,
+                IntakeMode::Copy => STRAT_COPY,
+            }),
+            queue: Mutex::new((VecDeque::from([PathBuf::new()]), 0)),
+            cv: Condvar::new(),
+            error: Mutex::new(None),
+            files: AtomicU64::new(0),
+            dirs: AtomicU64::new(0),
+            symlinks: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            reflinked: AtomicU64::new(0),
+            hardlinked: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+        };
+        let strict = mode != IntakeMode::Auto;
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 8);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| worker(&shared, dest, strict));
+            }
+        });
+        if let Some(e) = shared.error.lock().map(|mut g| g.take()).unwrap_or(None) {
+            return Err(e);
+        }
+        Ok(IntakeReport {
+            files: shared.files.into_inner(),
+            dirs: shared.dirs.into_inner(),
+            symlinks: shared.symlinks.into_inner(),
+            bytes: shared.bytes.into_inner(),
+            reflinked: shared.reflinked.into_inner(),
+            hardlinked: shared.hardlinked.into_inner(),
+            copied: shared.copied.into_inner(),
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(dest);
+    }
+    result
+}
+
+fn worker(sh: &Shared<'_>, dest: &Path, strict: bool) {
+    loop {
+        let rel = {
+            let Ok(mut q) = sh.queue.lock() else { return };
+            loop {
+                if sh.error.lock().map(|e| e.is_some()).unwrap_or(true) {
+                    sh.cv.notify_all();
+                    return;
+                }
+                if let Some(d) = q.0.pop_front() {
+                    q.1 += 1;
+                    break d;
+                }
+                if q.1 == 0 {
+                    sh.cv.notify_all();
+                    return;
+                }
+                q = match sh.cv.wait(q) {
+                    Ok(q) => q,
+                    Err(_) => return,
+                };
+            }
+        };
+        let res = copy_dir_entries(sh, dest, &rel, strict);
+        if let Ok(mut q) = sh.queue.lock() {
+            match res {
+                Ok(subdirs) => q.0.extend(subdirs),
+                Err(e) => {
+                    if let Ok(mut slot) = sh.error.lock() {
+                        slot.get_or_insert(e);
+                    }
+                }
+            }
+            q.1 -= 1;
+        }
+        sh.cv.notify_all();
+    }
+}
+
+fn open_dir(base: &Path, rel: &Path) -> Result<OwnedFd, ReleaseError> {
+    let p = base.join(rel);
+    rustix::fs::open(
+        &p,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("open directory", p)(e.into()))
+}
+
+/// Creates the entries of one source directory in the destination; returns its
+/// subdirectories (relative paths) for the queue.
+fn copy_dir_entries(
+    sh: &Shared<'_>,
+    dest_root: &Path,
+    rel: &Path,
+    strict: bool,
+) -> Result<Vec<PathBuf>, ReleaseError> {
+    let src_fd = open_dir(sh.src_root, rel)?;
+    let dst_fd = open_dir(dest_root, rel)?;
+    let mut dir =
+        Dir::read_from(&src_fd).map_err(|e| io_err("read", sh.src_root.join(rel))(e.into()))?;
+    let mut subdirs = Vec::new();
+    while let Some(entry) = dir.read() {
+        let entry = entry.map_err(|e| io_err("read", sh.src_root.join(rel))(e.into()))?;
+        let name: &CStr = entry.file_name();
+        let bytes = name.to_bytes();
+        if bytes == b"." || bytes == b".." {
+            continue;
+        }
+        let child_rel = rel.join(OsStr::from_bytes(bytes));
+        let st = rustix::fs::statat(&src_fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io_err("inspect", sh.src_root.join(&child_rel))(e.into()))?;
+        let ft = FileType::from_raw_mode(st.st_mode);
+        let src_mode = st.st_mode & 0o7777;
+        match ft {
+            FileType::Directory => {
+                let pl = sh.policy.placement(&child_rel, Kind::Dir, src_mode);
+                rustix::fs::mkdirat(&dst_fd, name, Mode::from_raw_mode(pl.mode))
+                    .map_err(|e| io_err("create", dest_root.join(&child_rel))(e.into()))?;
+                set_at(
+                    &dst_fd, name, pl.mode, pl.uid, pl.gid, dest_root, &child_rel,
+                )?;
+                sh.dirs.fetch_add(1, Ordering::Relaxed);
+                subdirs.push(child_rel);
+            }
+            FileType::RegularFile => {
+                if src_mode & 0o6000 != 0 {
+                    return Err(ReleaseError::Unsafe {
+                        path: sh.src_root.join(&child_rel),
+                        reason: "it has the setuid or setgid bit".into(),
+                    });
+                }
+                let pl = sh.policy.placement(&child_rel, Kind::File, src_mode);
+                place_file(
+                    sh, &src_fd, &dst_fd, name, &st, pl, dest_root, &child_rel, strict,
+                )?;
+                sh.files.fetch_add(1, Ordering::Relaxed);
+                sh.bytes.fetch_add(st.st_size as u64, Ordering::Relaxed);
+            }
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(&src_fd, name, Vec::new())
+                    .map_err(|e| io_err("read link", sh.src_root.join(&child_rel))(e.into()))?;
+                let target = PathBuf::from(OsStr::from_bytes(target.to_bytes()));
+                if !link_stays_inside(&child_rel, &target) {
+                    return Err(ReleaseError::Unsafe {
+                        path: sh.src_root.join(&child_rel),
+                        reason: format!(
+                            "it is a symlink to {} which resolves outside the release",
+                            target.display()
+                        ),
+                    });
+                }
+                rustix::fs::symlinkat(&target, &dst_fd, name)
+                    .map_err(|e| io_err("create link", dest_root.join(&child_rel))(e.into()))?;
+                let pl = sh.policy.placement(&child_rel, Kind::Symlink, 0);
+                if pl.uid.is_some() || pl.gid.is_some() {
+                    rustix::fs::chownat(
+                        &dst_fd,
+                        name,
+                        uid(pl.uid),
+                        gid(pl.gid),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| io_err("chown", dest_root.join(&child_rel))(e.into()))?;
+                }
+                sh.symlinks.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                return Err(ReleaseError::Unsafe {
+                    path: sh.src_root.join(&child_rel),
+                    reason: "it is a device file, FIFO or socket".into(),
+                });
+            }
+        }
+    }
+    Ok(subdirs)
+}
+
+fn uid(u: Option<u32>) -> Option<rustix::fs::Uid> {
+    u.map(rustix::fs::Uid::from_raw)
+}
+fn gid(g: Option<u32>) -> Option<rustix::fs::Gid> {
+    g.map(rustix::fs::Gid::from_raw)
+}
+
+fn set_at(
+    dir: &OwnedFd,
+    name: &CStr,
+    mode: u32,
+    u: Option<u32>,
+    g: Option<u32>,
+    dest_root: &Path,
+    rel: &Path,
+) -> Result<(), ReleaseError> {
+    // mkdirat/openat modes are narrowed by the umask: set the exact mode.
+    rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode), AtFlags::empty())
+        .map_err(|e| io_err("chmod", dest_root.join(rel))(e.into()))?;
+    if u.is_some() || g.is_some() {
+        rustix::fs::chownat(dir, name, uid(u), gid(g), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io_err("chown", dest_root.join(rel))(e.into()))?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn place_file(
+    sh: &Shared<'_>,
+    src_dir: &OwnedFd,
+    dst_dir: &OwnedFd,
+    name: &CStr,
+    st: &rustix::fs::Stat,
+    pl: crate::perms::Placement,
+    dest_root: &Path,
+    rel: &Path,
+    strict: bool,
+) -> Result<(), ReleaseError> {
+    loop {
+        let strat = sh.strategy.load(Ordering::Relaxed);
+        let attempt: io::Result<()> = match strat {
+            STRAT_HARDLINK => rustix::fs::linkat(src_dir, name, dst_dir, name, AtFlags::empty())
+                .map_err(io::Error::from)
+                .map(|_| {
+                    sh.hardlinked.fetch_add(1, Ordering::Relaxed);
+                }),
+            _ => clone_or_copy(src_dir, dst_dir, name, pl.mode, strat == STRAT_REFLINK).map(|_| {
+                if strat == STRAT_REFLINK {
+                    sh.reflinked.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    sh.copied.fetch_add(1, Ordering::Relaxed);
+                }
+            }),
+        };
+        match attempt {
+            Ok(()) => break,
+            Err(e) if !strict && strat != STRAT_COPY && fallback_worthy(&e) => {
+                // Filesystem can't reflink (or link across devices): degrade once for all.
+                let _ = sh.strategy.compare_exchange(
+                    strat,
+                    strat + 1,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                let _ = rustix::fs::unlinkat(dst_dir, name, AtFlags::empty());
+                continue;
+            }
+            Err(e) => return Err(io_err("create", dest_root.join(rel))(e)),
+        }
+    }
+    // A hard link shares the inode: skip what is already right (saves two syscalls a file).
+    let same_mode = (st.st_mode & 0o7777) == pl.mode;
+    let same_owner = pl.uid.is_none_or(|u| u == st.st_uid) && pl.gid.is_none_or(|g| g == st.st_gid);
+    let linked = sh.strategy.load(Ordering::Relaxed) == STRAT_HARDLINK;
+    if !(linked && same_mode) {
+        rustix::fs::chmodat(
+            dst_dir,
+            name,
+            Mode::from_raw_mode(pl.mode),
+            AtFlags::empty(),
+        )
+        .map_err(|e| io_err("chmod", dest_root.join(rel))(e.into()))?;
+    }
+    if (pl.uid.is_some() || pl.gid.is_some()) && !(linked && same_owner) {
+        rustix::fs::chownat(
+            dst_dir,
+            name,
+            uid(pl.uid),
+            gid(pl.gid),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err("chown", dest_root.join(rel))(e.into()))?;
+    }
+    Ok(())
+}
+
+fn fallback_worthy(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+            | Some(libc::EXDEV)
+            | Some(libc::EINVAL)
+            | Some(libc::EPERM)
+            | Some(libc::EMLINK)
+            | Some(libc::ENOTTY)
+    )
+}
+
+fn clone_or_copy(
+    src_dir: &OwnedFd,
+    dst_dir: &OwnedFd,
+    name: &CStr,
+    mode: u32,
+    reflink: bool,
+) -> io::Result<()> {
+    let src = rustix::fs::openat(
+        src_dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let dst = rustix::fs::openat(
+        dst_dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(mode & 0o777),
+    )?;
+    if reflink {
+        return rustix::fs::ioctl_ficlone(&dst, &src).map_err(io::Error::from);
+    }
+    let mut s = std::fs::File::from(src);
+    let mut d = std::fs::File::from(dst);
+    // std::io::copy uses copy_file_range/sendfile between files.
+    std::io::copy(&mut s, &mut d)?;
+    let _ = d.as_fd();
+    Ok(())
+}
+
+/// Whether a symlink at `link_rel` (relative to the release root) pointing at `target`
+/// resolves inside the release, lexically. Absolute targets never do.
+pub fn link_stays_inside(link_rel: &Path, target: &Path) -> bool {
+    if target.is_absolute() {
+        return false;
+    }
+    let mut depth: i64 = link_rel.components().count() as i64 - 1; // the link's directory
+    for c in target.components() {
+        match c {
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::perms::PermsConfig;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn prune_keeps_newest_and_protected() {
+        let all = ids(&["1", "2", "3", "4", "5", "6"]);
+        assert_eq!(prune_plan(&all, 3, &["6", "5"]), ids(&["1", "2", "3"]));
+        // an old release that is still current is never pruned
+        assert_eq!(prune_plan(&all, 3, &["1", "6"]), ids(&["2", "3", "4"]));
+        assert!(prune_plan(&all, 10, &[]).is_empty());
+    }
+
+    #[test]
+    fn links_inside_and_outside() {
+        assert!(link_stays_inside(Path::new("a/b/link"), Path::new("../c")));
+        assert!(link_stays_inside(Path::new("a/link"), Path::new("../c")));
+        assert!(!link_stays_inside(Path::new("link"), Path::new("../c")));
+        assert!(!link_stays_inside(
+            Path::new("a/link"),
+            Path::new("../../c")
+        ));
+        assert!(!link_stays_inside(
+            Path::new("a/link"),
+            Path::new("/etc/passwd")
+        ));
+        assert!(link_stays_inside(
+            Path::new("a/link"),
+            Path::new("./x/../y")
+        ));
+    }
+
+    #[test]
+    fn release_ids_sort_by_time_and_are_safe_names() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let id = new_release_id(t, "d-ABC/../x");
+        assert_eq!(id, "20231114T221320Z-d-ABC____x");
+    }
+
+    fn tree(root: &Path) {
+        std::fs::create_dir_all(root.join("vendor/a/src")).unwrap();
+        std::fs::create_dir_all(root.join("var/cache")).unwrap();
+        std::fs::create_dir_all(root.join("bin")).unwrap();
+        std::fs::write(root.join("vendor/a/src/X.php"), "<?php // x").unwrap();
+        std::fs::write(root.join("var/cache/c"), "c").unwrap();
+        std::fs::write(root.join("bin/magento"), "#!/usr/bin/env php").unwrap();
+        std::os::unix::fs::symlink("../vendor/a", root.join("bin/a")).unwrap();
+    }
+
+    #[test]
+    fn intake_applies_policy_in_every_mode() {
+        for mode in [IntakeMode::Auto, IntakeMode::Hardlink, IntakeMode::Copy] {
+            let d = tempfile::tempdir().unwrap();
+            let src = d.path().join("src");
+            tree(&src);
+            let dest = d.path().join("rel");
+            let policy = Policy::with_ids(&PermsConfig::default(), None, None).unwrap();
+            let r = intake_dir(&src, &dest, mode, &policy).unwrap();
+            assert_eq!((r.files, r.symlinks), (3, 1), "{mode:?}");
+            let m = |p: &str| {
+                std::fs::symlink_metadata(dest.join(p))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o7777
+            };
+            assert_eq!(m("vendor/a/src/X.php"), 0o640);
+            assert_eq!(m("vendor"), 0o750);
+            assert_eq!(m("var/cache"), 0o2770);
+            assert_eq!(m("var/cache/c"), 0o660);
+            assert_eq!(m("bin/magento"), 0o750);
+            assert_eq!(
+                std::fs::read_link(dest.join("bin/a")).unwrap(),
+                Path::new("../vendor/a")
+            );
+            assert_eq!(
+                std::fs::read_to_string(dest.join("vendor/a/src/X.php")).unwrap(),
+                "<?php // x"
+            );
+            if mode == IntakeMode::Hardlink {
+                let a = std::fs::metadata(src.join("var/cache/c")).unwrap().ino();
+                let b = std::fs::metadata(dest.join("var/cache/c")).unwrap().ino();
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn intake_rejects_escaping_symlink_and_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        tree(&src);
+        std::os::unix::fs::symlink("/etc/passwd", src.join("vendor/evil")).unwrap();
+        let dest = d.path().join("rel");
+        let policy = Policy::with_ids(&PermsConfig::default(), None, None).unwrap();
+        let e = intake_dir(&src, &dest, IntakeMode::Auto, &policy).unwrap_err();
+        assert!(e.to_string().contains("vendor/evil"), "{e}");
+        assert!(!dest.exists());
+    }
+
+    #[test]
+    fn switch_and_shared_links() {
+        let d = tempfile::tempdir().unwrap();
+        let layout = Layout::new(d.path());
+        layout.ensure().unwrap();
+        let policy = Policy::with_ids(&PermsConfig::default(), None, None).unwrap();
+        for id in ["r1", "r2"] {
+            let src = d.path().join(format!("src-{id}"));
+            tree(&src);
+            std::fs::create_dir_all(src.join("pub/media")).unwrap();
+            std::fs::write(src.join("pub/media/shipped.jpg"), "x").unwrap();
+            intake_dir(&src, &layout.release_dir(id), IntakeMode::Auto, &policy).unwrap();
+            layout
+                .link_shared(id, &[PathBuf::from("pub/media")], &policy)
+                .unwrap();
+        }
+        std::fs::write(layout.shared_dir().join("pub/media/upload.jpg"), "u").unwrap();
+        layout.switch_to("r1").unwrap();
+        assert_eq!(layout.current().as_deref(), Some("r1"));
+        layout.switch_to("r2").unwrap();
+        assert_eq!(layout.current().as_deref(), Some("r2"));
+        assert_eq!(
+            std::fs::read_to_string(layout.current_link().join("pub/media/upload.jpg")).unwrap(),
+            "u"
+        );
+        assert!(layout.switch_to("nope").is_err());
+        assert_eq!(layout.list().unwrap(), ids(&["r1", "r2"]));
+    }
+}
