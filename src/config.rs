@@ -221,7 +221,7 @@ impl Config {
     fn resolve_paths(&mut self, base: &Path) {
         let r = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize_lexically(&base.join(&*p));
             }
         };
         r(&mut self.app_root);
@@ -240,6 +240,25 @@ impl Config {
         out.extend(self.permissions.validate());
         out
     }
+}
+
+/// Removes `.` and folds `dir/..` without touching the filesystem, so paths in messages
+/// read as operators wrote them.
+pub fn normalize_lexically(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// saphyr appends "at line L, column C" to messages; we print the location in front instead.
@@ -381,7 +400,7 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_directory() {
         let l = parse("app_root: ../app\nstate_dir: /var/lib/x\n").unwrap();
-        assert_eq!(l.config.app_root, Path::new("/etc/bgagent/../app"));
+        assert_eq!(l.config.app_root, Path::new("/etc/app"));
         assert_eq!(l.config.state_dir, Path::new("/var/lib/x"));
     }
 

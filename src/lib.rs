@@ -3,7 +3,17 @@
 //!
 //! See docs/ARCHITECTURE.md for the module map.
 
+pub mod archive;
+pub mod cli;
+pub mod client;
 pub mod config;
+pub mod daemon;
+pub mod events;
 pub mod fsutil;
+pub mod lifecycle;
+pub mod logstream;
 pub mod perms;
+pub mod protocol;
 pub mod release;
+pub mod state;
+pub mod status;

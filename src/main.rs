@@ -1,1 +1,211 @@
-fn main() {}
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use bgagent::cli::{self, Cli, Command, ConfigCommand, exit};
+use bgagent::client;
+use bgagent::events::{Engine, Outcome};
+use bgagent::protocol::Request;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
+        }
+    };
+    let code = run(&cli);
+    ExitCode::from(code as u8)
+}
+
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_env("BGAGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Logging for the daemon: journald when running under systemd, stderr otherwise; and the
+/// per-request stream to clients in both cases.
+fn init_daemon_logging() {
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .is_some()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    let registry = tracing_subscriber::registry()
+        .with(filter())
+        .with(bgagent::logstream::StreamLayer);
+    match journald {
+        Some(j) => registry
+            .with(j.with_syslog_identifier("bgagent".into()))
+            .init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .init(),
+    }
+}
+
+/// Logging for commands that do the work in this process: plain lines on stdout.
+fn init_cli_logging() {
+    tracing_subscriber::registry()
+        .with(filter())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stdout)
+                .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                .with_timer(tracing_subscriber::fmt::time::uptime()),
+        )
+        .init();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| {
+            eprintln!("error: failed to start the async runtime: {e}");
+            std::process::exit(exit::FAILED)
+        })
+}
+
+fn run(cli: &Cli) -> i32 {
+    let path = cli::config_path(cli);
+    match &cli.command {
+        Command::Hook { event } => cli::hook(cli, event.as_deref()),
+        Command::Config(ConfigCommand::Check) => match bgagent::config::load(&path) {
+            Ok(l) => {
+                for w in &l.warnings {
+                    println!("warning: {w}");
+                }
+                let note = if l.warnings.is_empty() {
+                    ""
+                } else {
+                    " (with warnings)"
+                };
+                println!("{}: OK{note}", path.display());
+                exit::OK
+            }
+            Err(e) => {
+                println!("error: {e}");
+                exit::CONFIG
+            }
+        },
+        Command::Daemon => {
+            let cfg = match cli::load_config(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_daemon_logging();
+            match runtime().block_on(bgagent::daemon::run(cfg)) {
+                Ok(()) => exit::OK,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    exit::FAILED
+                }
+            }
+        }
+        Command::Deploy { artifact } => {
+            let artifact = std::path::absolute(artifact).unwrap_or_else(|_| artifact.clone());
+            let a2 = artifact.clone();
+            work(cli, Request::Deploy { artifact }, move |engine| {
+                Box::pin(async move { engine.deploy_artifact(&a2).await })
+            })
+        }
+        Command::Rollback => work(cli, Request::Rollback, |engine| {
+            Box::pin(async move { engine.rollback().await })
+        }),
+        Command::Status { json } => status(cli, *json, false),
+        Command::Releases { json } => status(cli, *json, true),
+    }
+}
+
+type LocalWork<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + 'a>>;
+
+/// Runs `req` through the daemon when it listens, else in this process.
+fn work(
+    cli: &Cli,
+    req: Request,
+    local: impl for<'a> FnOnce(&'a mut Engine) -> LocalWork<'a>,
+) -> i32 {
+    let cfg = match cli::load_config(&cli::config_path(cli)) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let stdout = std::io::stdout();
+    match client::request(&cfg.socket.path, &req, |_, line| {
+        let mut out = stdout.lock();
+        let _ = writeln!(out, "{line}");
+    }) {
+        Ok(f) => {
+            println!("{}", f.summary);
+            return cli::exit_code_of(f.outcome);
+        }
+        Err(e) if e.is_absent() => {}
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::CONNECTION_LOST;
+        }
+    }
+    init_cli_logging();
+    let mut engine = match Engine::open(cfg) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::FAILED;
+        }
+    };
+    let outcome = runtime().block_on(local(&mut engine));
+    println!("{}", outcome.summary());
+    match outcome {
+        Outcome::Succeeded(_) | Outcome::AlreadyDone(_) => exit::OK,
+        Outcome::Failed(_) => exit::FAILED,
+        Outcome::Refused(_) => exit::REFUSED,
+    }
+}
+
+fn status(cli: &Cli, json: bool, releases_only: bool) -> i32 {
+    let cfg = match cli::load_config(&cli::config_path(cli)) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let from_daemon = client::request(&cfg.socket.path, &Request::Status, |_, _| {})
+        .ok()
+        .and_then(|f| f.data);
+    let doc = match from_daemon {
+        Some(d) => d,
+        None => match bgagent::state::read(&cfg.state_dir) {
+            Ok(state) => bgagent::status::build(
+                &state,
+                &bgagent::release::Layout::new(&cfg.app_root),
+                None,
+                false,
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return exit::FAILED;
+            }
+        },
+    };
+    if json {
+        let v = if releases_only {
+            doc["releases"].clone()
+        } else {
+            doc
+        };
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else if releases_only {
+        print!("{}", bgagent::status::render_releases(&doc));
+    } else {
+        print!("{}", bgagent::status::render_text(&doc));
+    }
+    exit::OK
+}

@@ -92,6 +92,9 @@ impl ReleaseConfig {
 pub enum IntakeMode {
     #[default]
     Auto,
+    /// Reflink, else copy: for sources that must not share inodes with the release.
+    #[serde(skip)]
+    AutoNoLink,
     Reflink,
     Hardlink,
     Copy,
@@ -389,7 +392,7 @@ pub fn intake_dir(
             policy,
             src_root: src,
             strategy: AtomicU8::new(match mode {
-                IntakeMode::Auto | IntakeMode::Reflink => STRAT_REFLINK,
+                IntakeMode::Auto | IntakeMode::AutoNoLink | IntakeMode::Reflink => STRAT_REFLINK,
                 IntakeMode::Hardlink => STRAT_HARDLINK,
                 IntakeMode::Copy => STRAT_COPY,
             }),
@@ -404,14 +407,15 @@ pub fn intake_dir(
             hardlinked: AtomicU64::new(0),
             copied: AtomicU64::new(0),
         };
-        let strict = mode != IntakeMode::Auto;
+        let strict = !matches!(mode, IntakeMode::Auto | IntakeMode::AutoNoLink);
+        let no_link = mode == IntakeMode::AutoNoLink;
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
             .clamp(2, 8);
         std::thread::scope(|s| {
             for _ in 0..workers {
-                s.spawn(|| worker(&shared, dest, strict));
+                s.spawn(|| worker(&shared, dest, strict, no_link));
             }
         });
         if let Some(e) = shared.error.lock().map(|mut g| g.take()).unwrap_or(None) {
@@ -433,7 +437,7 @@ pub fn intake_dir(
     result
 }
 
-fn worker(sh: &Shared<'_>, dest: &Path, strict: bool) {
+fn worker(sh: &Shared<'_>, dest: &Path, strict: bool, no_link: bool) {
     loop {
         let rel = {
             let Ok(mut q) = sh.queue.lock() else { return };
@@ -456,7 +460,7 @@ fn worker(sh: &Shared<'_>, dest: &Path, strict: bool) {
                 };
             }
         };
-        let res = copy_dir_entries(sh, dest, &rel, strict);
+        let res = copy_dir_entries(sh, dest, &rel, strict, no_link);
         if let Ok(mut q) = sh.queue.lock() {
             match res {
                 Ok(subdirs) => q.0.extend(subdirs),
@@ -489,6 +493,7 @@ fn copy_dir_entries(
     dest_root: &Path,
     rel: &Path,
     strict: bool,
+    no_link: bool,
 ) -> Result<Vec<PathBuf>, ReleaseError> {
     let src_fd = open_dir(sh.src_root, rel)?;
     let dst_fd = open_dir(dest_root, rel)?;
@@ -527,7 +532,7 @@ fn copy_dir_entries(
                 }
                 let pl = sh.policy.placement(&child_rel, Kind::File, src_mode);
                 place_file(
-                    sh, &src_fd, &dst_fd, name, &st, pl, dest_root, &child_rel, strict,
+                    sh, &src_fd, &dst_fd, name, &st, pl, dest_root, &child_rel, strict, no_link,
                 )?;
                 sh.files.fetch_add(1, Ordering::Relaxed);
                 sh.bytes.fetch_add(st.st_size as u64, Ordering::Relaxed);
@@ -608,6 +613,7 @@ fn place_file(
     dest_root: &Path,
     rel: &Path,
     strict: bool,
+    no_link: bool,
 ) -> Result<(), ReleaseError> {
     loop {
         let strat = sh.strategy.load(Ordering::Relaxed);
@@ -629,12 +635,10 @@ fn place_file(
             Ok(()) => break,
             Err(e) if !strict && strat != STRAT_COPY && fallback_worthy(&e) => {
                 // Filesystem can't reflink (or link across devices): degrade once for all.
-                let _ = sh.strategy.compare_exchange(
-                    strat,
-                    strat + 1,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                let next = if no_link { STRAT_COPY } else { strat + 1 };
+                let _ =
+                    sh.strategy
+                        .compare_exchange(strat, next, Ordering::Relaxed, Ordering::Relaxed);
                 let _ = rustix::fs::unlinkat(dst_dir, name, AtFlags::empty());
                 continue;
             }
@@ -789,7 +793,12 @@ mod tests {
 
     #[test]
     fn intake_applies_policy_in_every_mode() {
-        for mode in [IntakeMode::Auto, IntakeMode::Hardlink, IntakeMode::Copy] {
+        for mode in [
+            IntakeMode::Auto,
+            IntakeMode::AutoNoLink,
+            IntakeMode::Hardlink,
+            IntakeMode::Copy,
+        ] {
             let d = tempfile::tempdir().unwrap();
             let src = d.path().join("src");
             tree(&src);
@@ -817,10 +826,16 @@ mod tests {
                 std::fs::read_to_string(dest.join("vendor/a/src/X.php")).unwrap(),
                 "<?php // x"
             );
-            if mode == IntakeMode::Hardlink {
-                let a = std::fs::metadata(src.join("var/cache/c")).unwrap().ino();
-                let b = std::fs::metadata(dest.join("var/cache/c")).unwrap().ino();
-                assert_eq!(a, b);
+            let a = std::fs::metadata(src.join("var/cache/c")).unwrap();
+            let b = std::fs::metadata(dest.join("var/cache/c")).unwrap();
+            match mode {
+                IntakeMode::Hardlink => assert_eq!(a.ino(), b.ino()),
+                // the operator's own files are never linked, so never re-moded
+                IntakeMode::AutoNoLink | IntakeMode::Copy => {
+                    assert_ne!(a.ino(), b.ino());
+                    assert_eq!(a.permissions().mode() & 0o777, 0o644);
+                }
+                _ => {}
             }
         }
     }

@@ -1,0 +1,1 @@
+<?php // generated DI code

@@ -1,0 +1,213 @@
+//! Command-line interface: definitions, and the commands' plumbing.
+//!
+//! Parsing (clap) touches nothing; each command then resolves what it needs (config, socket,
+//! state) and maps its result to a documented exit code ([`exit`]).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::client::{self, ClientError};
+use crate::config;
+use crate::lifecycle::Event;
+use crate::protocol::{self, Outcome, Request};
+
+/// Exit codes, chosen on purpose: scripts and CodeDeploy act on them.
+pub mod exit {
+    /// The request succeeded (or the event had already succeeded in this deployment).
+    pub const OK: i32 = 0;
+    /// The event, deployment or rollback ran and failed.
+    pub const FAILED: i32 = 1;
+    /// Bad command line, including an unknown lifecycle event.
+    pub const USAGE: i32 = 2;
+    /// `hook` was run without CodeDeploy's DEPLOYMENT_ID in its environment.
+    pub const NO_DEPLOYMENT_ID: i32 = 3;
+    /// The daemon is not reachable on its socket.
+    pub const UNREACHABLE: i32 = 4;
+    /// The connection to the daemon broke before a result came.
+    pub const CONNECTION_LOST: i32 = 5;
+    /// The daemon refused the event (out of order, prerequisite missing, deployment failed).
+    pub const REFUSED: i32 = 6;
+    /// The config file is missing or invalid.
+    pub const CONFIG: i32 = 7;
+}
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success (also: the event had already succeeded in this deployment)
+  1  the event, deployment or rollback failed
+  2  usage error, including an unknown lifecycle event
+  3  `hook` without DEPLOYMENT_ID in the environment (not run by CodeDeploy)
+  4  the daemon is not reachable on its socket
+  5  the connection to the daemon broke before a result came
+  6  the event was refused (out of order, prerequisite missing, deployment failed)
+  7  the config file is missing or invalid
+
+Config: --config, else $BGAGENT_CONFIG, else /etc/bgagent/bgagent.yaml.
+Logs: BGAGENT_LOG sets the level filter (default: info).";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bgagent",
+    version,
+    about = "Zero-downtime blue/green and in-place deployments of Magento 2 and PHP apps with AWS CodeDeploy",
+    long_about = "bgagent replaces appspec.yml's bash hook scripts with one native agent. CodeDeploy runs \
+`bgagent hook <LifecycleEvent>` for each lifecycle event; the bgagent daemon (a systemd service) builds the \
+release directory, renders app/etc/env.php from SSM Parameter Store, applies ownership and modes, switches the \
+`current` release atomically, reloads nginx and php-fpm gracefully, warms up and health-checks the application, \
+and reports readiness to the load balancer.",
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    /// Config file (YAML). Relative paths inside it resolve against its directory.
+    #[arg(long, global = true, env = "BGAGENT_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (the systemd service): control socket, deployments, readiness.
+    Daemon,
+    /// Run one CodeDeploy lifecycle event through the daemon (what appspec.yml calls).
+    ///
+    /// Passes CodeDeploy's environment (DEPLOYMENT_ID, DEPLOYMENT_GROUP_ID,
+    /// DEPLOYMENT_GROUP_NAME, APPLICATION_NAME, BUNDLE_*) to the daemon, prints the daemon's
+    /// log lines for the event as they happen, and ends with a short summary that fits in the
+    /// 2048 characters CodeDeploy shows.
+    #[command(after_help = AFTER_HELP)]
+    Hook {
+        /// The lifecycle event: ApplicationStop, BeforeInstall, AfterInstall, ApplicationStart,
+        /// ValidateService, BeforeBlockTraffic, AfterBlockTraffic, BeforeAllowTraffic or
+        /// AfterAllowTraffic. Defaults to $LIFECYCLE_EVENT, which CodeDeploy sets.
+        event: Option<String>,
+    },
+    /// Deploy an artifact on this node without CodeDeploy: the whole in-place lifecycle.
+    ///
+    /// ARTIFACT is a directory, .tar, .tar.gz or .zip. Goes through the daemon when it runs,
+    /// otherwise runs in this process (holding the state lock).
+    #[command(after_help = AFTER_HELP)]
+    Deploy {
+        /// Directory, .tar, .tar.gz/.tgz or .zip holding the release.
+        artifact: PathBuf,
+    },
+    /// Show what is deployed, how each event of the last deployment went, and readiness.
+    Status {
+        /// Print the status as JSON (schema bgagent.status/v1, see docs/status.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Switch back to the previous release, and record it.
+    #[command(after_help = AFTER_HELP)]
+    Rollback,
+    /// List the releases on disk; `*` marks current, `-` previous.
+    Releases {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Config file commands.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the config: every error with file, line and column; unknown keys warned.
+    Check,
+}
+
+/// The config path in force.
+pub fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH))
+}
+
+/// Loads the config, printing its warnings to stderr; exits with CONFIG on error.
+pub fn load_config(path: &Path) -> Result<config::Config, i32> {
+    match config::load(path) {
+        Ok(l) => {
+            for w in &l.warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok(l.config)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(exit::CONFIG)
+        }
+    }
+}
+
+pub fn exit_code_of(outcome: Outcome) -> i32 {
+    match outcome {
+        Outcome::Succeeded | Outcome::AlreadyDone => exit::OK,
+        Outcome::Failed => exit::FAILED,
+        Outcome::Refused => exit::REFUSED,
+    }
+}
+
+/// `bgagent hook`.
+pub fn hook(cli: &Cli, event_arg: Option<&str>) -> i32 {
+    let env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| protocol::is_forwarded(k))
+        .collect();
+    let event_name = match event_arg
+        .map(String::from)
+        .or_else(|| env.get("LIFECYCLE_EVENT").cloned())
+    {
+        Some(e) => e,
+        None => {
+            eprintln!(
+                "error: no lifecycle event given: pass it as `bgagent hook <Event>` or set LIFECYCLE_EVENT (CodeDeploy does)"
+            );
+            return exit::USAGE;
+        }
+    };
+    if let Err(e) = Event::parse(&event_name) {
+        eprintln!("error: {e}");
+        return exit::USAGE;
+    }
+    let Some(deployment) = env.get("DEPLOYMENT_ID").filter(|v| !v.is_empty()).cloned() else {
+        eprintln!(
+            "error: DEPLOYMENT_ID is not set: `bgagent hook` is run by the CodeDeploy agent from appspec.yml; to deploy by hand use `bgagent deploy ARTIFACT`"
+        );
+        return exit::NO_DEPLOYMENT_ID;
+    };
+    let cfg = match load_config(&config_path(cli)) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let stdout = std::io::stdout();
+    let req = Request::Hook {
+        event: event_name.clone(),
+        env,
+    };
+    let res = client::request(&cfg.socket.path, &req, |_, line| {
+        let mut out = stdout.lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    });
+    match res {
+        Ok(f) => {
+            let code = exit_code_of(f.outcome);
+            print!(
+                "{}",
+                client::summary_block(&event_name, &deployment, &f, code)
+            );
+            code
+        }
+        Err(e) => {
+            let code = match e {
+                ClientError::Unreachable { .. } => exit::UNREACHABLE,
+                ClientError::ConnectionLost(_) => exit::CONNECTION_LOST,
+            };
+            println!("bgagent: {event_name} FAILED for deployment {deployment} (exit {code})\n{e}");
+            code
+        }
+    }
+}

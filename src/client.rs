@@ -1,0 +1,167 @@
+//! The client side of the control socket, used by `hook`, `deploy`, `rollback` and
+//! `status`: send one request, print the daemon's log lines as they arrive, return the final
+//! reply. Blocking std I/O: a hook with nothing to do should cost milliseconds.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::protocol::{Outcome, Reply, Request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "the bgagent daemon is not reachable at {path}: {source}. Is it running? Check `systemctl status bgagent` and `journalctl -u bgagent`"
+    )]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "lost the connection to the bgagent daemon before it reported a result ({0}); the event may still be running or may have been interrupted: see `bgagent status`"
+    )]
+    ConnectionLost(String),
+}
+
+impl ClientError {
+    /// Whether nothing listens on the socket (as opposed to a denied or broken connection).
+    pub fn is_absent(&self) -> bool {
+        matches!(self, ClientError::Unreachable { source, .. }
+            if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused))
+    }
+}
+
+/// The final reply, with the error and warning lines seen on the way (for the summary).
+pub struct Finished {
+    pub outcome: Outcome,
+    pub summary: String,
+    pub data: Option<serde_json::Value>,
+    pub problems: Vec<String>,
+}
+
+pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(path).map_err(|source| ClientError::Unreachable {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Sends `req` and calls `on_log(level, line)` for each log line until the final reply.
+pub fn request(
+    path: &Path,
+    req: &Request,
+    mut on_log: impl FnMut(&str, &str),
+) -> Result<Finished, ClientError> {
+    let mut stream = connect(path)?;
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    let mut line =
+        serde_json::to_vec(req).map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+    let mut problems = Vec::new();
+    let reader = BufReader::new(stream);
+    for l in reader.lines() {
+        let l = l.map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+        match serde_json::from_str::<Reply>(&l) {
+            Ok(Reply::Log { ts, level, message }) => {
+                let time = ts.get(11..23).unwrap_or(&ts);
+                let shown = format!("{time} {level:<5} {message}");
+                if level == "ERROR" || level == "WARN" {
+                    problems.push(format!("{level}: {message}"));
+                }
+                on_log(&level, &shown);
+            }
+            Ok(Reply::Done {
+                outcome,
+                summary,
+                data,
+            }) => {
+                return Ok(Finished {
+                    outcome,
+                    summary,
+                    data,
+                    problems,
+                });
+            }
+            Err(e) => {
+                return Err(ClientError::ConnectionLost(format!(
+                    "unreadable reply: {e}"
+                )));
+            }
+        }
+    }
+    Err(ClientError::ConnectionLost(
+        "the daemon closed the connection".into(),
+    ))
+}
+
+/// The hook's closing block. CodeDeploy shows only the last 2048 characters of a hook's
+/// output, so this must say what failed and why within them.
+pub fn summary_block(event: &str, deployment: &str, f: &Finished, exit_code: i32) -> String {
+    const BUDGET: usize = 1900;
+    let verdict = match f.outcome {
+        Outcome::Succeeded => "succeeded",
+        Outcome::AlreadyDone => "succeeded (already done)",
+        Outcome::Failed => "FAILED",
+        Outcome::Refused => "REFUSED",
+    };
+    let mut out =
+        format!("bgagent: {event} {verdict} for deployment {deployment} (exit {exit_code})\n");
+    out.push_str(&truncate(&f.summary, 900));
+    out.push('\n');
+    if !matches!(f.outcome, Outcome::Succeeded | Outcome::AlreadyDone) {
+        // The last problems first: they are usually the cause.
+        let mut tail = String::new();
+        for p in f
+            .problems
+            .iter()
+            .rev()
+            .filter(|p| !f.summary.contains(p.trim_start_matches("ERROR: ")))
+            .take(4)
+        {
+            let p = truncate(p, 300);
+            if out.len() + tail.len() + p.len() + 4 > BUDGET {
+                break;
+            }
+            tail = format!("  {p}\n{tail}");
+        }
+        out.push_str(&tail);
+    }
+    truncate(&out, BUDGET)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_fits_codedeploys_window_and_names_the_failure() {
+        let f = Finished {
+            outcome: Outcome::Failed,
+            summary: format!("AfterInstall FAILED after 1.00s: {}", "x".repeat(5000)),
+            data: None,
+            problems: vec![
+                "WARN: disk is small".into(),
+                "ERROR: php -l reported a syntax error".into(),
+            ],
+        };
+        let s = summary_block("AfterInstall", "d-ABC", &f, 1);
+        assert!(s.len() <= 2048);
+        assert!(s.starts_with("bgagent: AfterInstall FAILED for deployment d-ABC (exit 1)"));
+        assert!(s.contains("php -l reported a syntax error"));
+    }
+}

@@ -1,0 +1,339 @@
+//! The long-running service: the control socket, one deployment at a time, systemd
+//! integration.
+//!
+//! The socket is bound, given its group and mode 0660, and only then is READY=1 sent to
+//! systemd, so `bgagent hook` never races the daemon's start. Each connection sends one
+//! request; its work runs inside a span whose log lines are streamed back (see
+//! [`crate::logstream`]). Work is serialised by one lock around the [`Engine`]: CodeDeploy
+//! runs one event at a time, and `deploy`/`rollback` wait their turn.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Mutex, mpsc};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::config::Config;
+use crate::events::{Engine, HookEnv, Outcome};
+use crate::lifecycle::Event;
+use crate::logstream::Stream;
+use crate::protocol::{self, Reply, Request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Engine(#[from] crate::events::EngineError),
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another bgagent daemon is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    #[error(
+        "socket.group: no group named `{0}` on this host; create it (the package's sysusers file does) or change socket.group"
+    )]
+    NoSuchGroup(String),
+}
+
+struct Shared {
+    engine: Mutex<Engine>,
+    allowed_gid: Option<u32>,
+    state_dir: PathBuf,
+    layout: crate::release::Layout,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let socket_path = cfg.socket.path.clone();
+    let mode = crate::fsutil::parse_mode(&cfg.socket.mode).unwrap_or(0o660);
+    let allowed_gid = match &cfg.socket.group {
+        Some(g) => match crate::perms::lookup_group(g) {
+            Some(gid) => Some(gid),
+            None if rustix::process::geteuid().is_root() => {
+                return Err(DaemonError::NoSuchGroup(g.clone()));
+            }
+            None => {
+                warn!(
+                    "socket.group `{g}` does not exist; only root and this user may use the socket"
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let state_dir = cfg.state_dir.clone();
+    let layout = crate::release::Layout::new(&cfg.app_root);
+    let engine = Engine::open(cfg)?;
+    let listener = bind(&socket_path, mode, allowed_gid).await?;
+    let shared = Arc::new(Shared {
+        engine: Mutex::new(engine),
+        allowed_gid,
+        state_dir,
+        layout,
+    });
+    info!("listening on {}", socket_path.display());
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(interval / 2);
+            loop {
+                t.tick().await;
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| DaemonError::Io {
+            action: "install SIGTERM handler for",
+            path: socket_path.clone(),
+            source,
+        })?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move { handle(stream, shared).await });
+                }
+                Err(e) => warn!("accept failed on {}: {e}", socket_path.display()),
+            },
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    info!("stopping: waiting for the running event, if any, to finish");
+    // Taking the engine lock waits for a running event; its result is then on disk.
+    let _engine = shared.engine.lock().await;
+    let _ = std::fs::remove_file(&socket_path);
+    info!("stopped");
+    Ok(())
+}
+
+async fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, DaemonError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|source| DaemonError::Io {
+            action: "create the socket directory",
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
+        }
+        // A stale socket from a daemon that did not stop cleanly.
+        let _ = std::fs::remove_file(path);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| DaemonError::Io {
+        action: "bind the control socket",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        DaemonError::Io {
+            action: "set the mode of",
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    if let Some(gid) = gid {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|e| {
+            DaemonError::Io {
+                action: "set the group of",
+                path: path.to_path_buf(),
+                source: e.into(),
+            }
+        })?;
+    }
+    Ok(listener)
+}
+
+/// Root, the daemon's own user, and members of the socket group may talk to the daemon.
+fn peer_allowed(uid: u32, gid: u32, pid: Option<i32>, allowed_gid: Option<u32>) -> bool {
+    if uid == 0 || uid == rustix::process::geteuid().as_raw() {
+        return true;
+    }
+    let Some(allowed) = allowed_gid else {
+        return false;
+    };
+    if gid == allowed {
+        return true;
+    }
+    // Supplementary groups of the peer process.
+    pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Groups:")).map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .any(|g| g.parse::<u32>() == Ok(allowed))
+            })
+        })
+        .unwrap_or(false)
+}
+
+async fn send(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> bool {
+    let mut line = match serde_json::to_vec(reply) {
+        Ok(l) => l,
+        Err(_) => return false,
+    };
+    line.push(b'\n');
+    w.write_all(&line).await.is_ok()
+}
+
+async fn handle(stream: UnixStream, shared: Arc<Shared>) {
+    let cred = stream.peer_cred().ok();
+    let (r, mut w) = stream.into_split();
+    let allowed = cred
+        .map(|c| peer_allowed(c.uid(), c.gid(), c.pid(), shared.allowed_gid))
+        .unwrap_or(false);
+    if !allowed {
+        warn!(
+            "refused a connection from uid {:?}: only root and members of the socket group may use bgagent",
+            cred.map(|c| c.uid())
+        );
+        let _ = send(
+            &mut w,
+            &Reply::Done {
+                outcome: protocol::Outcome::Refused,
+                summary: "permission denied: only root and members of the bgagent socket group may use the daemon".into(),
+                data: None,
+            },
+        )
+        .await;
+        return;
+    }
+    let mut reader = BufReader::new(r.take(protocol::MAX_REQUEST_BYTES as u64));
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+        return;
+    }
+    let request: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = send(
+                &mut w,
+                &Reply::Done {
+                    outcome: protocol::Outcome::Refused,
+                    summary: format!("malformed request: {e}"),
+                    data: None,
+                },
+            )
+            .await;
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let stream_reg = Stream::register(tx.clone());
+    let work = {
+        let shared = shared.clone();
+        let span = match &request {
+            Request::Hook { event, env } => info_span!(
+                "hook",
+                stream = stream_reg.id,
+                lifecycle_event = %event,
+                deployment_id = %env.get("DEPLOYMENT_ID").map(String::as_str).unwrap_or("-")
+            ),
+            Request::Deploy { artifact } => {
+                info_span!("deploy", stream = stream_reg.id, artifact = %artifact.display())
+            }
+            Request::Rollback => info_span!("rollback", stream = stream_reg.id),
+            Request::Status => info_span!("status", stream = stream_reg.id),
+        };
+        tokio::spawn(async move { serve(request, shared).await }.instrument(span))
+    };
+    // Forward log lines until the work is done; a client that goes away does not stop the
+    // work (CodeDeploy may time out the hook, but a half-done event is worse).
+    let mut work = work;
+    let mut client_alive = true;
+    let done = loop {
+        tokio::select! {
+            Some(reply) = rx.recv() => {
+                if client_alive && !send(&mut w, &reply).await {
+                    client_alive = false;
+                }
+            }
+            res = &mut work => break res,
+        }
+    };
+    drop(stream_reg);
+    while let Ok(reply) = rx.try_recv() {
+        if client_alive && !send(&mut w, &reply).await {
+            client_alive = false;
+        }
+    }
+    let done = match done {
+        Ok(d) => d,
+        Err(e) => {
+            error!("request handler failed: {e}");
+            Reply::Done {
+                outcome: protocol::Outcome::Failed,
+                summary: format!("internal error in bgagent: {e}"),
+                data: None,
+            }
+        }
+    };
+    if client_alive {
+        let _ = send(&mut w, &done).await;
+    }
+}
+
+fn reply_of(o: Outcome, data: Option<serde_json::Value>) -> Reply {
+    let outcome = match &o {
+        Outcome::Succeeded(_) => protocol::Outcome::Succeeded,
+        Outcome::AlreadyDone(_) => protocol::Outcome::AlreadyDone,
+        Outcome::Failed(_) => protocol::Outcome::Failed,
+        Outcome::Refused(_) => protocol::Outcome::Refused,
+    };
+    Reply::Done {
+        outcome,
+        summary: o.summary().to_string(),
+        data,
+    }
+}
+
+async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
+    if let Request::Status = request {
+        // Answered from the state file (saved after every step), so status works while an
+        // event runs.
+        return match crate::state::read(&shared.state_dir) {
+            Ok(doc) => {
+                let status = crate::status::build(&doc, &shared.layout, None, true);
+                reply_of(Outcome::Succeeded("status".into()), Some(status))
+            }
+            Err(e) => reply_of(Outcome::Failed(e.to_string()), None),
+        };
+    }
+    let mut engine = match shared.engine.try_lock() {
+        Ok(g) => g,
+        Err(_) => {
+            info!("another request is running; waiting for it to finish");
+            shared.engine.lock().await
+        }
+    };
+    let outcome = match request {
+        Request::Hook { event, env } => match Event::parse(&event) {
+            Err(e) => Outcome::Refused(e.to_string()),
+            Ok(ev) => match HookEnv::from_map(&env) {
+                None => {
+                    Outcome::Refused("DEPLOYMENT_ID is missing from the hook's environment".into())
+                }
+                Some(henv) => engine.run_hook(ev, &henv).await,
+            },
+        },
+        Request::Deploy { artifact } => engine.deploy_artifact(&artifact).await,
+        Request::Rollback => engine.rollback().await,
+        // Answered above, without the work lock.
+        Request::Status => Outcome::Failed("status is not a work request".into()),
+    };
+    reply_of(outcome, None)
+}
+
+/// How long a client waits to connect before it says the daemon is unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

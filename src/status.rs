@@ -1,0 +1,166 @@
+//! `bgagent status`: what is deployed, how each event went, whether the node is ready.
+//!
+//! The JSON document ([`build`]) follows a stable schema, `bgagent.status/v1`, documented in
+//! docs/status.md: fields are only ever added within v1. The human view is rendered from the
+//! same document, so the two never disagree. No parameter value is ever part of it.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::release::Layout;
+use crate::state::StateDoc;
+
+pub const SCHEMA: &str = "bgagent.status/v1";
+
+/// Builds the status document. `readiness` is the daemon's live readiness state, or None
+/// when it is not known (daemon not running).
+pub fn build(
+    doc: &StateDoc,
+    layout: &Layout,
+    readiness: Option<Value>,
+    daemon_running: bool,
+) -> Value {
+    let current = layout.current();
+    let previous = doc.previous_release(current.as_deref());
+    let release = |id: &Option<String>| -> Value {
+        match id {
+            None => Value::Null,
+            Some(id) => {
+                let rec = doc.releases.get(id);
+                json!({
+                    "id": id,
+                    "path": layout.release_dir(id),
+                    "created_at": rec.map(|r| r.created_at.clone()),
+                    "deployment_id": rec.map(|r| r.deployment_id.clone()),
+                    "source": rec.map(|r| r.source.clone()),
+                    "params": rec.map(|r| r.params.clone()).unwrap_or(Value::Null),
+                    "cache": rec.map(|r| r.cache.clone()).unwrap_or(Value::Null),
+                })
+            }
+        }
+    };
+    let releases: Vec<Value> = layout
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|id| {
+            json!({
+                "id": id,
+                "current": current.as_deref() == Some(id.as_str()),
+                "previous": previous.as_deref() == Some(id.as_str()),
+                "created_at": doc.releases.get(&id).map(|r| r.created_at.clone()),
+                "deployment_id": doc.releases.get(&id).map(|r| r.deployment_id.clone()),
+            })
+        })
+        .collect();
+    json!({
+        "schema": SCHEMA,
+        "app_root": layout.root(),
+        "daemon": if daemon_running { "running" } else { "not_running" },
+        "node": {
+            "traffic": doc.node.traffic,
+            "traffic_since": doc.node.since,
+            "readiness": readiness,
+        },
+        "current_release": release(&current),
+        "previous_release": release(&previous),
+        "last_deployment": doc.deployment,
+        "last_switch": doc.switches.last(),
+        "releases": releases,
+    })
+}
+
+/// The human view of a status document.
+pub fn render_text(s: &Value) -> String {
+    let mut o = String::new();
+    let str_of = |v: &Value| v.as_str().map(String::from).unwrap_or_else(|| "-".into());
+    let _ = writeln!(o, "app root:   {}", str_of(&s["app_root"]));
+    let readiness = match &s["node"]["readiness"] {
+        Value::Null => "unknown (daemon not running)".to_string(),
+        Value::String(r) => r.clone(),
+        v => v["state"].as_str().unwrap_or("unknown").to_string(),
+    };
+    let _ = writeln!(o, "daemon:     {}", str_of(&s["daemon"]).replace('_', " "));
+    let _ = writeln!(o, "readiness:  {readiness}");
+    let _ = writeln!(o, "traffic:    {}", str_of(&s["node"]["traffic"]));
+    for (label, key) in [
+        ("current:   ", "current_release"),
+        ("previous:  ", "previous_release"),
+    ] {
+        let r = &s[key];
+        if r.is_null() {
+            let _ = writeln!(o, "{label} none");
+        } else {
+            let _ = writeln!(
+                o,
+                "{label} {} (deployment {}, built {})",
+                str_of(&r["id"]),
+                str_of(&r["deployment_id"]),
+                str_of(&r["created_at"])
+            );
+            if let Some(slot) = r["cache"]["slot"].as_u64() {
+                let _ = writeln!(o, "            cache generation slot {slot}");
+            }
+        }
+    }
+    let d = &s["last_deployment"];
+    if d.is_null() {
+        let _ = writeln!(o, "\nno deployment yet");
+    } else {
+        let _ = writeln!(
+            o,
+            "\nlast deployment {}: {} (started {})",
+            str_of(&d["id"]),
+            str_of(&d["status"]).replace('_', " "),
+            str_of(&d["started_at"])
+        );
+        if let Some(events) = d["events"].as_array() {
+            for e in events {
+                let dur = e["duration_ms"]
+                    .as_u64()
+                    .map(|ms| format!("{:.2}s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into());
+                let _ = writeln!(
+                    o,
+                    "  {:<19} {:<11} {:>8}  {}{}",
+                    str_of(&e["event"]),
+                    str_of(&e["status"]),
+                    dur,
+                    str_of(&e["started_at"]),
+                    e["message"]
+                        .as_str()
+                        .map(|m| format!("\n  {:<19} {m}", ""))
+                        .unwrap_or_default()
+                );
+            }
+        }
+    }
+    o
+}
+
+/// `bgagent releases`: one line per release, current marked.
+pub fn render_releases(s: &Value) -> String {
+    let mut o = String::new();
+    if let Some(rs) = s["releases"].as_array() {
+        if rs.is_empty() {
+            o.push_str("no releases\n");
+        }
+        for r in rs {
+            let mark = if r["current"].as_bool() == Some(true) {
+                "* "
+            } else if r["previous"].as_bool() == Some(true) {
+                "- "
+            } else {
+                "  "
+            };
+            let _ = writeln!(
+                o,
+                "{mark}{}  {}",
+                r["id"].as_str().unwrap_or("?"),
+                r["deployment_id"].as_str().unwrap_or("")
+            );
+        }
+    }
+    o
+}

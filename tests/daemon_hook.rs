@@ -1,0 +1,338 @@
+//! Drives the real binary: daemon and hook over the Unix socket through full CodeDeploy
+//! event sequences, with CodeDeploy's environment variables.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
+
+struct Node {
+    dir: tempfile::TempDir,
+    daemon: Option<Child>,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = "app_root: app\nstate_dir: state\nsocket:\n  path: run/bgagent.sock\n  group: null\n\
+                   codedeploy:\n  deployment_root: cd-root\napp:\n  kind: php\nrelease:\n  keep: 3\n  shared_paths: [var/log]\n";
+        std::fs::write(dir.path().join("bgagent.yaml"), cfg).unwrap();
+        Node { dir, daemon: None }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path("bgagent.yaml")
+    }
+
+    /// Unpacks a revision where the CodeDeploy agent would.
+    fn revision(&self, group: &str, deployment: &str, release_tag: &str) {
+        let root = self.path(&format!("cd-root/{group}/{deployment}/deployment-archive"));
+        std::fs::create_dir_all(root.join("pub")).unwrap();
+        std::fs::write(
+            root.join("pub/index.php"),
+            format!("<?php echo '{release_tag}';"),
+        )
+        .unwrap();
+        std::fs::write(root.join("RELEASE_ID"), release_tag).unwrap();
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.path("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["--config", self.config().to_str().unwrap(), "daemon"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let sock = self.path("run/bgagent.sock");
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "daemon did not start: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    fn hook(&self, event: &str, deployment: Option<&str>, group: &str) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--config", self.config().to_str().unwrap(), "hook", event])
+            .env_remove("DEPLOYMENT_ID")
+            .env("LIFECYCLE_EVENT", event)
+            .env("DEPLOYMENT_GROUP_ID", group)
+            .env("DEPLOYMENT_GROUP_NAME", "magento-prod")
+            .env("APPLICATION_NAME", "magento");
+        if let Some(d) = deployment {
+            cmd.env("DEPLOYMENT_ID", d);
+        }
+        cmd.output().unwrap()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn current(&self) -> Option<String> {
+        std::fs::read_link(self.path("app/current"))
+            .ok()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const IN_PLACE: [&str; 9] = [
+    "BeforeBlockTraffic",
+    "AfterBlockTraffic",
+    "ApplicationStop",
+    "BeforeInstall",
+    "AfterInstall",
+    "ApplicationStart",
+    "ValidateService",
+    "BeforeAllowTraffic",
+    "AfterAllowTraffic",
+];
+
+#[test]
+fn full_codedeploy_sequence_then_second_deployment_and_rollback() {
+    let mut node = Node::new();
+    node.start();
+    node.revision("g-1", "d-AAA", "one");
+    for ev in IN_PLACE {
+        let out = node.hook(ev, Some("d-AAA"), "g-1");
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{ev}: {t}");
+        // log lines streamed from the daemon, then the summary
+        assert!(
+            t.contains(&format!("{ev} starts for deployment d-AAA")),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!("bgagent: {ev} succeeded for deployment d-AAA")),
+            "{t}"
+        );
+    }
+    let first = node.current().expect("current after first deployment");
+    assert!(first.ends_with("-d-AAA"));
+    assert_eq!(
+        std::fs::read_to_string(node.path("app/current/RELEASE_ID")).unwrap(),
+        "one"
+    );
+    let st = node.status_json();
+    assert_eq!(st["schema"], "bgagent.status/v1");
+    assert_eq!(st["daemon"], "running");
+    assert_eq!(st["last_deployment"]["status"], "succeeded");
+    assert_eq!(st["last_deployment"]["events"].as_array().unwrap().len(), 9);
+    assert_eq!(st["node"]["traffic"], "live");
+
+    node.revision("g-1", "d-BBB", "two");
+    for ev in IN_PLACE {
+        let out = node.hook(ev, Some("d-BBB"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    let second = node.current().unwrap();
+    assert_ne!(first, second);
+    assert_eq!(
+        std::fs::read_to_string(node.path("app/current/RELEASE_ID")).unwrap(),
+        "two"
+    );
+
+    let out = node.cli(&["rollback"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("rolled back from {second} to {first}")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(node.current().as_deref(), Some(first.as_str()));
+    assert_eq!(
+        std::fs::read_to_string(node.path("app/current/RELEASE_ID")).unwrap(),
+        "one"
+    );
+    let st = node.status_json();
+    assert_eq!(st["last_switch"]["reason"], "rollback");
+    assert_eq!(st["previous_release"]["id"], second.as_str());
+
+    let out = node.cli(&["releases"]);
+    assert!(text(&out).contains(&format!("* {first}")), "{}", text(&out));
+}
+
+#[test]
+fn out_of_order_repeated_and_bad_invocations_get_their_exit_codes() {
+    let mut node = Node::new();
+    node.start();
+    node.revision("g-1", "d-1", "one");
+
+    // ApplicationStart before AfterInstall: refused, exit 6, and the reason is in the summary
+    let out = node.hook("ApplicationStart", Some("d-1"), "g-1");
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(text(&out).contains("needs AfterInstall"), "{}", text(&out));
+
+    for ev in ["BeforeInstall", "AfterInstall"] {
+        assert_eq!(node.hook(ev, Some("d-1"), "g-1").status.code(), Some(0));
+    }
+    // repeated: success without redoing
+    let out = node.hook("AfterInstall", Some("d-1"), "g-1");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out).contains("already succeeded"), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_dir(node.path("app/releases"))
+            .unwrap()
+            .count(),
+        1
+    );
+    // going back: refused
+    let out = node.hook("BeforeInstall", Some("d-1"), "g-1");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a repeated success is not an error"
+    );
+    let out = node.hook("ApplicationStop", Some("d-1"), "g-1");
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(
+        text(&out).contains("ApplicationStop arrived after AfterInstall"),
+        "{}",
+        text(&out)
+    );
+
+    // unknown event: usage error listing the valid ones, before anything else
+    let out = node.hook("AfterInstal", Some("d-1"), "g-1");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("expected one of: BeforeBlockTraffic"),
+        "{}",
+        text(&out)
+    );
+
+    // no DEPLOYMENT_ID
+    let out = node.hook("AfterInstall", None, "g-1");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("DEPLOYMENT_ID is not set"));
+
+    // a revision that is not there: the event fails (exit 1) and says where it looked
+    let out = node.hook("BeforeInstall", Some("d-missing"), "g-1");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cd-root/g-1/d-missing/deployment-archive does not exist"),
+        "{}",
+        text(&out)
+    );
+
+    // daemon unreachable
+    node.stop();
+    let out = node.hook("AfterInstall", Some("d-1"), "g-1");
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("not reachable"), "{}", text(&out));
+}
+
+#[test]
+fn daemon_restart_between_events_keeps_the_state() {
+    let mut node = Node::new();
+    node.start();
+    node.revision("g-1", "d-R", "one");
+    for ev in ["ApplicationStop", "BeforeInstall", "AfterInstall"] {
+        assert_eq!(node.hook(ev, Some("d-R"), "g-1").status.code(), Some(0));
+    }
+    node.stop();
+    node.start();
+    // the deployment continues where it was
+    for ev in [
+        "ApplicationStart",
+        "ValidateService",
+        "BeforeAllowTraffic",
+        "AfterAllowTraffic",
+    ] {
+        let out = node.hook(ev, Some("d-R"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    let st = node.status_json();
+    let events: Vec<_> = st["last_deployment"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_string(),
+                e["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(events.len(), 7);
+    assert!(events.iter().all(|(_, s)| s == "succeeded"), "{events:?}");
+    assert!(node.current().unwrap().ends_with("-d-R"));
+}
+
+#[test]
+fn local_deploy_without_daemon_and_config_check() {
+    let node = Node::new();
+    let art = node.path("art");
+    std::fs::create_dir_all(art.join("pub")).unwrap();
+    std::fs::write(art.join("pub/index.php"), "<?php echo 1;").unwrap();
+    let out = node.cli(&["deploy", art.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(node.current().is_some());
+    // the operator's directory is not re-moded by the release policy
+    let m = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(art.join("pub/index.php"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(m & 0o777, 0o644);
+
+    let out = node.cli(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    std::fs::write(
+        node.config(),
+        "app_root: app\nrelease:\n  keep: lots\n  kepp: 1\n",
+    )
+    .unwrap();
+    let out = node.cli(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(text(&out).contains("bgagent.yaml:3:9"), "{}", text(&out));
+}
