@@ -1,0 +1,218 @@
+#!/usr/bin/env python3
+"""Release-build benchmarks for bgagent (issue 2), measured side by side in one run.
+
+(a) Building a release from an unpacked CodeDeploy deployment-archive, ownership and modes
+    included: bgagent (through the daemon: `bgagent hook AfterInstall`) against the tutorial
+    way (`cp -r`, `chown -R`, `chmod -R 755`) and against the floor `cp -al`.
+(b) `bgagent deploy release.tar.gz` against `tar -xzf` of the same file alone.
+(c) The `hook` round trip for an event with nothing to do (median of many).
+(d) The daemon's idle resident memory.
+
+Each contender runs --rounds times, interleaved, from a warm page cache; medians are
+reported and ratios are computed from them. Results go to stdout as Markdown and to
+--json. Run as root for the ownership part (chown to --owner/--group).
+
+    python3 bench/bench_release.py                 # full: 100k files, ~1 GB
+    python3 bench/bench_release.py --smoke         # CI: 5k files, ~50 MB, 1 round
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(argv, **kw):
+    return subprocess.run(argv, check=True, **kw)
+
+
+def timed(argv, env=None):
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def rm(path):
+    if os.path.lexists(path):
+        subprocess.run(["rm", "-rf", "--", str(path)], check=True)
+
+
+def wait_socket(path, timeout=10.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(path))
+            s.close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"daemon did not listen on {path}")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", default=str(REPO / "target/release/bgagent"))
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir under /var/tmp)")
+    ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--total-bytes", default="1G")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hook-rounds", type=int, default=200)
+    ap.add_argument("--owner", default="www-data")
+    ap.add_argument("--group", default="www-data")
+    ap.add_argument("--smoke", action="store_true", help="small tree, one round (for CI)")
+    ap.add_argument("--json", default=None, help="write the raw results here")
+    a = ap.parse_args()
+    if a.smoke:
+        a.files, a.total_bytes, a.rounds, a.hook_rounds = 5000, "50M", 1, 30
+    if os.geteuid() != 0:
+        a.owner = a.group = None
+    bgagent = Path(a.bin)
+    if not bgagent.exists():
+        raise SystemExit(f"{bgagent} not found: build it first with `cargo build --release`")
+
+    work = Path(a.work or tempfile.mkdtemp(prefix="bgagent-bench-", dir="/var/tmp"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "cd-root" / "g-bench" / "d-0" / "deployment-archive"
+    tgz = work / "release.tar.gz"
+    if not src.exists():
+        src.parent.mkdir(parents=True, exist_ok=True)
+        run([sys.executable, str(REPO / "bench/gen-magento-tree"), "--files", str(a.files),
+             "--total-bytes", a.total_bytes, "--out", str(src), "--tar-gz", str(tgz), "--seed", "1"],
+            stdout=subprocess.DEVNULL)
+    nfiles = sum(len(f) for _, _, f in os.walk(src))
+    nbytes = sum(os.lstat(os.path.join(d, x)).st_size for d, _, fs in os.walk(src) for x in fs)
+
+    perms = ""
+    if a.owner:
+        perms = f"  owner: {a.owner}\n  group: {a.group}\n"
+    cfg = work / "bgagent.yaml"
+    cfg.write_text(
+        "app_root: app\nstate_dir: state\nsocket:\n  path: run/bgagent.sock\n  group: null\n"
+        "codedeploy:\n  deployment_root: cd-root\napp:\n  kind: magento\n"
+        "release:\n  keep: 2\n  shared_paths: []\n"
+        f"permissions:\n{perms}"
+    )
+    sock = work / "run/bgagent.sock"
+    log = open(work / "daemon.log", "w")
+    daemon = subprocess.Popen([str(bgagent), "--config", str(cfg), "daemon"], stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=log)
+    results = {"files": nfiles, "bytes": nbytes, "rounds": a.rounds, "owner": a.owner}
+    try:
+        wait_socket(sock)
+        time.sleep(0.3)
+        results["daemon_idle_rss_kib"] = rss_kib(daemon.pid)
+
+        def hook(event, dep):
+            env = dict(os.environ, DEPLOYMENT_ID=dep, DEPLOYMENT_GROUP_ID="g-bench",
+                       APPLICATION_NAME="bench", LIFECYCLE_EVENT=event)
+            return [str(bgagent), "--config", str(cfg), "hook", event], env
+
+        # warm the page cache
+        run(["cat"] + [str(p) for p in list(src.rglob("*.php"))[:1]], stdout=subprocess.DEVNULL)
+        run(["du", "-s", str(src)], stdout=subprocess.DEVNULL)
+        times = {"bgagent": [], "tutorial": [], "cp_al": [], "bgagent_tgz": [], "tar_xzf": []}
+        for r in range(a.rounds):
+            # (a) bgagent: a fresh deployment id each round, the same revision directory
+            dep = f"d-{r + 1}"
+            dep_dir = src.parent.parent / dep
+            rm(dep_dir)
+            dep_dir.mkdir()
+            os.rename(src.parent / "deployment-archive", dep_dir / "deployment-archive")
+            src = dep_dir / "deployment-archive"
+            rm(work / "app/releases")
+            # As CodeDeploy leaves it: root-owned, modes from the bundle. (Hard links share
+            # inodes, so the previous round's policy must not carry over.)
+            run(["chmod", "-R", "u=rwX,go=rX", str(src)])
+            if a.owner:
+                run(["chown", "-R", "root:root", str(src)])
+            argv, env = hook("AfterInstall", dep)
+            times["bgagent"].append(timed(argv, env))
+
+            dest = work / "tutorial"
+            rm(dest)
+            t0 = time.perf_counter()
+            run(["cp", "-r", str(src), str(dest)])
+            if a.owner:
+                run(["chown", "-R", f"{a.owner}:{a.group}", str(dest)])
+            run(["chmod", "-R", "755", str(dest)])
+            times["tutorial"].append(time.perf_counter() - t0)
+            rm(dest)
+
+            dest = work / "cpal"
+            rm(dest)
+            times["cp_al"].append(timed(["cp", "-al", str(src), str(dest)]))
+            rm(dest)
+
+            # (b) archive intake against tar alone
+            dest = work / "untar"
+            rm(dest)
+            dest.mkdir()
+            times["tar_xzf"].append(timed(["tar", "-xzf", str(tgz), "-C", str(dest)]))
+            rm(dest)
+            local = work / "local.yaml"
+            local.write_text(cfg.read_text().replace("app_root: app", "app_root: app-local")
+                             .replace("state_dir: state", "state_dir: state-local")
+                             .replace("run/bgagent.sock", "run/none.sock"))
+            rm(work / "app-local")
+            rm(work / "state-local")
+            times["bgagent_tgz"].append(timed([str(bgagent), "--config", str(local), "deploy", str(tgz)]))
+
+        # (c) hook round trip with nothing to do: AfterAllowTraffic of an unrelated deployment
+        # that only records the node as live.
+        rt = []
+        for i in range(a.hook_rounds):
+            argv, env = hook("BeforeAllowTraffic", "d-rt")
+            t0 = time.perf_counter()
+            subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rt.append(time.perf_counter() - t0)
+        results["hook_round_trip_ms"] = {"median": statistics.median(rt) * 1000,
+                                         "p90": sorted(rt)[int(len(rt) * 0.9)] * 1000}
+        results["times_s"] = times
+    finally:
+        daemon.terminate()
+        daemon.wait()
+        log.close()
+
+    med = {k: statistics.median(v) for k, v in results["times_s"].items() if v}
+    results["median_s"] = med
+    ratio = lambda x, y: med[x] / med[y]
+    print(f"## Release build ({nfiles} files, {nbytes / 2**20:.0f} MiB, {a.rounds} rounds, "
+          f"owner {a.owner or '(unchanged: not root)'})\n")
+    print("| contender | median s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| bgagent hook AfterInstall (policy + ownership) | {med['bgagent']:.3f} | 1.00 |")
+    print(f"| tutorial: cp -r + chown -R + chmod -R 755 | {med['tutorial']:.3f} | "
+          f"{ratio('tutorial', 'bgagent'):.2f}x slower |")
+    print(f"| floor: cp -al | {med['cp_al']:.3f} | bgagent is {ratio('bgagent', 'cp_al'):.2f}x of it |")
+    print(f"| bgagent deploy release.tar.gz | {med['bgagent_tgz']:.3f} | "
+          f"{ratio('bgagent_tgz', 'tar_xzf'):.2f}x of tar |")
+    print(f"| tar -xzf release.tar.gz | {med['tar_xzf']:.3f} | 1.00 |")
+    print(f"\nhook round trip (nothing to do): median {results['hook_round_trip_ms']['median']:.2f} ms, "
+          f"p90 {results['hook_round_trip_ms']['p90']:.2f} ms over {a.hook_rounds}")
+    print(f"daemon idle RSS: {results['daemon_idle_rss_kib'] / 1024:.1f} MiB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
