@@ -1,23 +1,620 @@
-//! TEMPORARY placeholder until the archive helper delivers; replaced before commit.
+//! Safe extraction of a release artifact (.tar, .tar.gz/.tgz, .zip) into a fresh, empty
+//! release directory.
+//!
+//! An artifact is untrusted input. Rejected, with the offending entry named: absolute paths,
+//! `..`, hard links, device files, FIFOs and sockets, symlinks that resolve outside the
+//! release, setuid/setgid bits, duplicate files, and archives over the size or entry bounds.
+//! Nothing is ever written outside the release directory: every path is created component by
+//! component through directory file descriptors opened with `O_NOFOLLOW`, so a symlink entry
+//! (`a -> /etc`) can never redirect a later entry (`a/passwd`). Modes and ownership come from
+//! the permission policy and are applied as each entry is created. On any error the
+//! destination is emptied again.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
+
 use crate::perms::{Kind, Placement};
-use std::path::Path;
+
+/// Bounds on what an archive may unpack to.
+#[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_bytes: u64,
     pub max_entries: u64,
 }
+
+/// What extraction produced.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Report {
     pub files: u64,
     pub dirs: u64,
+    pub symlinks: u64,
     pub bytes: u64,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Tar,
+    TarGz,
+    Zip,
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("archive intake is not built yet")]
-pub struct ArchiveError;
+pub enum ArchiveError {
+    #[error("refusing to extract {archive}: entry `{entry}` {reason}")]
+    Rejected {
+        archive: PathBuf,
+        entry: String,
+        reason: String,
+    },
+    #[error("refusing to extract {archive}: {reason}")]
+    TooLarge { archive: PathBuf, reason: String },
+    #[error(
+        "{0} is not a .tar, .tar.gz or .zip archive (checked its first bytes); give a directory or one of those"
+    )]
+    UnknownFormat(PathBuf),
+    #[error("the release directory {0} must exist and be empty before extraction")]
+    DestNotEmpty(PathBuf),
+    #[error("failed to read {archive}: {source}")]
+    Read { archive: PathBuf, source: io::Error },
+    #[error("failed to write `{entry}` from {archive}: {source}")]
+    Write {
+        archive: PathBuf,
+        entry: String,
+        source: io::Error,
+    },
+}
+
+/// Detects the format from the first bytes, not the name.
+pub fn detect(path: &Path) -> Result<Format, ArchiveError> {
+    let mut f = File::open(path).map_err(|source| ArchiveError::Read {
+        archive: path.to_path_buf(),
+        source,
+    })?;
+    let mut head = [0u8; 512];
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(source) => {
+                return Err(ArchiveError::Read {
+                    archive: path.to_path_buf(),
+                    source,
+                });
+            }
+        }
+    }
+    let head = &head[..n];
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Ok(Format::TarGz)
+    } else if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        Ok(Format::Zip)
+    } else if (n >= 262 && &head[257..262] == b"ustar") || (n == 512 && tar_checksum_ok(head)) {
+        // POSIX/GNU tar carry "ustar"; old v7 tar has only the header checksum to go by.
+        Ok(Format::Tar)
+    } else {
+        Err(ArchiveError::UnknownFormat(path.to_path_buf()))
+    }
+}
+
+fn tar_checksum_ok(h: &[u8]) -> bool {
+    let field = &h[148..156];
+    let digits: String = field
+        .iter()
+        .take_while(|b| **b != 0 && **b != b' ')
+        .map(|b| *b as char)
+        .skip_while(|c| *c == ' ')
+        .collect();
+    let Ok(want) = u32::from_str_radix(digits.trim(), 8) else {
+        return false;
+    };
+    let sum: u32 = h
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                *b as u32
+            }
+        })
+        .sum();
+    sum == want && h[..100].iter().any(|b| *b != 0)
+}
+
+/// The kind of an archive entry, before validation.
+enum Item {
+    Dir,
+    File,
+    Symlink(PathBuf),
+    HardLink,
+    Special(&'static str),
+}
+
+/// Extracts `archive` into the empty directory `dest`, placing each entry per `placement`.
 pub fn extract(
-    _a: &Path,
-    _d: &Path,
-    _l: &Limits,
-    _p: &dyn Fn(&Path, Kind, u32) -> Placement,
+    archive: &Path,
+    dest: &Path,
+    limits: &Limits,
+    placement: &dyn Fn(&Path, Kind, u32) -> Placement,
 ) -> Result<Report, ArchiveError> {
-    Err(ArchiveError)
+    let empty = std::fs::read_dir(dest)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(false);
+    if !empty {
+        return Err(ArchiveError::DestNotEmpty(dest.to_path_buf()));
+    }
+    let format = detect(archive)?;
+    let mut w = Writer::new(archive, dest, limits, placement)?;
+    let res = match format {
+        Format::Tar => File::open(archive)
+            .map_err(|source| ArchiveError::Read {
+                archive: archive.to_path_buf(),
+                source,
+            })
+            .and_then(|f| w.tar(f)),
+        Format::TarGz => File::open(archive)
+            .map_err(|source| ArchiveError::Read {
+                archive: archive.to_path_buf(),
+                source,
+            })
+            .and_then(|f| w.tar(flate2::read::GzDecoder::new(io::BufReader::new(f)))),
+        Format::Zip => w.zip(),
+    };
+    let report = w.report;
+    drop(w);
+    match res {
+        Ok(()) => Ok(report),
+        Err(e) => {
+            empty_dir(dest);
+            Err(e)
+        }
+    }
+}
+
+fn empty_dir(dest: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dest) {
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => {
+                    let _ = std::fs::remove_dir_all(&p);
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&p);
+                }
+            }
+        }
+    }
+}
+
+/// Validates an entry name: relative, no `..`, no NUL; `./` prefixes dropped.
+fn clean_name(raw: &[u8]) -> Result<PathBuf, String> {
+    if raw.contains(&0) {
+        return Err("contains a NUL byte".into());
+    }
+    let p = Path::new(OsStr::from_bytes(raw));
+    if p.is_absolute() {
+        return Err("is an absolute path".into());
+    }
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err("escapes the release directory (contains `..`)".into());
+            }
+            _ => return Err("is an absolute path".into()),
+        }
+    }
+    Ok(out)
+}
+
+struct Writer<'a> {
+    archive: &'a Path,
+    root: OwnedFd,
+    limits: &'a Limits,
+    placement: &'a dyn Fn(&Path, Kind, u32) -> Placement,
+    report: Report,
+    entries: u64,
+    /// What the archive created, to refuse duplicates and writes through links.
+    seen: HashMap<PathBuf, bool>, // path -> is_dir
+    /// The parent directory of the last entry: archives are mostly in order.
+    last_parent: Option<(PathBuf, OwnedFd)>,
+}
+
+impl<'a> Writer<'a> {
+    fn new(
+        archive: &'a Path,
+        dest: &Path,
+        limits: &'a Limits,
+        placement: &'a dyn Fn(&Path, Kind, u32) -> Placement,
+    ) -> Result<Writer<'a>, ArchiveError> {
+        let root = rustix::fs::open(
+            dest,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ArchiveError::Write {
+            archive: archive.to_path_buf(),
+            entry: ".".into(),
+            source: e.into(),
+        })?;
+        Ok(Writer {
+            archive,
+            root,
+            limits,
+            placement,
+            report: Report::default(),
+            entries: 0,
+            seen: HashMap::new(),
+            last_parent: None,
+        })
+    }
+
+    fn reject(&self, entry: &str, reason: impl Into<String>) -> ArchiveError {
+        ArchiveError::Rejected {
+            archive: self.archive.to_path_buf(),
+            entry: entry.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn werr(&self, entry: &Path, source: io::Error) -> ArchiveError {
+        ArchiveError::Write {
+            archive: self.archive.to_path_buf(),
+            entry: entry.display().to_string(),
+            source,
+        }
+    }
+
+    fn tar<R: Read>(&mut self, r: R) -> Result<(), ArchiveError> {
+        let mut ar = tar::Archive::new(r);
+        let read_err = |source| ArchiveError::Read {
+            archive: self.archive.to_path_buf(),
+            source,
+        };
+        let entries = ar.entries().map_err(read_err)?;
+        for entry in entries {
+            let mut entry = entry.map_err(|source| ArchiveError::Read {
+                archive: self.archive.to_path_buf(),
+                source,
+            })?;
+            let raw = entry.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&raw).into_owned();
+            let mode = entry.header().mode().unwrap_or(0o644);
+            use tar::EntryType as T;
+            let item = match entry.header().entry_type() {
+                T::Regular | T::Continuous => Item::File,
+                T::Directory => Item::Dir,
+                T::Symlink => {
+                    let target = entry
+                        .link_name_bytes()
+                        .map(|b| PathBuf::from(OsStr::from_bytes(&b)))
+                        .unwrap_or_default();
+                    Item::Symlink(target)
+                }
+                T::Link => Item::HardLink,
+                T::Char | T::Block => Item::Special("is a device file"),
+                T::Fifo => Item::Special("is a FIFO"),
+                T::XGlobalHeader | T::XHeader | T::GNULongName | T::GNULongLink => continue,
+                _ => {
+                    Item::Special("has an entry type bgagent does not extract (sparse or unknown)")
+                }
+            };
+            self.entry(&shown, &raw, item, mode, &mut entry)?;
+        }
+        Ok(())
+    }
+
+    fn zip(&mut self) -> Result<(), ArchiveError> {
+        let f = File::open(self.archive).map_err(|source| ArchiveError::Read {
+            archive: self.archive.to_path_buf(),
+            source,
+        })?;
+        let mut z =
+            zip::ZipArchive::new(io::BufReader::new(f)).map_err(|e| ArchiveError::Read {
+                archive: self.archive.to_path_buf(),
+                source: io::Error::other(e),
+            })?;
+        for i in 0..z.len() {
+            let mut file = z.by_index(i).map_err(|e| ArchiveError::Read {
+                archive: self.archive.to_path_buf(),
+                source: io::Error::other(e),
+            })?;
+            let raw = file.name_raw().to_vec();
+            let shown = String::from_utf8_lossy(&raw).into_owned();
+            // zip-slip: enclosed_name() refuses names that leave the directory; our own
+            // clean_name() below says why.
+            if file.enclosed_name().is_none() {
+                let reason = clean_name(&raw)
+                    .err()
+                    .unwrap_or_else(|| "escapes the release directory".into());
+                return Err(self.reject(&shown, reason));
+            }
+            // unix_mode() clears setuid/setgid; read the raw attributes so they are refused,
+            // not silently dropped.
+            let unix = match file.unix_mode() {
+                Some(m) => m | ((file.external_attributes() >> 16) & 0o6000),
+                None => 0,
+            };
+            let mode = unix & 0o7777;
+            let ftype = unix & 0o170000;
+            let item = if file.is_dir() {
+                Item::Dir
+            } else if file.is_symlink() {
+                let mut target = Vec::new();
+                (&mut file)
+                    .take(4096)
+                    .read_to_end(&mut target)
+                    .map_err(|source| ArchiveError::Read {
+                        archive: self.archive.to_path_buf(),
+                        source,
+                    })?;
+                Item::Symlink(PathBuf::from(OsStr::from_bytes(&target)))
+            } else if ftype != 0 && ftype != 0o100000 {
+                Item::Special("is a device file, FIFO or socket")
+            } else {
+                Item::File
+            };
+            let mode = if mode == 0 { 0o644 } else { mode };
+            self.entry(&shown, &raw, item, mode, &mut file)?;
+        }
+        Ok(())
+    }
+
+    fn entry(
+        &mut self,
+        shown: &str,
+        raw: &[u8],
+        item: Item,
+        mode: u32,
+        data: &mut dyn Read,
+    ) -> Result<(), ArchiveError> {
+        let rel = clean_name(raw).map_err(|r| self.reject(shown, r))?;
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(ArchiveError::TooLarge {
+                archive: self.archive.to_path_buf(),
+                reason: format!(
+                    "it has more than {} entries (release.max_entries)",
+                    self.limits.max_entries
+                ),
+            });
+        }
+        if rel.as_os_str().is_empty() {
+            return match item {
+                Item::Dir => Ok(()), // "./" itself
+                _ => Err(self.reject(shown, "has an empty name")),
+            };
+        }
+        if mode & 0o6000 != 0 {
+            return Err(self.reject(shown, "has the setuid or setgid bit"));
+        }
+        match &item {
+            Item::HardLink => {
+                return Err(
+                    self.reject(shown, "is a hard link (not allowed in a release artifact)")
+                );
+            }
+            Item::Special(why) => return Err(self.reject(shown, *why)),
+            _ => {}
+        }
+        // Never write through something the archive made that is not a directory.
+        let mut prefix = PathBuf::new();
+        for c in rel.parent().into_iter().flat_map(|p| p.components()) {
+            prefix.push(c);
+            if self.seen.get(&prefix) == Some(&false) {
+                return Err(self.reject(
+                    shown,
+                    format!(
+                        "would be written through `{}`, which is not a directory",
+                        prefix.display()
+                    ),
+                ));
+            }
+        }
+        match self.seen.get(&rel) {
+            Some(true) if matches!(item, Item::Dir) => return Ok(()),
+            Some(_) => return Err(self.reject(shown, "appears twice in the archive")),
+            None => {}
+        }
+        let name = rel
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        let parent_rel = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+        self.ensure_parent(&parent_rel, shown)?;
+        let Some((_, parent)) = self.last_parent.as_ref() else {
+            return Err(self.reject(shown, "has no parent directory"));
+        };
+        let parent = parent.try_clone().map_err(|e| self.werr(&rel, e))?;
+        match item {
+            Item::Dir => {
+                let pl = (self.placement)(&rel, Kind::Dir, mode);
+                rustix::fs::mkdirat(
+                    &parent,
+                    name.as_os_str(),
+                    Mode::from_raw_mode(pl.mode & 0o777),
+                )
+                .or_else(|e| {
+                    if e == rustix::io::Errno::EXIST {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|e| self.werr(&rel, e.into()))?;
+                // EXIST of a non-directory is caught by chmod/open below with NOFOLLOW.
+                self.set(&parent, &name, &rel, pl)?;
+                self.seen.insert(rel, true);
+                self.report.dirs += 1;
+            }
+            Item::File => {
+                let pl = (self.placement)(&rel, Kind::File, mode);
+                let fd = rustix::fs::openat(
+                    &parent,
+                    name.as_os_str(),
+                    OFlags::WRONLY
+                        | OFlags::CREATE
+                        | OFlags::EXCL
+                        | OFlags::NOFOLLOW
+                        | OFlags::CLOEXEC,
+                    Mode::from_raw_mode(pl.mode & 0o777),
+                )
+                .map_err(|e| self.werr(&rel, e.into()))?;
+                let mut out = File::from(fd);
+                let remaining = self.limits.max_bytes.saturating_sub(self.report.bytes);
+                let n = io::copy(&mut data.take(remaining.saturating_add(1)), &mut out)
+                    .map_err(|e| self.werr(&rel, e))?;
+                if n > remaining {
+                    return Err(ArchiveError::TooLarge {
+                        archive: self.archive.to_path_buf(),
+                        reason: format!(
+                            "it unpacks to more than {} bytes (release.max_bytes), reached at `{shown}`",
+                            self.limits.max_bytes
+                        ),
+                    });
+                }
+                self.report.bytes += n;
+                rustix::fs::fchmod(&out, Mode::from_raw_mode(pl.mode))
+                    .map_err(|e| self.werr(&rel, e.into()))?;
+                if pl.uid.is_some() || pl.gid.is_some() {
+                    rustix::fs::fchown(
+                        &out,
+                        pl.uid.map(rustix::fs::Uid::from_raw),
+                        pl.gid.map(rustix::fs::Gid::from_raw),
+                    )
+                    .map_err(|e| self.werr(&rel, e.into()))?;
+                }
+                self.seen.insert(rel, false);
+                self.report.files += 1;
+            }
+            Item::Symlink(target) => {
+                if !crate::release::link_stays_inside(&rel, &target) {
+                    return Err(self.reject(
+                        shown,
+                        format!(
+                            "is a symlink to `{}`, which resolves outside the release",
+                            target.display()
+                        ),
+                    ));
+                }
+                rustix::fs::symlinkat(&target, &parent, name.as_os_str())
+                    .map_err(|e| self.werr(&rel, e.into()))?;
+                let pl = (self.placement)(&rel, Kind::Symlink, 0o777);
+                if pl.uid.is_some() || pl.gid.is_some() {
+                    rustix::fs::chownat(
+                        &parent,
+                        name.as_os_str(),
+                        pl.uid.map(rustix::fs::Uid::from_raw),
+                        pl.gid.map(rustix::fs::Gid::from_raw),
+                        AtFlags::SYMLINK_NOFOLLOW,
+                    )
+                    .map_err(|e| self.werr(&rel, e.into()))?;
+                }
+                self.seen.insert(rel, false);
+                self.report.symlinks += 1;
+            }
+            Item::HardLink | Item::Special(_) => {}
+        }
+        Ok(())
+    }
+
+    fn set(
+        &self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+        pl: Placement,
+    ) -> Result<(), ArchiveError> {
+        // Opening with NOFOLLOW|DIRECTORY proves it is a real directory we may change.
+        let fd = rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.werr(rel, e.into()))?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(pl.mode))
+            .map_err(|e| self.werr(rel, e.into()))?;
+        if pl.uid.is_some() || pl.gid.is_some() {
+            rustix::fs::fchown(
+                &fd,
+                pl.uid.map(rustix::fs::Uid::from_raw),
+                pl.gid.map(rustix::fs::Gid::from_raw),
+            )
+            .map_err(|e| self.werr(rel, e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `last_parent` the directory `parent_rel`, creating missing directories (with
+    /// the policy's modes) and never following a symlink.
+    fn ensure_parent(&mut self, parent_rel: &Path, shown: &str) -> Result<(), ArchiveError> {
+        if self
+            .last_parent
+            .as_ref()
+            .is_some_and(|(p, _)| p == parent_rel)
+        {
+            return Ok(());
+        }
+        let mut fd = self
+            .root
+            .try_clone()
+            .map_err(|e| self.werr(parent_rel, e))?;
+        let mut so_far = PathBuf::new();
+        for c in parent_rel.components() {
+            so_far.push(c);
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let next = match rustix::fs::openat(&fd, c.as_os_str(), flags, Mode::empty()) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::NOENT) => {
+                    let pl = (self.placement)(&so_far, Kind::Dir, 0o755);
+                    rustix::fs::mkdirat(&fd, c.as_os_str(), Mode::from_raw_mode(pl.mode & 0o777))
+                        .map_err(|e| self.werr(&so_far, e.into()))?;
+                    self.set(&fd, c.as_os_str(), &so_far, pl)?;
+                    self.seen.insert(so_far.clone(), true);
+                    self.report.dirs += 1;
+                    rustix::fs::openat(&fd, c.as_os_str(), flags, Mode::empty())
+                        .map_err(|e| self.werr(&so_far, e.into()))?
+                }
+                Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR) => {
+                    return Err(self.reject(
+                        shown,
+                        format!(
+                            "would be written through `{}`, which is not a directory",
+                            so_far.display()
+                        ),
+                    ));
+                }
+                Err(e) => return Err(self.werr(&so_far, e.into())),
+            };
+            fd = next;
+        }
+        self.last_parent = Some((parent_rel.to_path_buf(), fd));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_cleaned_or_rejected() {
+        assert_eq!(clean_name(b"./a/b").unwrap(), PathBuf::from("a/b"));
+        assert_eq!(clean_name(b"./").unwrap(), PathBuf::new());
+        assert!(clean_name(b"/etc/passwd").unwrap_err().contains("absolute"));
+        assert!(clean_name(b"a/../../x").unwrap_err().contains(".."));
+        assert!(clean_name(b"a\0b").is_err());
+    }
 }

@@ -231,13 +231,12 @@ pub fn decide(current: Option<&Deployment>, id: &str, event: Event) -> Decision 
         .rev()
         .find(|r| matches!(r.status, EventStatus::Failed | EventStatus::Interrupted))
         .filter(|bad| last_of(bad.event).is_some_and(|r| r.status != EventStatus::Succeeded))
+        && bad.event != event
     {
-        if bad.event != event {
-            return Decision::Refuse(Refusal::DeploymentFailed {
-                deployment: id.to_string(),
-                failed: bad.event,
-            });
-        }
+        return Decision::Refuse(Refusal::DeploymentFailed {
+            deployment: id.to_string(),
+            failed: bad.event,
+        });
     }
     if let Some(later) = dep
         .events

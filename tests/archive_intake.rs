@@ -1,0 +1,430 @@
+//! Each archive rejection rule, with a hostile archive made in the test; and the same
+//! through the real binary, where the live release must keep serving.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bgagent::archive::{self, ArchiveError, Limits};
+use bgagent::perms::{Kind, PermsConfig, Placement, Policy};
+
+/// (name, type, mode, data, link target)
+type Entry<'a> = (&'a str, tar::EntryType, u32, &'a [u8], Option<&'a str>);
+
+const LIMITS: Limits = Limits {
+    max_bytes: 1 << 20,
+    max_entries: 100,
+};
+
+/// Raw tar entry: name written straight into the header, so the builder's own checks do not
+/// stop a hostile name.
+fn raw_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    data: &[u8],
+    link: Option<&str>,
+) {
+    let mut h = tar::Header::new_old();
+    {
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        if let Some(l) = link {
+            old.linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+    }
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    b.append(&h, data).unwrap();
+}
+
+fn tar_of(entries: &[Entry<'_>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (n, k, m, d, l) in entries {
+        raw_entry(&mut b, n, *k, *m, d, *l);
+    }
+    b.into_inner().unwrap()
+}
+
+fn gz(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+struct Case {
+    dir: tempfile::TempDir,
+}
+
+impl Case {
+    fn new() -> Case {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("dest")).unwrap();
+        std::fs::create_dir(dir.path().join("outside")).unwrap();
+        Case { dir }
+    }
+    fn dest(&self) -> PathBuf {
+        self.dir.path().join("dest")
+    }
+    fn extract(&self, name: &str, bytes: &[u8]) -> Result<archive::Report, ArchiveError> {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        let policy = Policy::with_ids(&PermsConfig::default(), None, None).unwrap();
+        archive::extract(&p, &self.dest(), &LIMITS, &|rel: &Path,
+                                                      k: Kind,
+                                                      m: u32|
+         -> Placement {
+            policy.placement(rel, k, m)
+        })
+    }
+    /// After a rejection: nothing outside, and the destination left empty.
+    fn assert_clean(&self) {
+        assert_eq!(
+            std::fs::read_dir(self.dir.path().join("outside"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert_eq!(
+            std::fs::read_dir(self.dest()).unwrap().count(),
+            0,
+            "dest not emptied"
+        );
+        for e in std::fs::read_dir(self.dir.path()).unwrap() {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            assert!(
+                ["dest", "outside"].contains(&n.as_str())
+                    || n.ends_with(".tar")
+                    || n.ends_with(".gz")
+                    || n.ends_with(".zip"),
+                "stray {n}"
+            );
+        }
+    }
+}
+
+fn rejects(entries: &[Entry<'_>], entry: &str, why: &str) {
+    for compress in [false, true] {
+        let c = Case::new();
+        let t = tar_of(entries);
+        let (name, bytes) = if compress {
+            ("a.tar.gz", gz(&t))
+        } else {
+            ("a.tar", t)
+        };
+        let e = c.extract(name, &bytes).unwrap_err().to_string();
+        assert!(e.contains(&format!("`{entry}`")), "entry not named: {e}");
+        assert!(e.contains(why), "reason `{why}` missing: {e}");
+        c.assert_clean();
+    }
+}
+
+use tar::EntryType as T;
+
+#[test]
+fn absolute_path() {
+    rejects(
+        &[
+            ("ok.txt", T::Regular, 0o644, b"x", None),
+            ("/etc/cron.d/evil", T::Regular, 0o644, b"x", None),
+        ],
+        "/etc/cron.d/evil",
+        "absolute",
+    );
+}
+
+#[test]
+fn dot_dot() {
+    rejects(
+        &[("a/../../outside/x", T::Regular, 0o644, b"x", None)],
+        "a/../../outside/x",
+        "..",
+    );
+}
+
+#[test]
+fn hard_link() {
+    rejects(
+        &[
+            ("f", T::Regular, 0o644, b"x", None),
+            ("h", T::Link, 0o644, b"", Some("f")),
+        ],
+        "h",
+        "hard link",
+    );
+}
+
+#[test]
+fn device_and_fifo() {
+    rejects(&[("dev", T::Char, 0o644, b"", None)], "dev", "device");
+    rejects(&[("dev", T::Block, 0o644, b"", None)], "dev", "device");
+    rejects(&[("pipe", T::Fifo, 0o644, b"", None)], "pipe", "FIFO");
+}
+
+#[test]
+fn symlinks_outside() {
+    rejects(
+        &[("l", T::Symlink, 0o777, b"", Some("/etc"))],
+        "l",
+        "outside the release",
+    );
+    rejects(
+        &[("a/l", T::Symlink, 0o777, b"", Some("../../outside"))],
+        "a/l",
+        "outside the release",
+    );
+}
+
+#[test]
+fn write_through_symlink() {
+    // an inside link that points at a directory is fine as a link, but nothing may be written through it
+    rejects(
+        &[
+            ("d/", T::Directory, 0o755, b"", None),
+            ("a", T::Symlink, 0o777, b"", Some("d")),
+            ("a/x", T::Regular, 0o644, b"x", None),
+        ],
+        "a/x",
+        "not a directory",
+    );
+}
+
+#[test]
+fn setuid_and_setgid() {
+    rejects(
+        &[("bin/su", T::Regular, 0o4755, b"x", None)],
+        "bin/su",
+        "setuid",
+    );
+    rejects(
+        &[("shared/", T::Directory, 0o2755, b"", None)],
+        "shared/",
+        "setgid",
+    );
+}
+
+#[test]
+fn duplicates() {
+    rejects(
+        &[
+            ("f", T::Regular, 0o644, b"x", None),
+            ("f", T::Regular, 0o644, b"y", None),
+        ],
+        "f",
+        "twice",
+    );
+}
+
+#[test]
+fn too_many_entries_and_bytes() {
+    let names: Vec<String> = (0..101).map(|i| format!("f{i}")).collect();
+    let entries: Vec<_> = names
+        .iter()
+        .map(|n| (n.as_str(), T::Regular, 0o644, &b"x"[..], None))
+        .collect();
+    let c = Case::new();
+    let e = c
+        .extract("many.tar", &tar_of(&entries))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more than 100 entries"), "{e}");
+    c.assert_clean();
+
+    let big = vec![7u8; (1 << 20) + 1];
+    let c = Case::new();
+    let e = c
+        .extract(
+            "big.tar.gz",
+            &gz(&tar_of(&[("big.bin", T::Regular, 0o644, &big, None)])),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("more than 1048576 bytes") && e.contains("big.bin"),
+        "{e}"
+    );
+    c.assert_clean();
+}
+
+#[test]
+fn non_empty_destination_and_unknown_format() {
+    let c = Case::new();
+    std::fs::write(c.dest().join("keep"), "x").unwrap();
+    let e = c
+        .extract("a.tar", &tar_of(&[("f", T::Regular, 0o644, b"x", None)]))
+        .unwrap_err();
+    assert!(matches!(e, ArchiveError::DestNotEmpty(_)));
+    assert_eq!(std::fs::read_to_string(c.dest().join("keep")).unwrap(), "x");
+
+    let c = Case::new();
+    let e = c
+        .extract("release.tar.gz", b"this is not an archive at all")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("release.tar.gz is not a .tar, .tar.gz or .zip"),
+        "{e}"
+    );
+}
+
+fn zip_of(f: impl FnOnce(&mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>)) -> Vec<u8> {
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    f(&mut z);
+    z.finish().unwrap().into_inner()
+}
+
+#[test]
+fn zip_slip_and_zip_symlink_outside() {
+    use zip::write::SimpleFileOptions;
+    let o = SimpleFileOptions::default();
+    let c = Case::new();
+    let z = zip_of(|z| {
+        z.start_file("ok.txt", o).unwrap();
+        z.write_all(b"x").unwrap();
+        z.start_file("../outside/evil", o).unwrap();
+        z.write_all(b"x").unwrap();
+    });
+    let e = c.extract("a.zip", &z).unwrap_err().to_string();
+    assert!(e.contains("`../outside/evil`") && e.contains(".."), "{e}");
+    c.assert_clean();
+
+    let c = Case::new();
+    let z = zip_of(|z| z.add_symlink("lnk", "/etc/passwd", o).unwrap());
+    let e = c.extract("b.zip", &z).unwrap_err().to_string();
+    assert!(e.contains("`lnk`") && e.contains("outside"), "{e}");
+    c.assert_clean();
+
+    let c = Case::new();
+    let mut z = zip_of(|z| {
+        z.start_file("bin/x", o.unix_permissions(0o755)).unwrap();
+        z.write_all(b"x").unwrap();
+    });
+    // The zip writer drops setuid bits, so set them in the central directory by hand:
+    // external attributes (offset 38 of the central header) hold the unix mode << 16.
+    let at = z.windows(4).position(|w| w == b"PK\x01\x02").unwrap() + 38;
+    z[at..at + 4].copy_from_slice(&((0o104755u32) << 16).to_le_bytes());
+    let e = c.extract("c.zip", &z).unwrap_err().to_string();
+    assert!(e.contains("setuid"), "{e}");
+    c.assert_clean();
+}
+
+#[test]
+fn good_archives_extract_with_policy_modes() {
+    use zip::write::SimpleFileOptions;
+    let tar_bytes = tar_of(&[
+        ("./", T::Directory, 0o755, b"", None),
+        ("./pub/index.php", T::Regular, 0o666, b"<?php echo 1;", None),
+        (
+            "./bin/magento",
+            T::Regular,
+            0o755,
+            b"#!/usr/bin/env php",
+            None,
+        ),
+        ("./var/cache/x", T::Regular, 0o644, b"c", None),
+        ("./pub/link.php", T::Symlink, 0o777, b"", Some("index.php")),
+    ]);
+    let zip_bytes = zip_of(|z| {
+        let o = SimpleFileOptions::default();
+        z.start_file("pub/index.php", o.unix_permissions(0o666))
+            .unwrap();
+        z.write_all(b"<?php echo 1;").unwrap();
+        z.start_file("bin/magento", o.unix_permissions(0o755))
+            .unwrap();
+        z.write_all(b"#!/usr/bin/env php").unwrap();
+        z.start_file("var/cache/x", o).unwrap();
+        z.write_all(b"c").unwrap();
+        z.add_symlink("pub/link.php", "index.php", o).unwrap();
+    });
+    for (name, bytes) in [
+        ("r.tar", tar_bytes.clone()),
+        ("r.tar.gz", gz(&tar_bytes)),
+        ("r.zip", zip_bytes),
+    ] {
+        let c = Case::new();
+        let r = c
+            .extract(name, &bytes)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((r.files, r.symlinks), (3, 1), "{name}");
+        let m = |p: &str| {
+            std::fs::symlink_metadata(c.dest().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(
+            m("pub/index.php"),
+            0o640,
+            "{name}: policy, not the archive's 0666"
+        );
+        assert_eq!(m("bin/magento"), 0o750, "{name}");
+        assert_eq!(m("var/cache/x"), 0o660, "{name}");
+        assert_eq!(m("var"), 0o2770, "{name}");
+        assert_eq!(m("pub"), 0o750, "{name}");
+        assert_eq!(
+            std::fs::read_to_string(c.dest().join("pub/link.php")).unwrap(),
+            "<?php echo 1;"
+        );
+    }
+}
+
+#[test]
+fn hostile_artifact_through_the_binary_leaves_the_live_release_serving() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("bgagent.yaml");
+    std::fs::write(&cfg, "app_root: app\nstate_dir: state\nsocket: { path: run/s.sock, group: null }\napp: { kind: php }\n").unwrap();
+    let good = gz(&tar_of(&[(
+        "pub/index.php",
+        T::Regular,
+        0o644,
+        b"<?php echo 'v1';",
+        None,
+    )]));
+    let evil = gz(&tar_of(&[
+        ("pub/index.php", T::Regular, 0o644, b"x", None),
+        ("../../escape", T::Regular, 0o644, b"x", None),
+    ]));
+    std::fs::write(d.path().join("good.tar.gz"), good).unwrap();
+    std::fs::write(d.path().join("evil.tar.gz"), evil).unwrap();
+    let bin = env!("CARGO_BIN_EXE_bgagent");
+    let run = |a: &str| {
+        Command::new(bin)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["deploy", a])
+            .output()
+            .unwrap()
+    };
+    let out = run(d.path().join("good.tar.gz").to_str().unwrap());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let live = std::fs::read_link(d.path().join("app/current")).unwrap();
+    let out = run(d.path().join("evil.tar.gz").to_str().unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("entry `../../escape`"), "{text}");
+    assert_eq!(
+        std::fs::read_link(d.path().join("app/current")).unwrap(),
+        live
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.path().join("app/current/pub/index.php")).unwrap(),
+        "<?php echo 'v1';"
+    );
+    assert!(!d.path().join("escape").exists());
+    // no half-built release left behind
+    assert_eq!(
+        std::fs::read_dir(d.path().join("app/releases"))
+            .unwrap()
+            .count(),
+        1
+    );
+}
