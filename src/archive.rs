@@ -165,7 +165,12 @@ pub fn extract(
                 archive: archive.to_path_buf(),
                 source,
             })
-            .and_then(|f| w.tar(flate2::read::GzDecoder::new(io::BufReader::with_capacity(256 << 10, f)))),
+            .and_then(|f| {
+                w.tar(flate2::read::GzDecoder::new(io::BufReader::with_capacity(
+                    256 << 10,
+                    f,
+                )))
+            }),
         Format::Zip => w.zip(),
     };
     let report = w.report;

@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::CacheConfig;
+use crate::params::ParamsConfig;
 use crate::perms::PermsConfig;
 use crate::release::ReleaseConfig;
+use crate::render::TemplateConfig;
 
 /// Where the config is read from when neither `--config` nor `BGAGENT_CONFIG` says.
 pub const DEFAULT_PATH: &str = "/etc/bgagent/bgagent.yaml";
@@ -30,6 +33,15 @@ pub struct Config {
     pub app: AppConfig,
     pub release: ReleaseConfig,
     pub permissions: PermsConfig,
+    /// Where template parameters come from: none, file or ssm.
+    pub params: ParamsConfig,
+    /// Files rendered into each release before it goes live (app/etc/env.php).
+    pub templates: Vec<TemplateConfig>,
+    /// Cache generations (alternating Redis databases).
+    pub cache: CacheConfig,
+    /// The config file's directory (set when loading).
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -42,6 +54,10 @@ impl Default for Config {
             app: AppConfig::default(),
             release: ReleaseConfig::default(),
             permissions: PermsConfig::default(),
+            params: ParamsConfig::default(),
+            templates: Vec::new(),
+            cache: CacheConfig::default(),
+            base_dir: PathBuf::from("/etc/bgagent"),
         }
     }
 }
@@ -228,6 +244,13 @@ impl Config {
         r(&mut self.state_dir);
         r(&mut self.socket.path);
         r(&mut self.codedeploy.deployment_root);
+        if let ParamsConfig::File { path } = &mut self.params {
+            r(path);
+        }
+        for t in &mut self.templates {
+            r(&mut t.source);
+        }
+        self.base_dir = base.to_path_buf();
     }
 
     /// Cross-field rules, as (dotted key, message) pairs. Pure: touches nothing on disk.
@@ -238,6 +261,10 @@ impl Config {
         }
         out.extend(self.release.validate());
         out.extend(self.permissions.validate());
+        out.extend(self.cache.validate());
+        for (i, t) in self.templates.iter().enumerate() {
+            out.extend(t.validate(i));
+        }
         out
     }
 }

@@ -321,10 +321,11 @@ async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
         Request::Hook { event, env } => match Event::parse(&event) {
             Err(e) => Outcome::Refused(e.to_string()),
             Ok(ev) => match HookEnv::from_map(&env) {
-                None => {
-                    Outcome::Refused("DEPLOYMENT_ID is missing from the hook's environment".into())
+                Err(e) => {
+                    error!("{e}");
+                    Outcome::Refused(e)
                 }
-                Some(henv) => engine.run_hook(ev, &henv).await,
+                Ok(henv) => engine.run_hook(ev, &henv).await,
             },
         },
         Request::Deploy { artifact } => engine.deploy_artifact(&artifact).await,

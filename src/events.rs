@@ -27,11 +27,35 @@ pub struct HookEnv {
     pub bundle: BTreeMap<String, String>,
 }
 
+/// CodeDeploy ids (`d-ABCDEF123`, group UUIDs) become path components: refuse anything
+/// else, so an id can never name a path outside the deployment root.
+pub fn check_id(what: &str, v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} `{}` is not a CodeDeploy id (letters, digits, `-` and `_` only)",
+            v.escape_debug()
+        ))
+    }
+}
+
 impl HookEnv {
-    pub fn from_map(env: &BTreeMap<String, String>) -> Option<HookEnv> {
+    /// CodeDeploy's environment; Err when DEPLOYMENT_ID is missing or an id is malformed.
+    pub fn from_map(env: &BTreeMap<String, String>) -> Result<HookEnv, String> {
         let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
-        Some(HookEnv {
-            deployment_id: get("DEPLOYMENT_ID")?,
+        let deployment_id = get("DEPLOYMENT_ID")
+            .ok_or_else(|| "DEPLOYMENT_ID is missing from the hook's environment".to_string())?;
+        check_id("DEPLOYMENT_ID", &deployment_id)?;
+        if let Some(g) = get("DEPLOYMENT_GROUP_ID") {
+            check_id("DEPLOYMENT_GROUP_ID", &g)?;
+        }
+        Ok(HookEnv {
+            deployment_id,
             deployment_group_id: get("DEPLOYMENT_GROUP_ID"),
             deployment_group_name: get("DEPLOYMENT_GROUP_NAME"),
             application_name: get("APPLICATION_NAME"),
@@ -77,6 +101,10 @@ pub enum EngineError {
     Perms(#[from] crate::perms::PermsError),
     #[error(transparent)]
     Archive(#[from] crate::archive::ArchiveError),
+    #[error(transparent)]
+    Params(#[from] crate::params::ParamsError),
+    #[error(transparent)]
+    Render(#[from] crate::render::RenderError),
     #[error("{0}")]
     Failed(String),
 }
@@ -467,19 +495,89 @@ impl Engine {
         let policy = Policy::resolve(&self.cfg.permissions)?;
         self.layout
             .link_shared(&id, &self.cfg.release.shared_paths, &policy)?;
+        let cache = self.choose_cache_generation();
+        let params = match self.render_into(&id, &final_dir, &cache).await {
+            Ok(p) => p,
+            Err(e) => {
+                // Never switched to, and never to be: remove it so only good releases exist.
+                let _ = std::fs::remove_dir_all(&final_dir);
+                return Err(e);
+            }
+        };
         self.doc.releases.insert(
             id.clone(),
             ReleaseRecord {
                 created_at: lifecycle::timestamp(SystemTime::now()),
                 deployment_id: dep_id,
                 source: src.display().to_string(),
-                ..Default::default()
+                params,
+                cache,
             },
         );
         if let Some(d) = self.doc.deployment.as_mut() {
             d.release_id = Some(id.clone());
         }
         Ok(format!("release {id} is ready at {}", final_dir.display()))
+    }
+
+    /// The cache generation for a new release.
+    fn choose_cache_generation(&self) -> serde_json::Value {
+        self.cfg.cache.facts(0, &self.app_name())
+    }
+
+    fn app_name(&self) -> String {
+        self.cfg
+            .app
+            .name
+            .clone()
+            .or_else(|| {
+                self.doc
+                    .deployment
+                    .as_ref()
+                    .and_then(|d| d.origin.application_name.clone())
+            })
+            .unwrap_or_else(|| "app".into())
+    }
+
+    /// Renders the configured templates into the release; returns the parameter versions
+    /// used (no values).
+    async fn render_into(
+        &self,
+        release_id: &str,
+        dir: &Path,
+        cache: &serde_json::Value,
+    ) -> Result<serde_json::Value, EngineError> {
+        if self.cfg.templates.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        let params = crate::params::load(&self.cfg.params, &self.cfg.base_dir).await?;
+        let dep = self.deployment()?;
+        let facts = template_facts(
+            &self.cfg,
+            release_id,
+            &dep.id,
+            &self.app_name(),
+            dep.origin.deployment_group_name.as_deref(),
+            cache,
+        );
+        let rendered =
+            crate::render::render_all(&self.cfg.templates, &self.cfg.base_dir, &params, &facts)?;
+        let dir = dir.to_path_buf();
+        let n = rendered.len();
+        tokio::task::spawn_blocking(move || crate::render::write_all(&rendered, &dir))
+            .await
+            .map_err(|e| EngineError::Failed(format!("render task failed: {e}")))??;
+        info!(
+            "rendered {n} template(s) from {} parameter(s): {}",
+            params.len(),
+            self.cfg
+                .templates
+                .iter()
+                .map(|t| t.target.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(serde_json::to_value(params.versions()).unwrap_or_default())
     }
 
     async fn start(&mut self) -> Result<String, EngineError> {
@@ -545,6 +643,26 @@ impl Engine {
         }
         Ok(String::new())
     }
+}
+
+/// What templates see under `deploy`: facts about this deployment, the same on every node.
+pub fn template_facts(
+    cfg: &Config,
+    release_id: &str,
+    deployment_id: &str,
+    app: &str,
+    group: Option<&str>,
+    cache: &serde_json::Value,
+) -> serde_json::Value {
+    serde_json::json!({
+        "release_id": release_id,
+        "deployment_id": deployment_id,
+        "application": app,
+        "deployment_group": group,
+        "app_root": cfg.app_root,
+        "release_dir": cfg.app_root.join("releases").join(release_id),
+        "cache": cache,
+    })
 }
 
 /// Size of a revision: the archive's file size, or the tree's apparent size (capped walk).

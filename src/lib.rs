@@ -4,6 +4,7 @@
 //! See docs/ARCHITECTURE.md for the module map.
 
 pub mod archive;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -12,8 +13,11 @@ pub mod events;
 pub mod fsutil;
 pub mod lifecycle;
 pub mod logstream;
+pub mod params;
 pub mod perms;
 pub mod protocol;
 pub mod release;
+pub mod render;
+pub mod secret;
 pub mod state;
 pub mod status;

@@ -1,0 +1,566 @@
+//! Config files rendered from parameters into each new release, env.php first of all.
+//!
+//! Three steps over plain values: [`render_all`] (pure: templates + parameters + deployment
+//! facts -> file contents), then [`write_all`] (atomic: temp file beside the target, fsync,
+//! owner and mode, check command such as `php -l`, rename), before the release goes live.
+//!
+//! minijinja runs with strict undefined: a missing parameter fails rendering, naming the
+//! expression and the template line. For `.php` targets every value is emitted as a PHP
+//! literal (single-quoted strings with only `\` and `'` escaped, bare numbers and booleans,
+//! arrays for lists and maps), so no value can break out of env.php, whatever it holds.
+//! `.json` targets get JSON literals; other targets plain text. Values with a NUL byte are
+//! refused. Error messages name templates, lines and parameters, never values.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use minijinja::value::{Value, ValueKind};
+use minijinja::{Environment, ErrorKind, UndefinedBehavior};
+use serde::{Deserialize, Serialize};
+
+use crate::params::ParamSet;
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct TemplateConfig {
+    /// The template file; relative paths resolve against the config file's directory.
+    pub source: PathBuf,
+    /// Where it goes, relative to the release root, e.g. app/etc/env.php.
+    pub target: PathBuf,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    /// Octal; default 0640. Never readable by others.
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    /// Run on the temp file before it replaces the target; `{path}` is replaced by its path.
+    /// Default for .php targets: `[php, -l, "{path}"]`. `[]` disables the check.
+    pub check: Option<Vec<String>>,
+}
+
+fn default_mode() -> String {
+    "0640".into()
+}
+
+impl TemplateConfig {
+    pub fn validate(&self, i: usize) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Err(e) = crate::perms::check_relative(&self.target) {
+            out.push((format!("templates.{i}.target"), e));
+        }
+        match crate::fsutil::parse_mode(&self.mode) {
+            Err(e) => out.push((format!("templates.{i}.mode"), e)),
+            Ok(m) if m & 0o007 != 0 => out.push((
+                format!("templates.{i}.mode"),
+                format!("{} lets every user on the host read or write the file; rendered files hold secrets: use 0640 or tighter", self.mode),
+            )),
+            Ok(_) => {}
+        }
+        out
+    }
+
+    fn check_argv(&self) -> Vec<String> {
+        match &self.check {
+            Some(c) => c.clone(),
+            None if is_php(&self.target) => vec!["php".into(), "-l".into(), "{path}".into()],
+            None => Vec::new(),
+        }
+    }
+}
+
+fn is_php(p: &Path) -> bool {
+    p.extension().is_some_and(|e| e == "php")
+}
+
+/// One rendered file, not yet written. Its content is a secret.
+pub struct Rendered {
+    pub target: PathBuf,
+    pub content: Secret<String>,
+    pub mode: u32,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+    pub check: Vec<String>,
+}
+
+impl std::fmt::Debug for Rendered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Rendered({}, {} bytes)",
+            self.target.display(),
+            self.content.expose().len()
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("failed to read template {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "failed to render {template}, line {line}: `{expr}` is undefined (a missing parameter?)"
+    )]
+    Undefined {
+        template: PathBuf,
+        line: usize,
+        expr: String,
+    },
+    #[error("failed to render {template}, line {line}: {what}")]
+    Template {
+        template: PathBuf,
+        line: usize,
+        what: String,
+    },
+    #[error("parameter {0} contains a NUL byte, which cannot be written into a config file")]
+    Nul(String),
+    #[error("failed to write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{check} rejected the rendered {target}{detail}; the target was left untouched")]
+    Check {
+        check: String,
+        target: PathBuf,
+        detail: String,
+    },
+    #[error("templates: {0}")]
+    Owner(String),
+}
+
+/// Renders every template with the real values. Pure: nothing is written.
+pub fn render_all(
+    templates: &[TemplateConfig],
+    base_dir: &Path,
+    params: &ParamSet,
+    facts: &serde_json::Value,
+) -> Result<Vec<Rendered>, RenderError> {
+    for p in params.by_key.values() {
+        if p.value.expose().contains('\0') {
+            return Err(RenderError::Nul(p.name.clone()));
+        }
+    }
+    render_with(templates, base_dir, params.tree(false), facts)
+}
+
+/// Renders with every SecureString replaced by `<redacted:NAME>`, for `render --dry-run`.
+pub fn render_redacted(
+    templates: &[TemplateConfig],
+    base_dir: &Path,
+    params: &ParamSet,
+    facts: &serde_json::Value,
+) -> Result<Vec<Rendered>, RenderError> {
+    render_with(templates, base_dir, params.tree(true), facts)
+}
+
+fn render_with(
+    templates: &[TemplateConfig],
+    base_dir: &Path,
+    tree: serde_json::Value,
+    facts: &serde_json::Value,
+) -> Result<Vec<Rendered>, RenderError> {
+    let ctx = Value::from(minijinja::value::Serde(
+        serde_json::json!({ "params": tree, "deploy": facts }),
+    ));
+    let mut out = Vec::new();
+    for t in templates {
+        let path = if t.source.is_relative() {
+            base_dir.join(&t.source)
+        } else {
+            t.source.clone()
+        };
+        let source = std::fs::read_to_string(&path).map_err(|source| RenderError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let content = render_one(&path, &source, &t.target, &ctx)?;
+        out.push(Rendered {
+            target: t.target.clone(),
+            content: Secret::new(content),
+            mode: crate::fsutil::parse_mode(&t.mode).unwrap_or(0o640),
+            owner: t.owner.clone(),
+            group: t.group.clone(),
+            check: t.check_argv(),
+        });
+    }
+    Ok(out)
+}
+
+/// Renders one template source for `target` (whose extension picks the value syntax).
+pub fn render_one(
+    template: &Path,
+    source: &str,
+    target: &Path,
+    ctx: &Value,
+) -> Result<String, RenderError> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+        .keep_trailing_newline(true)
+        .build()
+    {
+        env.set_syntax(syntax);
+    }
+    // Debug info would print the context (secrets) with an error: never.
+    #[cfg(debug_assertions)]
+    env.set_debug(false);
+    let php = is_php(target);
+    let json = target.extension().is_some_and(|e| e == "json");
+    if php || json {
+        env.set_formatter(move |out, _state, value| {
+            let lit = if php {
+                php_literal(value)
+            } else {
+                json_literal(value)
+            };
+            let lit =
+                lit.map_err(|what| minijinja::Error::new(ErrorKind::InvalidOperation, what))?;
+            out.write_str(&lit)
+                .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "write failed"))
+        });
+    }
+    let name = template.display().to_string();
+    let err = |e: minijinja::Error| {
+        let line = e.line().unwrap_or(0);
+        if e.kind() == ErrorKind::UndefinedError {
+            // The range may cover only the failing attribute: widen it to the whole dotted
+            // name so the message names the parameter.
+            let expr = e
+                .range()
+                .and_then(|r| {
+                    let bytes = source.as_bytes();
+                    let mut start = r.start.min(bytes.len());
+                    while start > 0
+                        && (bytes[start - 1].is_ascii_alphanumeric()
+                            || b"._".contains(&bytes[start - 1]))
+                    {
+                        start -= 1;
+                    }
+                    source.get(start..r.end)
+                })
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|| "a value".into());
+            RenderError::Undefined {
+                template: template.to_path_buf(),
+                line,
+                expr,
+            }
+        } else {
+            // kind and detail only: never the context
+            let what = match e.detail() {
+                Some(d) => format!("{}: {d}", e.kind()),
+                None => e.kind().to_string(),
+            };
+            RenderError::Template {
+                template: template.to_path_buf(),
+                line,
+                what,
+            }
+        }
+    };
+    env.add_template_owned(name.clone(), source.to_string())
+        .map_err(err)?;
+    let tmpl = env.get_template(&name).map_err(err)?;
+    tmpl.render(ctx).map_err(err)
+}
+
+/// A PHP string literal that PHP reads back byte for byte: single quotes, only `\` and `'`
+/// escaped (the only escapes PHP honours inside single quotes).
+pub fn php_string(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('\'');
+    for c in s.chars() {
+        if c == '\\' || c == '\'' {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o.push('\'');
+    o
+}
+
+/// Any template value as a PHP literal.
+pub fn php_literal(v: &Value) -> Result<String, String> {
+    Ok(match v.kind() {
+        ValueKind::None | ValueKind::Undefined => "null".into(),
+        ValueKind::Bool => {
+            if v.is_true() {
+                "true".into()
+            } else {
+                "false".into()
+            }
+        }
+        ValueKind::Number => {
+            if let Some(i) = v.as_i64() {
+                i.to_string()
+            } else {
+                let f: f64 = f64::try_from(v.clone())
+                    .map_err(|_| "a number PHP cannot represent".to_string())?;
+                if !f.is_finite() {
+                    return Err("a non-finite number cannot be written as a PHP literal".into());
+                }
+                let s = format!("{f:?}");
+                if s.contains(['.', 'e', 'E']) {
+                    s
+                } else {
+                    format!("{s}.0")
+                }
+            }
+        }
+        ValueKind::String => {
+            let s = v.as_str().unwrap_or_default();
+            if s.contains('\0') {
+                return Err("a value contains a NUL byte".into());
+            }
+            php_string(s)
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Result<Vec<String>, String> = v
+                .try_iter()
+                .map_err(|_| "a list that cannot be iterated".to_string())?
+                .map(|x| php_literal(&x))
+                .collect();
+            format!("[{}]", items?.join(", "))
+        }
+        ValueKind::Map => {
+            let mut parts = Vec::new();
+            for k in v
+                .try_iter()
+                .map_err(|_| "a map that cannot be iterated".to_string())?
+            {
+                let val = v
+                    .get_item(&k)
+                    .map_err(|_| "a map entry that cannot be read".to_string())?;
+                let key = match k.as_i64() {
+                    Some(i) if k.kind() == ValueKind::Number => i.to_string(),
+                    _ => php_string(k.as_str().unwrap_or(&k.to_string())),
+                };
+                parts.push(format!("{key} => {}", php_literal(&val)?));
+            }
+            format!("[{}]", parts.join(", "))
+        }
+        _ => {
+            return Err(format!(
+                "a {} value cannot be written as a PHP literal",
+                v.kind()
+            ));
+        }
+    })
+}
+
+fn json_literal(v: &Value) -> Result<String, String> {
+    serde_json::to_string(v).map_err(|_| "a value that cannot be written as JSON".into())
+}
+
+/// Writes every rendered file into the release, atomically, running each file's check on
+/// the temp file first. A failed check leaves the target untouched and no temp file behind.
+pub fn write_all(rendered: &[Rendered], release_dir: &Path) -> Result<(), RenderError> {
+    for r in rendered {
+        write_one(r, release_dir)?;
+    }
+    Ok(())
+}
+
+fn write_one(r: &Rendered, release_dir: &Path) -> Result<(), RenderError> {
+    let target = release_dir.join(&r.target);
+    let werr = |source: std::io::Error| RenderError::Write {
+        path: target.clone(),
+        source,
+    };
+    let parent = target
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| release_dir.to_path_buf());
+    std::fs::create_dir_all(&parent).map_err(werr)?;
+    let uid = match &r.owner {
+        Some(o) => Some(
+            crate::perms::lookup_user(o)
+                .ok_or_else(|| RenderError::Owner(format!("no user named `{o}`")))?
+                .0,
+        ),
+        None => None,
+    };
+    let gid = match &r.group {
+        Some(g) => Some(
+            crate::perms::lookup_group(g)
+                .ok_or_else(|| RenderError::Owner(format!("no group named `{g}`")))?,
+        ),
+        None => None,
+    };
+    let tmp = crate::fsutil::temp_sibling(&target);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(r.mode & 0o700)
+            .open(&tmp)
+            .map_err(werr)?;
+        f.write_all(r.content.expose().as_bytes()).map_err(werr)?;
+        f.sync_all().map_err(werr)?;
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::fchown(
+                &f,
+                uid.map(rustix::fs::Uid::from_raw),
+                gid.map(rustix::fs::Gid::from_raw),
+            )
+            .map_err(|e| werr(std::io::Error::from(e)))?;
+        }
+        rustix::fs::fchmod(&f, rustix::fs::Mode::from_raw_mode(r.mode))
+            .map_err(|e| werr(e.into()))?;
+        drop(f);
+        if !r.check.is_empty() {
+            run_check(&r.check, &tmp, &r.target)?;
+        }
+        std::fs::rename(&tmp, &target).map_err(werr)?;
+        crate::fsutil::sync_dir(&parent).map_err(werr)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Runs the check by argv on the temp file. Its output may quote the file (and so a
+/// secret): only the exit status and a line number are reported.
+fn run_check(argv: &[String], tmp: &Path, target: &Path) -> Result<(), RenderError> {
+    let args: Vec<std::ffi::OsString> = argv
+        .iter()
+        .map(|a| {
+            if a == "{path}" {
+                tmp.as_os_str().to_owned()
+            } else {
+                a.into()
+            }
+        })
+        .collect();
+    let shown = argv
+        .iter()
+        .filter(|a| *a != "{path}")
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let fail = |detail: String| RenderError::Check {
+        check: shown.clone(),
+        target: target.to_path_buf(),
+        detail,
+    };
+    let mut child = Command::new(&args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!(" (could not run it: {e})")))?;
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if t0.elapsed() > Duration::from_secs(60) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(" (it ran for more than 60 s and was killed)".into()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(fail(format!(" ({e})"))),
+        }
+    };
+    if status.success() {
+        return Ok(());
+    }
+    let mut text = String::new();
+    if let Ok(o) = child.wait_with_output() {
+        text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let line = text
+        .split(" on line ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .filter(|n| !n.is_empty())
+        .map(|n| format!(": syntax error on line {n}"))
+        .unwrap_or_default();
+    Err(fail(format!(
+        " (exit {}){line}",
+        status.code().unwrap_or(-1)
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(src: &str, target: &str, ctx: serde_json::Value) -> Result<String, RenderError> {
+        render_one(
+            Path::new("t.j2"),
+            src,
+            Path::new(target),
+            &Value::from(minijinja::value::Serde(ctx)),
+        )
+    }
+
+    #[test]
+    fn php_literals() {
+        assert_eq!(php_string(r"it's a \ test"), r"'it\'s a \\ test'");
+        let out = render(
+            "<?php return [{{ s }}, {{ n }}, {{ f }}, {{ b }}, {{ l }}, {{ m }}, {{ z }}];",
+            "env.php",
+            serde_json::json!({"s": "a'b", "n": 3306, "f": 1.5, "b": true, "l": [1, "x"], "m": {"k": "v"}, "z": null}),
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "<?php return ['a\\'b', 3306, 1.5, true, [1, 'x'], ['k' => 'v'], null];"
+        );
+    }
+
+    #[test]
+    fn non_php_targets_are_plain_text() {
+        assert_eq!(
+            render("host={{ h }}", "x.conf", serde_json::json!({"h": "a'b"})).unwrap(),
+            "host=a'b"
+        );
+        assert_eq!(
+            render(
+                "{\"h\": {{ h }}}",
+                "x.json",
+                serde_json::json!({"h": "a\"b"})
+            )
+            .unwrap(),
+            "{\"h\": \"a\\\"b\"}"
+        );
+    }
+
+    #[test]
+    fn missing_parameter_names_the_expression_and_line() {
+        let e = render(
+            "<?php\nreturn [\n 'host' => {{ params.db.hots }},\n];",
+            "env.php",
+            serde_json::json!({"params": {"db": {"host": "h"}}}),
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("line 3") && s.contains("params.db.hots"), "{s}");
+    }
+
+    #[test]
+    fn world_readable_modes_are_refused() {
+        let t = TemplateConfig {
+            source: "a".into(),
+            target: "app/etc/env.php".into(),
+            owner: None,
+            group: None,
+            mode: "0644".into(),
+            check: None,
+        };
+        assert_eq!(t.validate(0)[0].0, "templates.0.mode");
+        assert_eq!(t.check_argv(), vec!["php", "-l", "{path}"]);
+    }
+}
