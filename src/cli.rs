@@ -112,6 +112,19 @@ pub enum Command {
     /// Config file commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Render the configured templates for the current release, without writing them.
+    ///
+    /// --dry-run prints every rendered file with SecureString values redacted.
+    /// --check compares the parameter versions the current release was rendered from with
+    /// the source now, and exits 1 naming the parameters that changed (drift).
+    Render {
+        /// Print the rendered files, secrets redacted.
+        #[arg(long, conflicts_with = "check")]
+        dry_run: bool,
+        /// Exit 1 when parameters changed since the current release was rendered.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -123,6 +123,7 @@ fn run(cli: &Cli) -> i32 {
         Command::Rollback => work(cli, Request::Rollback, |engine| {
             Box::pin(async move { engine.rollback().await })
         }),
+        Command::Render { dry_run, check } => render(cli, *dry_run, *check),
         Command::Status { json } => status(cli, *json, false),
         Command::Releases { json } => status(cli, *json, true),
     }
@@ -169,6 +170,82 @@ fn work(
         Outcome::Succeeded(_) | Outcome::AlreadyDone(_) => exit::OK,
         Outcome::Failed(_) => exit::FAILED,
         Outcome::Refused(_) => exit::REFUSED,
+    }
+}
+
+fn render(cli: &Cli, dry_run: bool, check: bool) -> i32 {
+    let cfg = match cli::load_config(&cli::config_path(cli)) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !dry_run && !check {
+        eprintln!("error: say what to do: --dry-run (print, secrets redacted) or --check (drift)");
+        return exit::USAGE;
+    }
+    let state = match bgagent::state::read(&cfg.state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::FAILED;
+        }
+    };
+    let layout = bgagent::release::Layout::new(&cfg.app_root);
+    let current = layout.current();
+    let record = current.as_ref().and_then(|c| state.releases.get(c));
+    let rt = runtime();
+    let params = match rt.block_on(bgagent::params::load(&cfg.params, &cfg.base_dir)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::FAILED;
+        }
+    };
+    if check {
+        let Some(rec) = record else {
+            eprintln!("error: no current release rendered by bgagent to compare with");
+            return exit::FAILED;
+        };
+        let recorded: std::collections::BTreeMap<String, bgagent::params::ParamVersion> =
+            serde_json::from_value(rec.params.clone()).unwrap_or_default();
+        let changed = bgagent::params::diff(&recorded, &params.versions());
+        if changed.is_empty() {
+            println!(
+                "no drift: release {} was rendered from the current versions of {} parameter(s)",
+                current.as_deref().unwrap_or("-"),
+                recorded.len()
+            );
+            return exit::OK;
+        }
+        println!(
+            "drift: {} parameter(s) changed since release {} was rendered; deploy again to apply them:",
+            changed.len(),
+            current.as_deref().unwrap_or("-")
+        );
+        for c in changed {
+            println!("  {c}");
+        }
+        return exit::FAILED;
+    }
+    let release_id = current.clone().unwrap_or_else(|| "(no release yet)".into());
+    let deployment = record.map(|r| r.deployment_id.clone()).unwrap_or_default();
+    let app = cfg.app.name.clone().unwrap_or_else(|| "app".into());
+    let cache = record
+        .map(|r| r.cache.clone())
+        .filter(|c| !c.is_null())
+        .unwrap_or_else(|| cfg.cache.facts(0, &app));
+    let facts = bgagent::events::template_facts(&cfg, &release_id, &deployment, &app, None, &cache);
+    match bgagent::render::render_redacted(&cfg.templates, &cfg.base_dir, &params, &facts) {
+        Ok(files) => {
+            for f in files {
+                println!("==> {} (mode {:04o}) <==", f.target.display(), f.mode);
+                println!("{}", f.content.expose());
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            exit::FAILED
+        }
     }
 }
 

@@ -19,10 +19,11 @@ use tracing::{info, warn};
 
 use crate::secret::Secret;
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(tag = "source", rename_all = "lowercase")]
 pub enum ParamsConfig {
     /// No parameters (templates then see an empty `params` map).
+    #[default]
     None,
     /// A YAML file of values. Keys listed under `secure:` in it are treated like
     /// SecureStrings (redacted in `render --dry-run`).
@@ -32,11 +33,6 @@ pub enum ParamsConfig {
     Ssm(SsmConfig),
 }
 
-impl Default for ParamsConfig {
-    fn default() -> Self {
-        ParamsConfig::None
-    }
-}
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
