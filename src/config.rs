@@ -12,10 +12,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheConfig;
+use crate::health::HealthConfig;
 use crate::params::ParamsConfig;
 use crate::perms::PermsConfig;
+use crate::process::CommandSpec;
+use crate::readiness::ReadinessConfig;
 use crate::release::ReleaseConfig;
 use crate::render::TemplateConfig;
+use crate::services::ServicesConfig;
 
 /// Where the config is read from when neither `--config` nor `BGAGENT_CONFIG` says.
 pub const DEFAULT_PATH: &str = "/etc/bgagent/bgagent.yaml";
@@ -39,6 +43,16 @@ pub struct Config {
     pub templates: Vec<TemplateConfig>,
     /// Cache generations (alternating Redis databases).
     pub cache: CacheConfig,
+    /// nginx, php-fpm: config tests and graceful reloads.
+    pub services: ServicesConfig,
+    /// Checks ValidateService waits for.
+    pub health: HealthConfig,
+    /// The readiness listener for the load balancer.
+    pub readiness: ReadinessConfig,
+    pub drain: DrainConfig,
+    pub validate: ValidateConfig,
+    /// Extra commands per lifecycle event, run after the event's own work, by argv.
+    pub commands: std::collections::BTreeMap<String, Vec<CommandSpec>>,
     /// The config file's directory (set when loading).
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -57,9 +71,32 @@ impl Default for Config {
             params: ParamsConfig::default(),
             templates: Vec::new(),
             cache: CacheConfig::default(),
+            services: ServicesConfig::default(),
+            health: HealthConfig::default(),
+            readiness: ReadinessConfig::default(),
+            drain: DrainConfig::default(),
+            validate: ValidateConfig::default(),
+            commands: Default::default(),
             base_dir: PathBuf::from("/etc/bgagent"),
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct DrainConfig {
+    /// How long in-flight requests get after /ready turns 503, before anything stops: the
+    /// target group's deregistration delay (or the load balancer's health-check interval
+    /// times its unhealthy threshold, whichever is longer).
+    #[serde(with = "duration")]
+    pub deregistration_delay: std::time::Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(default)]
+pub struct ValidateConfig {
+    /// When ValidateService fails, switch back to the previous release at once.
+    pub rollback_on_failure: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -264,6 +301,19 @@ impl Config {
         out.extend(self.cache.validate());
         for (i, t) in self.templates.iter().enumerate() {
             out.extend(t.validate(i));
+        }
+        for (ev, cmds) in &self.commands {
+            if crate::lifecycle::Event::parse(ev).is_err() {
+                out.push((
+                    format!("commands.{ev}"),
+                    format!("`{ev}` is not a lifecycle event"),
+                ));
+            }
+            for (i, c) in cmds.iter().enumerate() {
+                if c.argv.is_empty() {
+                    out.push((format!("commands.{ev}.{i}.argv"), "is empty".into()));
+                }
+            }
         }
         out
     }

@@ -46,6 +46,7 @@ struct Shared {
     allowed_gid: Option<u32>,
     state_dir: PathBuf,
     layout: crate::release::Layout,
+    readiness: crate::readiness::Readiness,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -69,16 +70,38 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     let state_dir = cfg.state_dir.clone();
     let layout = crate::release::Layout::new(&cfg.app_root);
+    let listen = cfg.readiness.listen.clone();
     let engine = Engine::open(cfg)?;
+    let readiness = engine.readiness();
+    if let Some(addr) = &listen {
+        let bound = crate::readiness::serve(addr, readiness.clone())
+            .await
+            .map_err(|e| DaemonError::Io {
+                action: "listen for readiness on",
+                path: PathBuf::from(addr),
+                source: e.source,
+            })?;
+        info!("readiness listener on http://{bound} (/ready, /live, /status, /metrics)");
+    }
     let listener = bind(&socket_path, mode, allowed_gid).await?;
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
         allowed_gid,
         state_dir,
         layout,
+        readiness: readiness.clone(),
     });
     info!("listening on {}", socket_path.display());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    {
+        // A restarted daemon on a live node comes back to ready through the health checks.
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut engine = shared.engine.lock().await;
+            engine.recover_readiness().await;
+            shared.readiness.set_status(engine.status(None, true));
+        });
+    }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tokio::spawn(async move {
             let mut t = tokio::time::interval(interval / 2);
@@ -304,7 +327,12 @@ async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
         // event runs.
         return match crate::state::read(&shared.state_dir) {
             Ok(doc) => {
-                let status = crate::status::build(&doc, &shared.layout, None, true);
+                let status = crate::status::build(
+                    &doc,
+                    &shared.layout,
+                    Some(shared.readiness.snapshot()),
+                    true,
+                );
                 reply_of(Outcome::Succeeded("status".into()), Some(status))
             }
             Err(e) => reply_of(Outcome::Failed(e.to_string()), None),
@@ -333,6 +361,7 @@ async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
         // Answered above, without the work lock.
         Request::Status => Outcome::Failed("status is not a work request".into()),
     };
+    shared.readiness.set_status(engine.status(None, true));
     reply_of(outcome, None)
 }
 

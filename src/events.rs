@@ -114,6 +114,7 @@ pub struct Engine {
     store: Store,
     doc: StateDoc,
     layout: Layout,
+    readiness: crate::readiness::Readiness,
 }
 
 impl Engine {
@@ -140,7 +141,31 @@ impl Engine {
             store,
             doc,
             layout,
+            readiness: crate::readiness::Readiness::new(),
         })
+    }
+
+    /// The readiness handle (the daemon serves it to the load balancer).
+    pub fn readiness(&self) -> crate::readiness::Readiness {
+        self.readiness.clone()
+    }
+
+    /// The node's readiness after a daemon start: a node already serving a current release
+    /// that was live comes up through the health checks, not blindly.
+    pub async fn recover_readiness(&mut self) {
+        if self.layout.current().is_none() || self.doc.node.traffic != Traffic::Live {
+            return;
+        }
+        let _ = self.readiness.set_warming();
+        match crate::health::wait_until_healthy(&self.cfg.health).await {
+            Ok(_) => {
+                let _ = self.readiness.set_ready();
+            }
+            Err(e) => {
+                warn!("the current release is not healthy after a restart: {e}");
+                let _ = self.readiness.set_starting();
+            }
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -302,7 +327,20 @@ impl Engine {
             error!("{msg}");
             return Outcome::Failed(msg);
         }
-        match self.switch(&prev, SwitchReason::Rollback).await {
+        let switched = self.switch(&prev, SwitchReason::Rollback).await;
+        let switched = match switched {
+            Ok(()) => {
+                let plan: Vec<_> = crate::services::plan_reload(&self.cfg.services)
+                    .into_iter()
+                    .filter(|a| matches!(a, crate::services::Action::Reload { .. }))
+                    .collect();
+                crate::services::apply(&plan)
+                    .await
+                    .map_err(|e| EngineError::Failed(e.to_string()))
+            }
+            Err(e) => Err(e),
+        };
+        match switched {
             Ok(()) => {
                 let msg = format!(
                     "rolled back from {} to {prev} in {:.0} ms",
@@ -321,6 +359,50 @@ impl Engine {
     }
 
     async fn perform(&mut self, event: Event) -> Result<String, EngineError> {
+        let t0 = Instant::now();
+        let mut result = self.perform_builtin(event).await;
+        if result.is_ok()
+            && let Err(e) = self.run_commands(event).await
+        {
+            result = Err(e);
+        }
+        self.readiness
+            .record_event(event.name(), result.is_ok(), t0.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The extra commands configured for `event`, run by argv in the new release.
+    async fn run_commands(&self, event: Event) -> Result<(), EngineError> {
+        let Some(cmds) = self.cfg.commands.get(event.name()) else {
+            return Ok(());
+        };
+        let dep = self.deployment()?;
+        let release = dep
+            .release_id
+            .as_ref()
+            .map(|r| self.layout.release_dir(r))
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(|| self.layout.current_link());
+        let mut env = BTreeMap::new();
+        env.insert("LIFECYCLE_EVENT".to_string(), event.name().to_string());
+        env.insert("DEPLOYMENT_ID".to_string(), dep.id.clone());
+        env.insert(
+            "BGAGENT_RELEASE_DIR".to_string(),
+            release.display().to_string(),
+        );
+        env.insert(
+            "BGAGENT_APP_ROOT".to_string(),
+            self.cfg.app_root.display().to_string(),
+        );
+        for c in cmds {
+            crate::process::run(c, Some(&release), &env)
+                .await
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn perform_builtin(&mut self, event: Event) -> Result<String, EngineError> {
         match event {
             Event::ApplicationStop | Event::BeforeBlockTraffic => self.drain().await,
             Event::BeforeInstall => self.preflight(),
@@ -351,9 +433,48 @@ impl Engine {
         self.doc.node.since = Some(lifecycle::timestamp(SystemTime::now()));
     }
 
+    /// Readiness turns to draining at once (/ready answers 503), in-flight requests get the
+    /// deregistration delay, then only what the config says to stop is stopped.
     async fn drain(&mut self) -> Result<String, EngineError> {
+        let was = self.readiness.state();
+        let _ = self.readiness.start_draining();
+        let delay = self.cfg.drain.deregistration_delay;
+        let serving =
+            was == crate::readiness::State::Ready || self.doc.node.traffic == Traffic::Live;
+        if serving && !delay.is_zero() {
+            info!(
+                "draining: /ready answers 503; waiting {} ms for in-flight requests",
+                delay.as_millis()
+            );
+            tokio::time::sleep(delay).await;
+        }
+        let mut stopped = Vec::new();
+        for s in self.cfg.services.list.iter().filter(|s| s.stop_on_drain) {
+            let argv = match (s.backend.unwrap_or(self.cfg.services.backend), &s.stop) {
+                (crate::services::Backend::Exec, Some(a)) => a.clone(),
+                (crate::services::Backend::Systemd, _) => {
+                    vec![
+                        "systemctl".into(),
+                        "stop".into(),
+                        s.unit.clone().unwrap_or_else(|| s.name.clone()),
+                    ]
+                }
+                (crate::services::Backend::Exec, None) => continue,
+            };
+            let spec = crate::process::CommandSpec::new(
+                &argv.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
+            crate::process::run(&spec, None, &BTreeMap::new())
+                .await
+                .map_err(|e| EngineError::Failed(format!("stopping {}: {e}", s.name)))?;
+            stopped.push(s.name.clone());
+        }
         self.set_traffic(Traffic::Idle);
-        Ok(String::new())
+        Ok(if stopped.is_empty() {
+            "drained".to_string()
+        } else {
+            format!("drained; stopped {}", stopped.join(", "))
+        })
     }
 
     /// Where this deployment's revision is: CodeDeploy's unpacked deployment-archive, or the
@@ -588,7 +709,24 @@ impl Engine {
         if previous.as_deref() == Some(id.as_str()) {
             return Ok(format!("release {id} is already current"));
         }
+        // Config tests first: on failure nothing switches and the current release serves on.
+        crate::services::test_all(&self.cfg.services)
+            .await
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
+        let _ = self.readiness.set_starting();
         self.switch(&id, SwitchReason::Deploy).await?;
+        let plan: Vec<_> = crate::services::plan_reload(&self.cfg.services)
+            .into_iter()
+            .filter(|a| matches!(a, crate::services::Action::Reload { .. }))
+            .collect();
+        if let Err(e) = crate::services::apply(&plan).await {
+            if let Some(prev) = &previous {
+                error!("{e}; switching back to {prev}");
+                self.switch(prev, SwitchReason::AutoRollback).await?;
+                let _ = crate::services::apply(&plan).await;
+            }
+            return Err(EngineError::Failed(e.to_string()));
+        }
         if let Some(d) = self.doc.deployment.as_mut() {
             d.previous_release = previous.clone();
         }
@@ -641,7 +779,45 @@ impl Engine {
                 id.as_deref().unwrap_or("-")
             )));
         }
-        Ok(String::new())
+        if self.readiness.state() != crate::readiness::State::Warming {
+            let _ = self.readiness.set_starting();
+            let _ = self.readiness.set_warming();
+        }
+        match crate::health::wait_until_healthy(&self.cfg.health).await {
+            Ok(took) => {
+                let _ = self.readiness.set_ready();
+                Ok(if self.cfg.health.checks.is_empty() {
+                    "no health checks configured".into()
+                } else {
+                    format!(
+                        "{} health check(s) passed in {} ms",
+                        self.cfg.health.checks.len(),
+                        took.as_millis()
+                    )
+                })
+            }
+            Err(failure) => {
+                let _ = self.readiness.set_starting();
+                let mut msg = failure.to_string();
+                let prev = self
+                    .doc
+                    .deployment
+                    .as_ref()
+                    .and_then(|d| d.previous_release.clone());
+                if self.cfg.validate.rollback_on_failure
+                    && let Some(prev) = prev
+                {
+                    self.switch(&prev, SwitchReason::AutoRollback).await?;
+                    let plan: Vec<_> = crate::services::plan_reload(&self.cfg.services)
+                        .into_iter()
+                        .filter(|a| matches!(a, crate::services::Action::Reload { .. }))
+                        .collect();
+                    let _ = crate::services::apply(&plan).await;
+                    msg.push_str(&format!("rolled back to {prev}"));
+                }
+                Err(EngineError::Failed(msg))
+            }
+        }
     }
 }
 

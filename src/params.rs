@@ -33,7 +33,6 @@ pub enum ParamsConfig {
     Ssm(SsmConfig),
 }
 
-
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct SsmConfig {

@@ -1,0 +1,550 @@
+//! Health checks with Kubernetes-style thresholds: HTTP, TCP, MySQL/MariaDB and Redis, all
+//! native (no curl, no mysql client).
+//!
+//! The thresholds are a pure state machine ([`Probe::observe`]): initial delay, success and
+//! failure thresholds, and a startup budget during which failures do not count (a slow
+//! first request after a switch is normal). [`wait_until_healthy`] polls every check each
+//! period and returns as soon as all of them pass (no fixed sleep), or fails with each
+//! check's last results as evidence. Evidence never holds a password or a response body
+//! beyond a short snippet.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct HealthConfig {
+    pub checks: Vec<CheckConfig>,
+    #[serde(with = "crate::config::duration")]
+    pub initial_delay: Duration,
+    #[serde(with = "crate::config::duration")]
+    pub period: Duration,
+    #[serde(with = "crate::config::duration")]
+    pub timeout: Duration,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+    /// While within this time from the start, failures do not count (slow first requests).
+    #[serde(with = "crate::config::duration")]
+    pub startup_budget: Duration,
+    /// Overall bound for ValidateService.
+    #[serde(with = "crate::config::duration")]
+    pub deadline: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            checks: Vec::new(),
+            initial_delay: Duration::ZERO,
+            period: Duration::from_millis(250),
+            timeout: Duration::from_secs(2),
+            success_threshold: 2,
+            failure_threshold: 3,
+            startup_budget: Duration::from_secs(30),
+            deadline: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct CheckConfig {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: CheckKind,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Http(HttpCheck),
+    Tcp { address: String },
+    Mysql(MysqlCheck),
+    Redis { url: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct HttpCheck {
+    pub url: String,
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Host header, for name-based virtual hosts.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_statuses")]
+    pub expect_status: Vec<u16>,
+    #[serde(default)]
+    pub body_contains: Option<String>,
+}
+
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_statuses() -> Vec<u16> {
+    vec![200]
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct MysqlCheck {
+    pub host: String,
+    #[serde(default = "default_mysql_port")]
+    pub port: u16,
+    pub user: String,
+    /// Name of an environment variable holding the password (never the password itself).
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// A file holding the password.
+    #[serde(default)]
+    pub password_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub database: Option<String>,
+}
+
+fn default_mysql_port() -> u16 {
+    3306
+}
+
+/// One attempt's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub at_ms: u64,
+    pub ok: bool,
+    pub latency_ms: u64,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pending,
+    Passed,
+    Failed,
+}
+
+/// The threshold state machine of one check. Pure: time is passed in.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    initial_delay: Duration,
+    success_threshold: u32,
+    failure_threshold: u32,
+    startup_budget: Duration,
+    successes: u32,
+    failures: u32,
+    verdict: Verdict,
+}
+
+impl Probe {
+    pub fn new(cfg: &HealthConfig) -> Probe {
+        Probe {
+            initial_delay: cfg.initial_delay,
+            success_threshold: cfg.success_threshold.max(1),
+            failure_threshold: cfg.failure_threshold.max(1),
+            startup_budget: cfg.startup_budget,
+            successes: 0,
+            failures: 0,
+            verdict: Verdict::Pending,
+        }
+    }
+
+    /// Whether a check should run at `elapsed` since the start.
+    pub fn due(&self, elapsed: Duration) -> bool {
+        elapsed >= self.initial_delay
+    }
+
+    /// Takes one outcome observed at `elapsed` since the start. Once Passed, failures move
+    /// it back through the failure threshold (for checks that keep running while ready).
+    pub fn observe(&mut self, elapsed: Duration, ok: bool) -> Verdict {
+        if ok {
+            self.successes += 1;
+            self.failures = 0;
+            if self.successes >= self.success_threshold {
+                self.verdict = Verdict::Passed;
+            }
+        } else {
+            self.successes = 0;
+            let in_startup = self.verdict != Verdict::Passed && elapsed < self.startup_budget;
+            if !in_startup {
+                self.failures += 1;
+            }
+            if self.failures >= self.failure_threshold {
+                self.verdict = Verdict::Failed;
+            } else if self.verdict == Verdict::Passed {
+                // still passed until the failure threshold says otherwise
+            }
+        }
+        self.verdict
+    }
+
+    pub fn verdict(&self) -> Verdict {
+        self.verdict
+    }
+
+    /// Starts over (a node that failed comes back only through the thresholds).
+    pub fn reset_to_pending(&mut self) {
+        self.successes = 0;
+        self.failures = 0;
+        self.verdict = Verdict::Pending;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("health checks did not pass{}:\n{evidence}", if *.timed_out { " before the deadline" } else { "" })]
+pub struct HealthFailure {
+    pub timed_out: bool,
+    pub evidence: String,
+}
+
+/// Runs one check once.
+pub async fn check_once(
+    c: &CheckConfig,
+    timeout: Duration,
+    http: &reqwest::Client,
+) -> Result<String, String> {
+    let fut = async {
+        match &c.kind {
+            CheckKind::Http(h) => http_check(h, timeout, http).await,
+            CheckKind::Tcp { address } => tokio::net::TcpStream::connect(address)
+                .await
+                .map(|_| "connected".to_string())
+                .map_err(|e| format!("connect to {address}: {e}")),
+            CheckKind::Mysql(m) => mysql_check(m).await,
+            CheckKind::Redis { url } => redis_check(url).await,
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
+async fn http_check(
+    h: &HttpCheck,
+    timeout: Duration,
+    http: &reqwest::Client,
+) -> Result<String, String> {
+    let method = reqwest::Method::from_bytes(h.method.as_bytes())
+        .map_err(|_| format!("bad method {}", h.method))?;
+    let mut req = http.request(method, &h.url).timeout(timeout);
+    if let Some(host) = &h.host {
+        req = req.header(reqwest::header::HOST, host);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("{}: {}", h.url, short_err(&e)))?;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.unwrap_or_default();
+    if !h.expect_status.contains(&status) {
+        return Err(format!(
+            "{} answered {status} (expected {:?}): {}",
+            h.url,
+            h.expect_status,
+            snippet(&body)
+        ));
+    }
+    if let Some(want) = &h.body_contains
+        && !body.contains(want.as_str())
+    {
+        return Err(format!(
+            "{} answered {status} without `{want}` in the body: {}",
+            h.url,
+            snippet(&body)
+        ));
+    }
+    Ok(format!("{status}"))
+}
+
+fn short_err(e: &reqwest::Error) -> String {
+    if e.is_connect() {
+        "connection refused or unreachable".into()
+    } else if e.is_timeout() {
+        "timed out".into()
+    } else {
+        e.to_string()
+    }
+}
+
+fn snippet(body: &str) -> String {
+    let b: String = body
+        .chars()
+        .take(200)
+        .collect::<String>()
+        .replace(['\n', '\r'], " ");
+    if body.len() > 200 {
+        format!("{b}...")
+    } else {
+        b
+    }
+}
+
+async fn mysql_check(m: &MysqlCheck) -> Result<String, String> {
+    let password = match (&m.password_env, &m.password_file) {
+        (Some(var), _) => std::env::var(var).ok(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .ok()
+            .map(|s| s.trim_end().to_string()),
+        _ => None,
+    };
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(m.host.clone())
+        .tcp_port(m.port)
+        .user(Some(m.user.clone()))
+        .pass(password)
+        .db_name(m.database.clone());
+    let where_ = format!("mysql://{}@{}:{}", m.user, m.host, m.port);
+    let mut conn = mysql_async::Conn::new(opts)
+        .await
+        .map_err(|e| format!("{where_}: {}", redact_mysql(&e.to_string())))?;
+    use mysql_async::prelude::Queryable;
+    let one: Option<u8> = conn
+        .query_first("SELECT 1")
+        .await
+        .map_err(|e| format!("{where_}: {e}"))?;
+    let _ = conn.disconnect().await;
+    match one {
+        Some(1) => Ok("SELECT 1 ok".into()),
+        _ => Err(format!("{where_}: SELECT 1 returned no row")),
+    }
+}
+
+/// MySQL errors name the user, never the password; keep it that way if a URL slips in.
+fn redact_mysql(s: &str) -> String {
+    match (s.find("://"), s.find('@')) {
+        (Some(a), Some(b)) if a < b => {
+            let creds = &s[a + 3..b];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &s[..a + 3], &creds[..c], &s[b..]),
+                None => s.to_string(),
+            }
+        }
+        _ => s.to_string(),
+    }
+}
+
+async fn redis_check(url: &str) -> Result<String, String> {
+    let shown = redact_mysql(url);
+    let client = redis::Client::open(url).map_err(|e| format!("{shown}: {e}"))?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| format!("{shown}: {e}"))?;
+    if pong == "PONG" {
+        Ok("PONG".into())
+    } else {
+        Err(format!("{shown}: answered {pong}"))
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default()
+}
+
+/// Polls every check until all pass their thresholds, one fails them, or the deadline.
+pub async fn wait_until_healthy(cfg: &HealthConfig) -> Result<Duration, HealthFailure> {
+    let t0 = Instant::now();
+    if cfg.checks.is_empty() {
+        return Ok(Duration::ZERO);
+    }
+    let http = http_client();
+    let mut probes: Vec<Probe> = cfg.checks.iter().map(|_| Probe::new(cfg)).collect();
+    let mut history: Vec<Vec<Sample>> = cfg.checks.iter().map(|_| Vec::new()).collect();
+    loop {
+        let elapsed = t0.elapsed();
+        let round: Vec<_> = cfg
+            .checks
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| probes[*i].due(elapsed) && probes[*i].verdict() != Verdict::Passed)
+            .map(|(i, c)| {
+                let http = http.clone();
+                async move {
+                    let s = Instant::now();
+                    let r = check_once(c, cfg.timeout, &http).await;
+                    (i, r, s.elapsed())
+                }
+            })
+            .collect();
+        for (i, r, lat) in futures_join(round).await {
+            let at = t0.elapsed();
+            let ok = r.is_ok();
+            let detail = match r {
+                Ok(d) | Err(d) => d,
+            };
+            let v = probes[i].observe(at, ok);
+            if !ok {
+                warn!("health check {} failed: {detail}", cfg.checks[i].name);
+            }
+            history[i].push(Sample {
+                at_ms: at.as_millis() as u64,
+                ok,
+                latency_ms: lat.as_millis() as u64,
+                detail,
+            });
+            if history[i].len() > 5 {
+                history[i].remove(0);
+            }
+            if v == Verdict::Failed {
+                return Err(HealthFailure {
+                    timed_out: false,
+                    evidence: evidence(cfg, &history),
+                });
+            }
+        }
+        if probes.iter().all(|p| p.verdict() == Verdict::Passed) {
+            let took = t0.elapsed();
+            info!(
+                "all {} health check(s) passed in {} ms",
+                cfg.checks.len(),
+                took.as_millis()
+            );
+            return Ok(took);
+        }
+        if t0.elapsed() >= cfg.deadline {
+            return Err(HealthFailure {
+                timed_out: true,
+                evidence: evidence(cfg, &history),
+            });
+        }
+        tokio::time::sleep(cfg.period).await;
+    }
+}
+
+async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let mut set = Vec::with_capacity(fs.len());
+    // Checks are few; run them concurrently on this task.
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = fs.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in pinned.iter_mut().enumerate() {
+            if done[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => done[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    for d in done.into_iter().flatten() {
+        set.push(d);
+    }
+    set
+}
+
+fn evidence(cfg: &HealthConfig, history: &[Vec<Sample>]) -> String {
+    let mut out = String::new();
+    for (c, h) in cfg.checks.iter().zip(history) {
+        out.push_str(&format!("  {}:", c.name));
+        if h.is_empty() {
+            out.push_str(" never ran\n");
+            continue;
+        }
+        out.push('\n');
+        for s in h.iter().rev().take(3).rev() {
+            out.push_str(&format!(
+                "    +{}ms {} ({} ms) {}\n",
+                s.at_ms,
+                if s.ok { "ok" } else { "FAIL" },
+                s.latency_ms,
+                s.detail
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(success: u32, failure: u32, startup: u64, delay: u64) -> HealthConfig {
+        HealthConfig {
+            success_threshold: success,
+            failure_threshold: failure,
+            startup_budget: Duration::from_secs(startup),
+            initial_delay: Duration::from_secs(delay),
+            ..HealthConfig::default()
+        }
+    }
+    fn s(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    #[test]
+    fn passes_after_success_threshold() {
+        let mut p = Probe::new(&cfg(2, 3, 0, 0));
+        assert_eq!(p.observe(s(0), true), Verdict::Pending);
+        assert_eq!(p.observe(s(1), true), Verdict::Passed);
+    }
+
+    #[test]
+    fn a_failure_resets_the_success_count() {
+        let mut p = Probe::new(&cfg(2, 3, 0, 0));
+        p.observe(s(0), true);
+        p.observe(s(1), false);
+        assert_eq!(p.observe(s(2), true), Verdict::Pending);
+        assert_eq!(p.observe(s(3), true), Verdict::Passed);
+    }
+
+    #[test]
+    fn fails_after_failure_threshold() {
+        let mut p = Probe::new(&cfg(1, 3, 0, 0));
+        p.observe(s(0), false);
+        p.observe(s(1), false);
+        assert_eq!(p.observe(s(2), false), Verdict::Failed);
+    }
+
+    #[test]
+    fn startup_budget_forgives_early_failures() {
+        let mut p = Probe::new(&cfg(1, 2, 10, 0));
+        for t in 0..9 {
+            assert_eq!(p.observe(s(t), false), Verdict::Pending, "t={t}");
+        }
+        assert_eq!(p.observe(s(10), false), Verdict::Pending);
+        assert_eq!(p.observe(s(11), false), Verdict::Failed);
+        // and a slow starter passes within it
+        let mut p = Probe::new(&cfg(1, 2, 10, 0));
+        for t in 0..5 {
+            p.observe(s(t), false);
+        }
+        assert_eq!(p.observe(s(6), true), Verdict::Passed);
+    }
+
+    #[test]
+    fn initial_delay_defers_checks() {
+        let p = Probe::new(&cfg(1, 1, 0, 5));
+        assert!(!p.due(s(4)));
+        assert!(p.due(s(5)));
+    }
+
+    #[test]
+    fn a_ready_node_leaves_ready_only_through_the_failure_threshold() {
+        let mut p = Probe::new(&cfg(1, 2, 0, 0));
+        assert_eq!(p.observe(s(0), true), Verdict::Passed);
+        assert_eq!(p.observe(s(1), false), Verdict::Passed);
+        assert_eq!(p.observe(s(2), false), Verdict::Failed);
+    }
+
+    #[test]
+    fn passwords_are_redacted_from_urls() {
+        assert_eq!(
+            redact_mysql("redis://:s3cret@h:6379/0 failed"),
+            "redis://:***@h:6379/0 failed"
+        );
+        assert_eq!(redact_mysql("mysql://app:pw@h/db"), "mysql://app:***@h/db");
+    }
+}

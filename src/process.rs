@@ -1,0 +1,346 @@
+//! Running external programs: by argv (never a shell), in their own session, with their own
+//! stdio, as another user when asked, and with a timeout that ends the whole process group.
+//!
+//! A child that kept the hook's stdout open would make the CodeDeploy agent fail the hook
+//! ("failed to close STDOUT"), so stdin is /dev/null and stdout/stderr are pipes that bgagent
+//! reads and turns into log lines (which reach the hook through the daemon's log stream).
+//! Users are switched natively (setgroups, setgid, setuid in the child), not with `su`,
+//! which fails for nologin users such as www-data.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tracing::{info, warn};
+
+/// A command as the config states it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub struct CommandSpec {
+    /// Program and arguments; the program is looked up in PATH when it has no `/`.
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; relative to the new release when run for a lifecycle event.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default = "default_timeout", with = "crate::config::duration")]
+    pub timeout: Duration,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl CommandSpec {
+    pub fn new(argv: &[&str]) -> CommandSpec {
+        CommandSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            user: None,
+            group: None,
+            timeout: default_timeout(),
+        }
+    }
+
+    fn shown(&self) -> String {
+        self.argv.join(" ")
+    }
+}
+
+/// How long a process group gets between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub duration: Duration,
+    /// The last lines of output, for error reports.
+    pub tail: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("the command is empty")]
+    Empty,
+    #[error("failed to start `{cmd}`: {source}")]
+    Spawn { cmd: String, source: std::io::Error },
+    #[error("`{cmd}`: no user named `{user}` on this host")]
+    NoUser { cmd: String, user: String },
+    #[error("`{cmd}`: no group named `{group}` on this host")]
+    NoGroup { cmd: String, group: String },
+    #[error("`{cmd}` ran longer than {timeout:?} and was stopped (SIGTERM, then SIGKILL to its process group){}", tail_text(.tail))]
+    TimedOut {
+        cmd: String,
+        timeout: Duration,
+        tail: Vec<String>,
+    },
+    #[error("`{cmd}` exited with code {code}{}", tail_text(.tail))]
+    Failed {
+        cmd: String,
+        code: i32,
+        tail: Vec<String>,
+    },
+    #[error("`{cmd}` was killed by signal {signal}{}", tail_text(.tail))]
+    Killed {
+        cmd: String,
+        signal: i32,
+        tail: Vec<String>,
+    },
+}
+
+fn tail_text(tail: &[String]) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; last output: {}", tail.join(" | "))
+    }
+}
+
+struct Ids {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    groups: Vec<libc::gid_t>,
+}
+
+fn resolve_ids(spec: &CommandSpec) -> Result<Ids, ProcessError> {
+    let cmd = spec.shown();
+    let user = match &spec.user {
+        Some(u) => Some(
+            crate::perms::lookup_user(u).ok_or_else(|| ProcessError::NoUser {
+                cmd: cmd.clone(),
+                user: u.clone(),
+            })?,
+        ),
+        None => None,
+    };
+    let gid = match &spec.group {
+        Some(g) => Some(
+            crate::perms::lookup_group(g).ok_or_else(|| ProcessError::NoGroup {
+                cmd: cmd.clone(),
+                group: g.clone(),
+            })?,
+        ),
+        None => user.map(|(_, g)| g),
+    };
+    // Supplementary groups are computed here, in the parent: getgrouplist is not safe to
+    // call between fork and exec.
+    let mut groups = Vec::new();
+    if let (Some(name), Some((_, primary))) = (&spec.user, user) {
+        if let Ok(cname) = std::ffi::CString::new(name.as_str()) {
+            let mut n: libc::c_int = 64;
+            loop {
+                let mut buf = vec![0 as libc::gid_t; n as usize];
+                // SAFETY: buf holds n entries; n is updated to the needed size on overflow.
+                let rc = unsafe {
+                    libc::getgrouplist(cname.as_ptr(), primary, buf.as_mut_ptr(), &mut n)
+                };
+                if rc >= 0 {
+                    buf.truncate(n as usize);
+                    groups = buf;
+                    break;
+                }
+                if n > 65536 {
+                    break;
+                }
+                n *= 2;
+            }
+        }
+        if let Some(g) = gid
+            && !groups.contains(&g)
+        {
+            groups.push(g);
+        }
+    } else if let Some(g) = gid {
+        groups.push(g);
+    }
+    Ok(Ids {
+        uid: user.map(|(u, _)| u),
+        gid,
+        groups,
+    })
+}
+
+/// Runs `spec`, streaming its output as log lines. `extra_env` is added to the spec's env.
+pub async fn run(
+    spec: &CommandSpec,
+    default_cwd: Option<&std::path::Path>,
+    extra_env: &BTreeMap<String, String>,
+) -> Result<Finished, ProcessError> {
+    let Some(prog) = spec.argv.first() else {
+        return Err(ProcessError::Empty);
+    };
+    let cmd_shown = spec.shown();
+    let ids = resolve_ids(spec)?;
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(&spec.argv[1..])
+        .envs(extra_env)
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    match (&spec.cwd, default_cwd) {
+        (Some(c), Some(d)) if c.is_relative() => {
+            cmd.current_dir(d.join(c));
+        }
+        (Some(c), _) => {
+            cmd.current_dir(c);
+        }
+        (None, Some(d)) => {
+            cmd.current_dir(d);
+        }
+        (None, None) => {}
+    }
+    let (uid, gid, groups) = (ids.uid, ids.gid, ids.groups);
+    // SAFETY: only async-signal-safe calls (setsid, setgroups, setgid, setuid) run between
+    // fork and exec; all data was prepared in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if (gid.is_some() || uid.is_some())
+                && libc::setgroups(groups.len(), groups.as_ptr()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(g) = gid
+                && libc::setgid(g) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(u) = uid
+                && libc::setuid(u) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        cmd: cmd_shown.clone(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0) as i32;
+    let name = std::path::Path::new(prog)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(
+        std::collections::VecDeque::<String>::new(),
+    ));
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(pump(out, name.clone(), false, tail.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(pump(err, name.clone(), true, tail.clone())));
+    }
+    let status = match tokio::time::timeout(spec.timeout, child.wait()).await {
+        Ok(s) => s.map_err(|source| ProcessError::Spawn {
+            cmd: cmd_shown.clone(),
+            source,
+        })?,
+        Err(_) => {
+            warn!(
+                "`{cmd_shown}` exceeded its timeout of {:?}: sending SIGTERM to its process group",
+                spec.timeout
+            );
+            kill_group(pid, libc::SIGTERM);
+            if tokio::time::timeout(KILL_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                kill_group(pid, libc::SIGKILL);
+                let _ = child.wait().await;
+            }
+            // Children that ignored SIGTERM are gone with the group kill.
+            kill_group(pid, libc::SIGKILL);
+            for r in readers {
+                let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
+            }
+            return Err(ProcessError::TimedOut {
+                cmd: cmd_shown,
+                timeout: spec.timeout,
+                tail: take_tail(&tail),
+            });
+        }
+    };
+    // Grandchildren that still hold the pipes must not keep us waiting forever.
+    for r in readers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+    }
+    let duration = t0.elapsed();
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => {
+            info!("`{cmd_shown}` finished in {:.2}s", duration.as_secs_f64());
+            Ok(Finished {
+                code: Some(0),
+                duration,
+                tail: take_tail(&tail),
+            })
+        }
+        (Some(code), _) => Err(ProcessError::Failed {
+            cmd: cmd_shown,
+            code,
+            tail: take_tail(&tail),
+        }),
+        (None, Some(signal)) => Err(ProcessError::Killed {
+            cmd: cmd_shown,
+            signal,
+            tail: take_tail(&tail),
+        }),
+        (None, None) => Err(ProcessError::Killed {
+            cmd: cmd_shown,
+            signal: 0,
+            tail: take_tail(&tail),
+        }),
+    }
+}
+
+fn take_tail(t: &std::sync::Mutex<std::collections::VecDeque<String>>) -> Vec<String> {
+    t.lock()
+        .map(|g| g.iter().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn kill_group(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: plain syscall; the child leads its own process group (setsid).
+        unsafe {
+            libc::kill(-pid, sig);
+        }
+    }
+}
+
+async fn pump(
+    r: impl tokio::io::AsyncRead + Unpin,
+    name: String,
+    is_err: bool,
+    tail: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+) {
+    let mut lines = BufReader::new(r).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if is_err {
+            warn!("[{name}] {line}");
+        } else {
+            info!("[{name}] {line}");
+        }
+        if let Ok(mut t) = tail.lock() {
+            t.push_back(line.chars().take(300).collect());
+            if t.len() > 5 {
+                t.pop_front();
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Service control: test configs, then reload gracefully, through systemd or configured
+//! commands.
+//!
+//! Two backends: `systemd` (systemctl by argv) and `exec` (configured argv for test, reload,
+//! start and stop, plus a pid file: hosts without systemd, and the tests). Before any reload
+//! every service's config test runs (`nginx -t`, `php-fpm -t`); if one fails nothing is
+//! reloaded and the switch does not happen, so the current release keeps serving. Reloads
+//! are graceful (nginx HUP, php-fpm USR2) rather than stop and start. A php-fpm whose
+//! `process_control_timeout` is 0 drops requests on reload: that is warned about.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::process::{self, CommandSpec};
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Systemd,
+    Exec,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceKind {
+    Nginx,
+    PhpFpm,
+    #[default]
+    Other,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(default)]
+pub struct ServicesConfig {
+    pub backend: Backend,
+    /// In reload order: php-fpm first (new workers), then nginx.
+    pub list: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[serde(default)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub kind: ServiceKind,
+    /// systemd unit; default: the name.
+    pub unit: Option<String>,
+    /// Overrides the global backend for this service.
+    pub backend: Option<Backend>,
+    /// Config test argv; defaults: `nginx -t`, `php-fpm<ver> -t` is not guessed: give it.
+    pub test: Option<Vec<String>>,
+    /// exec backend: reload argv; an element `{pid}` is replaced by the pid file's pid.
+    pub reload: Option<Vec<String>>,
+    pub start: Option<Vec<String>>,
+    pub stop: Option<Vec<String>>,
+    pub pid_file: Option<PathBuf>,
+    /// php-fpm's main config, read to check process_control_timeout.
+    pub config_file: Option<PathBuf>,
+    /// Stop this service when draining (ApplicationStop/BeforeBlockTraffic).
+    pub stop_on_drain: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(
+        "config test of {service} failed, so nothing was reloaded and the current release keeps serving: {source}"
+    )]
+    TestFailed {
+        service: String,
+        source: process::ProcessError,
+    },
+    #[error("reload of {service} failed: {source}")]
+    Reload {
+        service: String,
+        source: process::ProcessError,
+    },
+    #[error("{service}: {message}")]
+    Other { service: String, message: String },
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Test {
+        service: String,
+        argv: Vec<String>,
+    },
+    Reload {
+        service: String,
+        argv: Vec<String>,
+        pid_file: Option<PathBuf>,
+    },
+}
+
+impl ServiceConfig {
+    fn backend(&self, global: Backend) -> Backend {
+        self.backend.unwrap_or(global)
+    }
+    fn unit(&self) -> String {
+        self.unit.clone().unwrap_or_else(|| self.name.clone())
+    }
+    fn test_argv(&self) -> Option<Vec<String>> {
+        self.test.clone().or_else(|| match self.kind {
+            ServiceKind::Nginx => Some(vec!["nginx".into(), "-t".into(), "-q".into()]),
+            _ => None,
+        })
+    }
+    fn reload_argv(&self, global: Backend) -> Option<Vec<String>> {
+        match self.backend(global) {
+            Backend::Systemd => Some(vec!["systemctl".into(), "reload".into(), self.unit()]),
+            Backend::Exec => self.reload.clone(),
+        }
+    }
+}
+
+/// The reload plan: every config test first, then the reloads, in the configured order.
+/// Pure.
+pub fn plan_reload(cfg: &ServicesConfig) -> Vec<Action> {
+    let mut out = Vec::new();
+    for s in &cfg.list {
+        if let Some(argv) = s.test_argv() {
+            out.push(Action::Test {
+                service: s.name.clone(),
+                argv,
+            });
+        }
+    }
+    for s in &cfg.list {
+        if let Some(argv) = s.reload_argv(cfg.backend) {
+            out.push(Action::Reload {
+                service: s.name.clone(),
+                argv,
+                pid_file: s.pid_file.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// Runs only the config tests.
+pub async fn test_all(cfg: &ServicesConfig) -> Result<(), ServiceError> {
+    for a in plan_reload(cfg) {
+        if let Action::Test { service, argv } = a {
+            run_argv(&argv, None)
+                .await
+                .map_err(|source| ServiceError::TestFailed { service, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Applies a reload plan: stops at the first failure.
+pub async fn apply(plan: &[Action]) -> Result<(), ServiceError> {
+    for a in plan {
+        match a {
+            Action::Test { service, argv } => {
+                run_argv(argv, None)
+                    .await
+                    .map_err(|source| ServiceError::TestFailed {
+                        service: service.clone(),
+                        source,
+                    })?;
+            }
+            Action::Reload {
+                service,
+                argv,
+                pid_file,
+            } => {
+                let pid = match pid_file {
+                    Some(p) if argv.iter().any(|a| a == "{pid}") => {
+                        Some(read_pid(p).map_err(|message| ServiceError::Other {
+                            service: service.clone(),
+                            message,
+                        })?)
+                    }
+                    _ => None,
+                };
+                let old = pid;
+                run_argv(argv, pid)
+                    .await
+                    .map_err(|source| ServiceError::Reload {
+                        service: service.clone(),
+                        source,
+                    })?;
+                if let (Some(p), Some(old)) = (pid_file, old) {
+                    wait_new_master(p, old).await;
+                }
+                info!("reloaded {service}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_argv(argv: &[String], pid: Option<u32>) -> Result<(), process::ProcessError> {
+    let argv: Vec<String> = argv
+        .iter()
+        .map(|a| {
+            if a == "{pid}" {
+                pid.map(|p| p.to_string()).unwrap_or_default()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let mut spec = CommandSpec::new(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+    spec.timeout = Duration::from_secs(60);
+    process::run(&spec, None, &Default::default())
+        .await
+        .map(|_| ())
+}
+
+fn read_pid(p: &Path) -> Result<u32, String> {
+    let s = std::fs::read_to_string(p)
+        .map_err(|e| format!("cannot read pid file {}: {e}", p.display()))?;
+    s.trim()
+        .parse()
+        .map_err(|_| format!("pid file {} does not hold a pid", p.display()))
+}
+
+/// php-fpm daemonized re-execs on USR2: its pid file changes. Wait (bounded) for a live
+/// master again, so the next step does not race it.
+async fn wait_new_master(p: &Path, old: u32) {
+    for _ in 0..100 {
+        if let Ok(pid) = read_pid(p) {
+            let alive = Path::new(&format!("/proc/{pid}")).exists();
+            if alive && (pid != old || Path::new(&format!("/proc/{old}")).exists()) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    warn!(
+        "the pid file {} did not show a running master after the reload",
+        p.display()
+    );
+}
+
+/// Warns when php-fpm will drop requests on reload. Returns the warning, if any.
+pub fn check_php_fpm_config(s: &ServiceConfig) -> Option<String> {
+    if s.kind != ServiceKind::PhpFpm {
+        return None;
+    }
+    let file = s.config_file.as_ref()?;
+    let text = std::fs::read_to_string(file).ok()?;
+    let value = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with(';'))
+        .filter_map(|l| l.split_once('='))
+        .find(|(k, _)| k.trim() == "process_control_timeout")
+        .map(|(_, v)| v.trim().trim_end_matches('s').to_string());
+    match value.as_deref() {
+        None | Some("0") => Some(format!(
+            "{}: process_control_timeout is 0 in {}: a graceful reload then kills busy workers and drops requests; set it to e.g. 10s in the [global] section",
+            s.name,
+            file.display()
+        )),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ServicesConfig {
+        ServicesConfig {
+            backend: Backend::Systemd,
+            list: vec![
+                ServiceConfig {
+                    name: "php8.2-fpm".into(),
+                    kind: ServiceKind::PhpFpm,
+                    test: Some(vec!["php-fpm8.2".into(), "-t".into()]),
+                    ..Default::default()
+                },
+                ServiceConfig {
+                    name: "nginx".into(),
+                    kind: ServiceKind::Nginx,
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn plan_tests_everything_before_reloading_anything() {
+        let p = plan_reload(&cfg());
+        let kinds: Vec<_> = p.iter().map(|a| matches!(a, Action::Test { .. })).collect();
+        assert_eq!(kinds, vec![true, true, false, false]);
+        assert_eq!(
+            p[1],
+            Action::Test {
+                service: "nginx".into(),
+                argv: vec!["nginx".into(), "-t".into(), "-q".into()]
+            }
+        );
+        assert_eq!(
+            p[2],
+            Action::Reload {
+                service: "php8.2-fpm".into(),
+                argv: vec!["systemctl".into(), "reload".into(), "php8.2-fpm".into()],
+                pid_file: None
+            }
+        );
+    }
+
+    #[test]
+    fn php_fpm_without_process_control_timeout_is_warned() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("php-fpm.conf");
+        let mut s = ServiceConfig {
+            name: "fpm".into(),
+            kind: ServiceKind::PhpFpm,
+            config_file: Some(f.clone()),
+            ..Default::default()
+        };
+        std::fs::write(&f, "[global]\n;process_control_timeout = 10s\n").unwrap();
+        assert!(
+            check_php_fpm_config(&s)
+                .unwrap()
+                .contains("process_control_timeout is 0")
+        );
+        std::fs::write(&f, "[global]\nprocess_control_timeout = 10s\n").unwrap();
+        assert_eq!(check_php_fpm_config(&s), None);
+        s.kind = ServiceKind::Nginx;
+        assert_eq!(check_php_fpm_config(&s), None);
+    }
+}
