@@ -49,12 +49,27 @@ fn children_get_their_own_session_and_stdio() {
         o = out.display()
     );
     let spec = CommandSpec::new(&["sh", "-c", &script]);
-    let f = rt().block_on(process::run(&spec, None, &BTreeMap::new())).unwrap();
-    let lines: Vec<String> = std::fs::read_to_string(&out).unwrap().lines().map(String::from).collect();
-    let my_sid = std::fs::read_to_string("/proc/self/stat").unwrap().split(' ').nth(5).unwrap().to_string();
+    let f = rt()
+        .block_on(process::run(&spec, None, &BTreeMap::new()))
+        .unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let my_sid = std::fs::read_to_string("/proc/self/stat")
+        .unwrap()
+        .split(' ')
+        .nth(5)
+        .unwrap()
+        .to_string();
     assert_ne!(lines[0], my_sid, "child must lead its own session");
     assert_eq!(lines[1], "/dev/null");
-    assert!(lines[2].starts_with("pipe:"), "stdout is our pipe, not inherited: {}", lines[2]);
+    assert!(
+        lines[2].starts_with("pipe:"),
+        "stdout is our pipe, not inherited: {}",
+        lines[2]
+    );
     // both streams are read (their relative order is not defined)
     let mut tail = f.tail.clone();
     tail.sort();
@@ -64,17 +79,28 @@ fn children_get_their_own_session_and_stdio() {
 #[test]
 fn env_cwd_and_failures() {
     let d = tempfile::tempdir().unwrap();
-    let mut spec = CommandSpec::new(&["sh", "-c", "test \"$(pwd)\" = \"$WANT\" && test \"$X\" = y"]);
+    let mut spec =
+        CommandSpec::new(&["sh", "-c", "test \"$(pwd)\" = \"$WANT\" && test \"$X\" = y"]);
     spec.env.insert("X".into(), "y".into());
     let extra = BTreeMap::from([("WANT".to_string(), d.path().display().to_string())]);
-    rt().block_on(process::run(&spec, Some(d.path()), &extra)).unwrap();
+    rt().block_on(process::run(&spec, Some(d.path()), &extra))
+        .unwrap();
 
     let spec = CommandSpec::new(&["sh", "-c", "echo bad thing; exit 3"]);
-    let e = rt().block_on(process::run(&spec, None, &BTreeMap::new())).unwrap_err().to_string();
-    assert!(e.contains("exited with code 3") && e.contains("bad thing"), "{e}");
+    let e = rt()
+        .block_on(process::run(&spec, None, &BTreeMap::new()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("exited with code 3") && e.contains("bad thing"),
+        "{e}"
+    );
 
     let spec = CommandSpec::new(&["/nonexistent/prog"]);
-    let e = rt().block_on(process::run(&spec, None, &BTreeMap::new())).unwrap_err().to_string();
+    let e = rt()
+        .block_on(process::run(&spec, None, &BTreeMap::new()))
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("failed to start `/nonexistent/prog`"), "{e}");
 }
 
@@ -85,16 +111,37 @@ fn switches_user_natively_even_for_nologin_users() {
         return;
     }
     // www-data's shell is /usr/sbin/nologin: `su` would fail, a native switch does not
-    let user = if bgagent::perms::lookup_user("www-data").is_some() { "www-data" } else { "nobody" };
+    let user = if bgagent::perms::lookup_user("www-data").is_some() {
+        "www-data"
+    } else {
+        "nobody"
+    };
     let (uid, gid) = bgagent::perms::lookup_user(user).unwrap();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("id");
-    std::fs::set_permissions(d.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    let mut spec = CommandSpec::new(&["sh", "-c", &format!("id -u > {o}; id -g >> {o}; id -G >> {o}", o = out.display())]);
+    std::fs::set_permissions(
+        d.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let mut spec = CommandSpec::new(&[
+        "sh",
+        "-c",
+        &format!("id -u > {o}; id -g >> {o}; id -G >> {o}", o = out.display()),
+    ]);
     spec.user = Some(user.into());
-    rt().block_on(process::run(&spec, None, &BTreeMap::new())).unwrap();
-    let lines: Vec<String> = std::fs::read_to_string(&out).unwrap().lines().map(String::from).collect();
+    rt().block_on(process::run(&spec, None, &BTreeMap::new()))
+        .unwrap();
+    let lines: Vec<String> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
     assert_eq!(lines[0], uid.to_string());
     assert_eq!(lines[1], gid.to_string());
-    assert!(!lines[2].split(' ').any(|g| g == "0"), "root's groups were dropped: {}", lines[2]);
+    assert!(
+        !lines[2].split(' ').any(|g| g == "0"),
+        "root's groups were dropped: {}",
+        lines[2]
+    );
 }

@@ -129,3 +129,262 @@ pub async fn put_parameters(endpoint: &str, params: &[(String, String, bool)]) {
             .unwrap();
     }
 }
+
+fn read_pid(p: &Path) -> Option<i32> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+fn kill_pidfile(p: &Path) {
+    if let Some(pid) = read_pid(p) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let t0 = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub struct Redis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let bin = require("redis-server");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let st = Command::new(bin)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--pidfile")
+            .arg(dir.path().join("redis.pid"))
+            .arg("--logfile")
+            .arg(dir.path().join("redis.log"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        wait_port(port, "redis", &dir.path().join("redis.log"));
+        Redis { port, dir }
+    }
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        kill_pidfile(&self.dir.path().join("redis.pid"));
+    }
+}
+
+pub struct MariaDb {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl MariaDb {
+    pub fn start() -> MariaDb {
+        let install = require("mariadb-install-db");
+        let server = require("mariadbd");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let out = Command::new(install)
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ])
+            .arg(format!("--datadir={}", d.join("db").display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mariadb-install-db: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let log = d.join("mariadb.err");
+        let child = Command::new(server)
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("db").display()))
+            .arg(format!("--socket={}", d.join("mysqld.sock").display()))
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--pid-file={}", d.join("mariadbd.pid").display()))
+            .arg(format!("--log-error={}", log.display()))
+            .args([
+                "--user=root",
+                "--skip-name-resolve",
+                "--innodb-buffer-pool-size=64M",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_port(port, "mariadbd", &log);
+        let m = MariaDb { port, child, dir };
+        m.sql("CREATE DATABASE app; CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'apppass'; GRANT ALL ON *.* TO 'app'@'127.0.0.1'; FLUSH PRIVILEGES;");
+        m
+    }
+
+    /// Runs SQL as root through the socket, by argv.
+    pub fn sql(&self, q: &str) -> String {
+        let out = Command::new(require("mariadb"))
+            .arg("--no-defaults")
+            .arg(format!(
+                "--socket={}",
+                self.dir.path().join("mysqld.sock").display()
+            ))
+            .args(["-uroot", "-N", "-B", "-e", q])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mariadb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// php-fpm and nginx serving `<app_root>/current/pub` with $realpath_root.
+pub struct Web {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub fpm_bin: PathBuf,
+}
+
+impl Web {
+    pub fn start(app_root: &Path) -> Web {
+        let fpm_bin = ["php-fpm8.2", "php-fpm"]
+            .iter()
+            .find_map(|b| {
+                ["/usr/sbin", "/usr/bin"]
+                    .iter()
+                    .map(|d| Path::new(d).join(b))
+                    .find(|p| p.exists())
+            })
+            .expect("php-fpm is not installed: run scripts/install-test-deps.sh");
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for sub in ["run", "logs", "tmp"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap();
+        }
+        std::fs::write(
+            d.join("php-fpm.conf"),
+            format!(
+                "[global]\npid = {d}/run/php-fpm.pid\nerror_log = {d}/logs/php-fpm.log\ndaemonize = yes\nprocess_control_timeout = 10s\n\
+                 [www]\nlisten = {d}/run/php-fpm.sock\nlisten.mode = 0666\npm = static\npm.max_children = 4\nclear_env = no\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        std::fs::write(d.join("nginx.conf"), nginx_conf(d, app_root, port)).unwrap();
+        let out = Command::new(&fpm_bin)
+            .arg("-R")
+            .arg("-y")
+            .arg(d.join("php-fpm.conf"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "php-fpm: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = Command::new(require("nginx"))
+            .arg("-p")
+            .arg(d)
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .arg("-e")
+            .arg(d.join("logs/nginx.err"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nginx: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_port(port, "nginx", &d.join("logs/nginx.err"));
+        Web { port, dir, fpm_bin }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, path)
+    }
+}
+
+pub fn nginx_conf(d: &Path, app_root: &Path, port: u16) -> String {
+    format!(
+        "user root; worker_processes 2; pid {d}/run/nginx.pid; error_log {d}/logs/nginx.err warn;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{ access_log off;\n\
+           client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy; fastcgi_temp_path {d}/tmp/fcgi;\n\
+           uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;\n\
+           server {{ listen 127.0.0.1:{port}; root {app}/current/pub; index index.php;\n\
+             location / {{ try_files $uri /index.php$is_args$args; }}\n\
+             location ~ \\.php$ {{ include /etc/nginx/fastcgi_params;\n\
+               fastcgi_param SCRIPT_FILENAME $realpath_root$fastcgi_script_name;\n\
+               fastcgi_param DOCUMENT_ROOT $realpath_root;\n\
+               fastcgi_pass unix:{d}/run/php-fpm.sock; }} }} }}\n",
+        d = d.display(),
+        app = app_root.display()
+    )
+}
+
+/// A bare HTTP/1.1 GET on loopback (Connection: close): (status, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    );
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    let status = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+impl Drop for Web {
+    fn drop(&mut self) {
+        kill_pidfile(&self.dir.path().join("run/nginx.pid"));
+        kill_pidfile(&self.dir.path().join("run/php-fpm.pid"));
+    }
+}

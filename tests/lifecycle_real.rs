@@ -1,0 +1,331 @@
+//! Lifecycle events against real nginx, php-fpm, MariaDB and Redis started privately: the
+//! daemon and `bgagent hook` through CodeDeploy's event sequence, with a small PHP app whose
+//! health check reaches MariaDB and Redis with the rendered env.php.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
+
+struct Env {
+    dir: tempfile::TempDir,
+    web: support::Web,
+    ready_port: u16,
+    daemon: Option<Child>,
+    _db: support::MariaDb,
+    _redis: support::Redis,
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+impl Env {
+    fn new(extra_cfg: &str) -> Env {
+        let db = support::MariaDb::start();
+        let redis = support::Redis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("app");
+        std::fs::create_dir_all(&app).unwrap();
+        let web = support::Web::start(&app);
+        let w = web.dir.path();
+        std::fs::write(
+            dir.path().join("params.yaml"),
+            format!(
+                "db: {{ host: 127.0.0.1, port: {}, name: app, user: app, password: apppass }}\nredis: {{ host: 127.0.0.1, port: {} }}\nsecure: [db.password]\n",
+                db.port, redis.port
+            ),
+        )
+        .unwrap();
+        std::fs::copy(
+            support::repo().join("tests/fixtures/app/env.php.j2"),
+            dir.path().join("env.php.j2"),
+        )
+        .unwrap();
+        let ready_port = support::free_port();
+        let nginx = support::require("nginx");
+        let cfg = format!(
+            r#"app_root: app
+state_dir: state
+socket: {{ path: run/bgagent.sock, group: null }}
+codedeploy: {{ deployment_root: cd-root }}
+app: {{ kind: php, name: shop }}
+release: {{ keep: 3, shared_paths: [] }}
+params: {{ source: file, path: params.yaml }}
+templates:
+  - {{ source: env.php.j2, target: app/etc/env.php, mode: "0640" }}
+services:
+  backend: exec
+  list:
+    - name: php-fpm
+      kind: php-fpm
+      test: [{fpm}, -t, -R, -y, {w}/php-fpm.conf]
+      reload: [kill, -USR2, "{{pid}}"]
+      pid_file: {w}/run/php-fpm.pid
+      config_file: {w}/php-fpm.conf
+    - name: nginx
+      kind: nginx
+      test: [{nginx}, -t, -q, -p, {w}, -c, {w}/nginx.conf, -e, {w}/logs/nginx.err]
+      reload: [{nginx}, -p, {w}, -c, {w}/nginx.conf, -e, {w}/logs/nginx.err, -s, reload]
+health:
+  checks:
+    - name: app
+      http: {{ url: "http://127.0.0.1:{wp}/health.php", body_contains: OK }}
+    - name: db
+      tcp: {{ address: "127.0.0.1:{dbp}" }}
+    - name: cache
+      redis: {{ url: "redis://127.0.0.1:{rp}/0" }}
+  period: 100ms
+  success_threshold: 2
+  failure_threshold: 3
+  startup_budget: 1s
+  deadline: 20s
+readiness: {{ listen: "127.0.0.1:{ready_port}" }}
+{extra_cfg}
+"#,
+            fpm = web.fpm_bin.display(),
+            nginx = nginx.display(),
+            w = w.display(),
+            wp = web.port,
+            dbp = db.port,
+            rp = redis.port,
+        );
+        std::fs::write(dir.path().join("bgagent.yaml"), cfg).unwrap();
+        let mut e = Env {
+            dir,
+            web,
+            ready_port,
+            daemon: None,
+            _db: db,
+            _redis: redis,
+        };
+        e.start_daemon();
+        e
+    }
+
+    fn p(&self, s: &str) -> PathBuf {
+        self.dir.path().join(s)
+    }
+
+    fn start_daemon(&mut self) {
+        let log = std::fs::File::create(self.p("daemon.log")).unwrap();
+        let c = Command::new(BIN)
+            .arg("--config")
+            .arg(self.p("bgagent.yaml"))
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(c);
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.p("run/bgagent.sock")).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{}",
+                std::fs::read_to_string(self.p("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn revision(&self, dep: &str, id: &str, broken: bool) {
+        let root = self.p(&format!("cd-root/g-1/{dep}/deployment-archive"));
+        copy_dir(&support::repo().join("tests/fixtures/app"), &root);
+        std::fs::write(root.join("RELEASE_ID"), id).unwrap();
+        if broken {
+            std::fs::write(root.join("BROKEN"), "").unwrap();
+        }
+    }
+
+    fn hook(&self, event: &str, dep: &str) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(self.p("bgagent.yaml"))
+            .args(["hook", event])
+            .env("DEPLOYMENT_ID", dep)
+            .env("DEPLOYMENT_GROUP_ID", "g-1")
+            .env("APPLICATION_NAME", "shop")
+            .output()
+            .unwrap()
+    }
+
+    fn deploy(&self, dep: &str, events: &[&str]) -> Vec<Output> {
+        events.iter().map(|e| self.hook(e, dep)).collect()
+    }
+
+    fn ready(&self) -> u16 {
+        support::http_get(self.ready_port, "/ready").0
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+const ALL: [&str; 7] = [
+    "ApplicationStop",
+    "BeforeInstall",
+    "AfterInstall",
+    "ApplicationStart",
+    "ValidateService",
+    "BeforeAllowTraffic",
+    "AfterAllowTraffic",
+];
+
+fn all_ok(outs: &[Output]) {
+    for o in outs {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+}
+
+#[test]
+fn deploys_switch_reload_health_and_readiness_with_real_services() {
+    let e = Env::new("");
+    assert_eq!(e.ready(), 503, "not ready before any release");
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    assert!(e.web.get("/").1.contains("release=one"));
+    assert!(
+        e.web.get("/health.php").1.contains("OK"),
+        "the rendered env.php reaches MariaDB and Redis"
+    );
+    assert_eq!(e.ready(), 200);
+    let metrics = support::http_get(e.ready_port, "/metrics").1;
+    assert!(
+        metrics.contains("bgagent_readiness_state{state=\"ready\"} 1"),
+        "{metrics}"
+    );
+    let v = text(&e.hook("ValidateService", "d-1"));
+    assert!(v.contains("already succeeded"), "{v}");
+
+    // second release: served right after ApplicationStart (reloads are graceful)
+    e.revision("d-2", "two", false);
+    all_ok(&e.deploy("d-2", &ALL[..4]));
+    assert!(e.web.get("/").1.contains("release=two"));
+    all_ok(&e.deploy("d-2", &ALL[4..]));
+    assert_eq!(e.ready(), 200);
+}
+
+#[test]
+fn a_failing_config_test_keeps_the_old_release_serving() {
+    let e = Env::new("");
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    // break nginx's config: the test fails, nothing is switched or reloaded
+    let conf = e.web.dir.path().join("nginx.conf");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        good.replace(
+            "worker_connections 256;",
+            "worker_connections 256; bogus_directive on;",
+        ),
+    )
+    .unwrap();
+    e.revision("d-2", "two", false);
+    all_ok(&e.deploy("d-2", &ALL[..3]));
+    let live = std::fs::read_link(e.p("app/current")).unwrap();
+    let out = e.hook("ApplicationStart", "d-2");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("config test of nginx failed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read_link(e.p("app/current")).unwrap(), live);
+    assert!(e.web.get("/").1.contains("release=one"));
+}
+
+#[test]
+fn a_health_check_that_never_passes_fails_with_evidence_and_rolls_back() {
+    let e = Env::new("validate: { rollback_on_failure: true }");
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    e.revision("d-2", "two", true);
+    all_ok(&e.deploy("d-2", &ALL[..4]));
+    let t0 = Instant::now();
+    let out = e.hook("ValidateService", "d-2");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("health checks did not pass"), "{t}");
+    assert!(
+        t.contains("answered 500") && t.contains("broken release"),
+        "evidence names the status and body: {t}"
+    );
+    assert!(t.contains("rolled back to"), "{t}");
+    // the startup budget (1 s) plus three failures at 100 ms, not the 20 s deadline
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    assert!(
+        e.web.get("/").1.contains("release=one"),
+        "the previous release serves again"
+    );
+    assert_eq!(e.ready(), 503, "a failed node is not ready");
+}
+
+#[test]
+fn draining_turns_ready_503_before_anything_stops() {
+    let mut e = Env::new("drain: { deregistration_delay: 1500ms }");
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    assert_eq!(e.ready(), 200);
+    let cfg = e.p("bgagent.yaml");
+    let mut hook = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["hook", "BeforeBlockTraffic"])
+        .env("DEPLOYMENT_ID", "d-2")
+        .env("DEPLOYMENT_GROUP_ID", "g-1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mut saw_503_while_running = false;
+    while t0.elapsed() < Duration::from_secs(1) {
+        if e.ready() == 503 && hook.try_wait().unwrap().is_none() {
+            saw_503_while_running = true;
+            // in-flight work still served during the delay
+            assert!(e.web.get("/").1.contains("release=one"));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        saw_503_while_running,
+        "/ready must turn 503 as soon as draining starts"
+    );
+    assert!(hook.wait().unwrap().success());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "the deregistration delay was waited"
+    );
+    let _ = &mut e;
+}
