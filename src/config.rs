@@ -47,6 +47,8 @@ pub struct Config {
     pub services: ServicesConfig,
     /// Checks ValidateService waits for.
     pub health: HealthConfig,
+    /// URLs fetched before the node declares itself ready.
+    pub warmup: crate::warmup::WarmupConfig,
     /// The readiness listener for the load balancer.
     pub readiness: ReadinessConfig,
     pub drain: DrainConfig,
@@ -74,6 +76,7 @@ impl Default for Config {
             services: ServicesConfig::default(),
             health: HealthConfig::default(),
             readiness: ReadinessConfig::default(),
+            warmup: Default::default(),
             drain: DrainConfig::default(),
             validate: ValidateConfig::default(),
             commands: Default::default(),

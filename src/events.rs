@@ -783,22 +783,30 @@ impl Engine {
             let _ = self.readiness.set_starting();
             let _ = self.readiness.set_warming();
         }
-        match crate::health::wait_until_healthy(&self.cfg.health).await {
-            Ok(took) => {
+        let checked = match crate::health::wait_until_healthy(&self.cfg.health).await {
+            Ok(took) => match crate::warmup::run(&self.cfg.warmup).await {
+                Ok(w) => Ok((took, w)),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(failure) => Err(failure.to_string()),
+        };
+        match checked {
+            Ok((took, warm)) => {
                 let _ = self.readiness.set_ready();
-                Ok(if self.cfg.health.checks.is_empty() {
-                    "no health checks configured".into()
+                let checks = if self.cfg.health.checks.is_empty() {
+                    "no health checks configured".to_string()
                 } else {
                     format!(
                         "{} health check(s) passed in {} ms",
                         self.cfg.health.checks.len(),
                         took.as_millis()
                     )
-                })
+                };
+                Ok(format!("{checks}; {warm}"))
             }
             Err(failure) => {
                 let _ = self.readiness.set_starting();
-                let mut msg = failure.to_string();
+                let mut msg = failure;
                 let prev = self
                     .doc
                     .deployment

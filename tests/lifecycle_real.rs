@@ -88,6 +88,11 @@ health:
   startup_budget: 1s
   deadline: 20s
 readiness: {{ listen: "127.0.0.1:{ready_port}" }}
+warmup:
+  urls: [ {{ url: "http://127.0.0.1:{wp}/" }}, {{ url: "http://127.0.0.1:{wp}/health.php" }} ]
+  concurrency: 2
+  repeat: 5
+  p95_ttfb_budget: 5s
 {extra_cfg}
 "#,
             fpm = web.fpm_bin.display(),
@@ -226,6 +231,48 @@ fn deploys_switch_reload_health_and_readiness_with_real_services() {
     );
     let v = text(&e.hook("ValidateService", "d-1"));
     assert!(v.contains("already succeeded"), "{v}");
+    let st: serde_json::Value = serde_json::from_str(&text(
+        &Command::new(BIN)
+            .arg("--config")
+            .arg(e.p("bgagent.yaml"))
+            .args(["status", "--json"])
+            .output()
+            .unwrap(),
+    ))
+    .unwrap();
+    let msg = st["last_deployment"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["event"] == "ValidateService")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("3 health check(s) passed") && msg.contains("warm-up: 10 request(s)"),
+        "{msg}"
+    );
+    assert_eq!(st["node"]["readiness"]["state"], "ready");
+
+    // the warm-up's latency budget is enforced: 0 ms cannot be met
+    let cfg = bgagent::warmup::WarmupConfig {
+        urls: vec![bgagent::warmup::WarmupUrl {
+            url: format!("http://127.0.0.1:{}/", e.web.port),
+            host: None,
+        }],
+        p95_ttfb_budget: Some(Duration::ZERO),
+        ..Default::default()
+    };
+    let err = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(bgagent::warmup::run(&cfg))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("missed its latency budget") && err.contains("p95"),
+        "{err}"
+    );
 
     // second release: served right after ApplicationStart (reloads are graceful)
     e.revision("d-2", "two", false);
@@ -328,4 +375,43 @@ fn draining_turns_ready_503_before_anything_stops() {
         "the deregistration delay was waited"
     );
     let _ = &mut e;
+}
+
+#[test]
+fn a_slow_starting_app_passes_within_the_startup_budget_and_fails_without_it() {
+    use bgagent::health::{CheckConfig, CheckKind, HealthConfig};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (budget, should_pass) in [(Duration::from_secs(5), true), (Duration::ZERO, false)] {
+        let port = support::free_port();
+        // the "app" opens its port 1.5 s late, like a cold PHP-FPM pool behind a socket
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(l);
+        });
+        let cfg = HealthConfig {
+            checks: vec![CheckConfig {
+                name: "slow".into(),
+                kind: CheckKind::Tcp {
+                    address: format!("127.0.0.1:{port}"),
+                },
+            }],
+            period: Duration::from_millis(100),
+            success_threshold: 1,
+            failure_threshold: 3,
+            startup_budget: budget,
+            deadline: Duration::from_secs(10),
+            ..HealthConfig::default()
+        };
+        let r = rt.block_on(bgagent::health::wait_until_healthy(&cfg));
+        assert_eq!(r.is_ok(), should_pass, "budget {budget:?}: {r:?}");
+        if let Err(e) = r {
+            assert!(
+                e.to_string().contains("slow:") && e.to_string().contains("FAIL"),
+                "evidence: {e}"
+            );
+        }
+        opener.join().unwrap();
+    }
 }
