@@ -4,6 +4,19 @@
 //! The config names two (or more) generation slots, each mapping the `default` and
 //! `page_cache` frontends to Redis databases; sessions keep one database that never
 //! alternates. The chosen slot reaches templates as `deploy.cache` and is shown in status.
+//!
+//! Agreement across the fleet goes through Redis, never node-local state:
+//! - `bgagent:{app}:live` holds the live generation `{slot, deployment}` (AfterAllowTraffic).
+//! - AfterInstall: every node computes the slot after the live one and races
+//!   `SET bgagent:{app}:deployment:{id}:slot <slot> NX`; all then read the winner, so nodes of
+//!   one deployment agree even when they run at the same instant.
+//! - The slot is flushed once before first use: the node that wins
+//!   `SET ...:{id}:flush <node> NX` runs FLUSHDB on the slot's two databases (never
+//!   FLUSHALL, never the session database) and then sets `...:{id}:flushed`; the others wait
+//!   for that mark. A slot that a node still serves (`bgagent:{app}:serving:{slot}`, with a
+//!   heartbeat fresher than `stale_after`) is never flushed: the deployment fails instead.
+//! - ApplicationStart registers the node as serving the new slot and leaves the old one.
+//! - A rollback makes the previous generation live again, without a flush.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +31,14 @@ pub struct CacheConfig {
     pub slots: Vec<Slot>,
     /// Prefix of cache ids; the slot number is appended. Default: the application name.
     pub id_prefix: Option<String>,
+    /// This node's name in the serving registry. Default: the host name.
+    pub node: Option<String>,
+    /// A serving registration older than this is ignored (a node that died).
+    #[serde(with = "crate::config::duration")]
+    pub stale_after: std::time::Duration,
+    /// How long nodes wait for the one that flushes a new generation.
+    #[serde(with = "crate::config::duration")]
+    pub flush_wait: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -42,6 +63,9 @@ impl Default for CacheConfig {
                 },
             ],
             id_prefix: None,
+            node: None,
+            stale_after: std::time::Duration::from_secs(3600),
+            flush_wait: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -99,6 +123,299 @@ impl CacheConfig {
             "id_prefix": format!("{prefix}{slot}_"),
         })
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache generations: Redis at {url}: {message}")]
+    Redis { url: String, message: String },
+    #[error(
+        "cache generations: slot {slot} is still served by {nodes}; it cannot be flushed for deployment {deployment}. Finish or roll back the previous deployment first"
+    )]
+    StillServed {
+        slot: usize,
+        nodes: String,
+        deployment: String,
+    },
+    #[error(
+        "cache generations: node {flusher} did not finish flushing slot {slot} within {waited:?}"
+    )]
+    FlushTimeout {
+        slot: usize,
+        flusher: String,
+        waited: std::time::Duration,
+    },
+}
+
+/// This node's name.
+pub fn node_name(cfg: &CacheConfig) -> String {
+    if let Some(n) = &cfg.node {
+        return n.clone();
+    }
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn shown(url: &str) -> String {
+    // never print a password from the URL
+    match (url.find("://"), url.rfind('@')) {
+        (Some(a), Some(b)) if a < b => format!("{}***{}", &url[..a + 3], &url[b..]),
+        _ => url.to_string(),
+    }
+}
+
+/// The URL of database `db` on the configured server.
+fn with_db(url: &str, db: u32) -> String {
+    let base = match url.rfind('/') {
+        Some(i)
+            if i > url.find("://").map(|j| j + 2).unwrap_or(0)
+                && url[i + 1..].chars().all(|c| c.is_ascii_digit()) =>
+        {
+            &url[..i]
+        }
+        _ => url,
+    };
+    format!("{}/{db}", base.trim_end_matches('/'))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct Fleet {
+    url: String,
+    conn: redis::aio::MultiplexedConnection,
+    app: String,
+}
+
+impl Fleet {
+    async fn connect(url: &str, app: &str) -> Result<Fleet, CacheError> {
+        let err = |e: redis::RedisError| CacheError::Redis {
+            url: shown(url),
+            message: e.to_string(),
+        };
+        let client = redis::Client::open(url).map_err(err)?;
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(err)?;
+        Ok(Fleet {
+            url: url.to_string(),
+            conn,
+            app: sanitize(app),
+        })
+    }
+    fn err(&self, e: redis::RedisError) -> CacheError {
+        CacheError::Redis {
+            url: shown(&self.url),
+            message: e.to_string(),
+        }
+    }
+    fn key(&self, rest: &str) -> String {
+        format!("bgagent:{}:{rest}", self.app)
+    }
+    async fn get(&mut self, k: &str) -> Result<Option<String>, CacheError> {
+        redis::cmd("GET")
+            .arg(k)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| self.err(e))
+    }
+    async fn set_nx(&mut self, k: &str, v: &str) -> Result<bool, CacheError> {
+        let r: Option<String> = redis::cmd("SET")
+            .arg(k)
+            .arg(v)
+            .arg("NX")
+            .arg("EX")
+            .arg(7 * 24 * 3600)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(r.is_some())
+    }
+    async fn live(&mut self) -> Result<Option<(usize, String)>, CacheError> {
+        let k = self.key("live");
+        Ok(self.get(&k).await?.and_then(|v| {
+            let j: serde_json::Value = serde_json::from_str(&v).ok()?;
+            Some((
+                j["slot"].as_u64()? as usize,
+                j["deployment"].as_str().unwrap_or("").to_string(),
+            ))
+        }))
+    }
+    async fn servers(
+        &mut self,
+        slot: usize,
+        stale_after: std::time::Duration,
+    ) -> Result<Vec<String>, CacheError> {
+        let k = self.key(&format!("serving:{slot}"));
+        let all: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(&k)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let now = now_secs();
+        let mut v: Vec<String> = all
+            .into_iter()
+            .filter(|(_, t)| now.saturating_sub(*t) < stale_after.as_secs())
+            .map(|(n, _)| n)
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+}
+
+/// AfterInstall: agrees with the fleet on this deployment's slot, flushes it once, and
+/// returns the template facts.
+pub async fn choose(
+    cfg: &CacheConfig,
+    app: &str,
+    deployment: &str,
+) -> Result<serde_json::Value, CacheError> {
+    let Some(url) = &cfg.redis else {
+        let mut f = cfg.facts(0, app);
+        f["agreed"] = serde_json::Value::Bool(false);
+        return Ok(f);
+    };
+    let node = node_name(cfg);
+    let mut fleet = Fleet::connect(url, app).await?;
+    let live = fleet.live().await?;
+    let candidate = next_slot(live.as_ref().map(|l| l.0), cfg.slots.len());
+    let slot_key = fleet.key(&format!("deployment:{deployment}:slot"));
+    fleet.set_nx(&slot_key, &candidate.to_string()).await?;
+    let slot: usize = fleet
+        .get(&slot_key)
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(candidate);
+    let flushed_key = fleet.key(&format!("deployment:{deployment}:flushed"));
+    if fleet.get(&flushed_key).await?.is_none() {
+        let flush_key = fleet.key(&format!("deployment:{deployment}:flush"));
+        if fleet.set_nx(&flush_key, &node).await? {
+            let servers: Vec<String> = fleet
+                .servers(slot, cfg.stale_after)
+                .await?
+                .into_iter()
+                .collect();
+            if !servers.is_empty() {
+                // give the claim back so a retry can flush once the slot is free
+                let _: Result<i64, _> = redis::cmd("DEL")
+                    .arg(&flush_key)
+                    .query_async(&mut fleet.conn)
+                    .await;
+                return Err(CacheError::StillServed {
+                    slot,
+                    nodes: servers.join(", "),
+                    deployment: deployment.into(),
+                });
+            }
+            let s = cfg.slots.get(slot).copied().unwrap_or(Slot {
+                default_db: 0,
+                page_cache_db: 1,
+            });
+            for db in [s.default_db, s.page_cache_db] {
+                let mut c = Fleet::connect(&with_db(url, db), app).await?;
+                let _: () = redis::cmd("FLUSHDB")
+                    .query_async(&mut c.conn)
+                    .await
+                    .map_err(|e| c.err(e))?;
+            }
+            let _: () = redis::cmd("SET")
+                .arg(&flushed_key)
+                .arg(&node)
+                .arg("EX")
+                .arg(7 * 24 * 3600)
+                .query_async(&mut fleet.conn)
+                .await
+                .map_err(|e| fleet.err(e))?;
+            tracing::info!(
+                "flushed cache generation slot {slot} (databases {} and {}) for deployment {deployment}",
+                s.default_db,
+                s.page_cache_db
+            );
+        } else {
+            let flusher = fleet.get(&flush_key).await?.unwrap_or_default();
+            let t0 = std::time::Instant::now();
+            while fleet.get(&flushed_key).await?.is_none() {
+                if t0.elapsed() > cfg.flush_wait {
+                    return Err(CacheError::FlushTimeout {
+                        slot,
+                        flusher,
+                        waited: cfg.flush_wait,
+                    });
+                }
+                if fleet.get(&flush_key).await?.is_none() {
+                    // the flusher gave up (slot still served): fail the same way
+                    let servers = fleet.servers(slot, cfg.stale_after).await?;
+                    return Err(CacheError::StillServed {
+                        slot,
+                        nodes: servers.join(", "),
+                        deployment: deployment.into(),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!(
+        "cache generation for deployment {deployment}: slot {slot} (agreed through Redis; live slot {:?})",
+        live.map(|l| l.0)
+    );
+    let mut f = cfg.facts(slot, app);
+    f["agreed"] = serde_json::Value::Bool(true);
+    Ok(f)
+}
+
+/// ApplicationStart and rollbacks: this node now serves `slot` (and no other).
+pub async fn mark_serving(cfg: &CacheConfig, app: &str, slot: usize) -> Result<(), CacheError> {
+    let Some(url) = &cfg.redis else { return Ok(()) };
+    let node = node_name(cfg);
+    let mut fleet = Fleet::connect(url, app).await?;
+    for other in 0..cfg.slots.len() {
+        let k = fleet.key(&format!("serving:{other}"));
+        if other == slot {
+            let _: () = redis::cmd("HSET")
+                .arg(&k)
+                .arg(&node)
+                .arg(now_secs())
+                .query_async(&mut fleet.conn)
+                .await
+                .map_err(|e| fleet.err(e))?;
+        } else {
+            let _: i64 = redis::cmd("HDEL")
+                .arg(&k)
+                .arg(&node)
+                .query_async(&mut fleet.conn)
+                .await
+                .map_err(|e| fleet.err(e))?;
+        }
+    }
+    Ok(())
+}
+
+/// AfterAllowTraffic (and rollbacks): `slot` is the live generation. No flush.
+pub async fn mark_live(
+    cfg: &CacheConfig,
+    app: &str,
+    slot: usize,
+    deployment: &str,
+) -> Result<(), CacheError> {
+    let Some(url) = &cfg.redis else { return Ok(()) };
+    let mut fleet = Fleet::connect(url, app).await?;
+    let k = fleet.key("live");
+    let v = serde_json::json!({ "slot": slot, "deployment": deployment }).to_string();
+    let _: () = redis::cmd("SET")
+        .arg(&k)
+        .arg(v)
+        .query_async(&mut fleet.conn)
+        .await
+        .map_err(|e| fleet.err(e))?;
+    Ok(())
 }
 
 fn sanitize(s: &str) -> String {

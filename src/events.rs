@@ -105,6 +105,8 @@ pub enum EngineError {
     Params(#[from] crate::params::ParamsError),
     #[error(transparent)]
     Render(#[from] crate::render::RenderError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
     #[error("{0}")]
     Failed(String),
 }
@@ -327,6 +329,18 @@ impl Engine {
             error!("{msg}");
             return Outcome::Failed(msg);
         }
+        // The previous generation becomes live again, without a flush.
+        if let Some(slot) = self.release_slot(&prev) {
+            let app = self.app_name();
+            if let Err(e) = crate::cache::mark_serving(&self.cfg.cache, &app, slot).await {
+                let msg = format!("rollback failed: {e}");
+                error!("{msg}");
+                return Outcome::Failed(msg);
+            }
+            if let Err(e) = crate::cache::mark_live(&self.cfg.cache, &app, slot, "rollback").await {
+                warn!("{e}");
+            }
+        }
         let switched = self.switch(&prev, SwitchReason::Rollback).await;
         let switched = match switched {
             Ok(()) => {
@@ -415,6 +429,12 @@ impl Engine {
             }
             Event::BeforeAllowTraffic => Ok(String::new()),
             Event::AfterAllowTraffic => {
+                if let Some(cur) = self.layout.current()
+                    && let Some(slot) = self.release_slot(&cur)
+                {
+                    let dep = self.deployment()?.id.clone();
+                    crate::cache::mark_live(&self.cfg.cache, &self.app_name(), slot, &dep).await?;
+                }
                 self.set_traffic(Traffic::Live);
                 Ok("node recorded as live".into())
             }
@@ -616,7 +636,13 @@ impl Engine {
         let policy = Policy::resolve(&self.cfg.permissions)?;
         self.layout
             .link_shared(&id, &self.cfg.release.shared_paths, &policy)?;
-        let cache = self.choose_cache_generation();
+        let cache = match crate::cache::choose(&self.cfg.cache, &self.app_name(), &dep_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&final_dir);
+                return Err(e.into());
+            }
+        };
         let params = match self.render_into(&id, &final_dir, &cache).await {
             Ok(p) => p,
             Err(e) => {
@@ -641,9 +667,13 @@ impl Engine {
         Ok(format!("release {id} is ready at {}", final_dir.display()))
     }
 
-    /// The cache generation for a new release.
-    fn choose_cache_generation(&self) -> serde_json::Value {
-        self.cfg.cache.facts(0, &self.app_name())
+    /// The cache slot a release was rendered for.
+    fn release_slot(&self, id: &str) -> Option<usize> {
+        self.doc
+            .releases
+            .get(id)
+            .and_then(|r| r.cache["slot"].as_u64())
+            .map(|s| s as usize)
     }
 
     fn app_name(&self) -> String {
@@ -714,6 +744,10 @@ impl Engine {
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?;
         let _ = self.readiness.set_starting();
+        if let Some(slot) = self.release_slot(&id) {
+            // Registered before the switch, so the slot is never flushed under this node.
+            crate::cache::mark_serving(&self.cfg.cache, &self.app_name(), slot).await?;
+        }
         self.switch(&id, SwitchReason::Deploy).await?;
         let plan: Vec<_> = crate::services::plan_reload(&self.cfg.services)
             .into_iter()
@@ -793,6 +827,12 @@ impl Engine {
         match checked {
             Ok((took, warm)) => {
                 let _ = self.readiness.set_ready();
+                if let (Some(id), Some(dep)) =
+                    (&id, self.doc.deployment.as_ref().map(|d| d.id.clone()))
+                    && let Some(slot) = self.release_slot(id)
+                {
+                    crate::cache::mark_live(&self.cfg.cache, &self.app_name(), slot, &dep).await?;
+                }
                 let checks = if self.cfg.health.checks.is_empty() {
                     "no health checks configured".to_string()
                 } else {

@@ -132,14 +132,14 @@ pub async fn run(cfg: &WarmupConfig) -> Result<String, WarmupError> {
         })
         .collect::<Vec<_>>()
         .join("; ");
-    if let Some(budget) = cfg.p95_ttfb_budget {
-        if p95 > budget {
-            return Err(WarmupError::Budget {
-                p95_ms: p95.as_millis() as u64,
-                budget_ms: budget.as_millis() as u64,
-                detail,
-            });
-        }
+    if let Some(budget) = cfg.p95_ttfb_budget
+        && p95 > budget
+    {
+        return Err(WarmupError::Budget {
+            p95_ms: p95.as_millis() as u64,
+            budget_ms: budget.as_millis() as u64,
+            detail,
+        });
     }
     let msg = format!(
         "warm-up: {} request(s), p95 time to first byte {} ms",

@@ -1,0 +1,259 @@
+//! The fleet test for cache generations: 8 agents (separate roots, sockets and readiness
+//! ports; one Redis) run the same deployment at the same instant; all must choose the same
+//! generation and exactly one must flush it. Then a second deployment takes the other slot,
+//! and a rollback makes the first live again without a flush.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
+const NODES: usize = 8;
+
+struct Agent {
+    dir: PathBuf,
+    daemon: Child,
+}
+
+impl Agent {
+    fn start(base: &std::path::Path, i: usize, redis: &str) -> Agent {
+        let dir = base.join(format!("node{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("t.php.j2"),
+            "<?php return [{{ deploy.cache.default_db }}, {{ deploy.cache.id_prefix }}];\n",
+        )
+        .unwrap();
+        let cfg = format!(
+            "app_root: app\nstate_dir: state\nsocket: {{ path: run/s.sock, group: null }}\ncodedeploy: {{ deployment_root: ../cd-root }}\n\
+             app: {{ kind: php, name: shop }}\nrelease: {{ shared_paths: [] }}\n\
+             templates: [ {{ source: t.php.j2, target: app/etc/env.php, check: [] }} ]\n\
+             cache: {{ redis: \"{redis}\", node: node{i} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n",
+            support::free_port()
+        );
+        std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let daemon = Command::new(BIN)
+            .arg("--config")
+            .arg(dir.join("bgagent.yaml"))
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(dir.join("run/s.sock")).is_err() {
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Agent { dir, daemon }
+    }
+
+    fn hook(dir: &std::path::Path, ev: &str, dep: &str) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(dir.join("bgagent.yaml"))
+            .args(["hook", ev])
+            .env("DEPLOYMENT_ID", dep)
+            .env("DEPLOYMENT_GROUP_ID", "g")
+            .env("APPLICATION_NAME", "shop")
+            .output()
+            .unwrap()
+    }
+
+    fn slot(&self) -> u64 {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(self.dir.join("bgagent.yaml"))
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["current_release"]["cache"]["slot"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.daemon.id().to_string()])
+            .status();
+        let _ = self.daemon.wait();
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn redis_cli(port: u16, db: u32, args: &[&str]) -> String {
+    let out = Command::new(support::require("redis-cli"))
+        .args(["-p", &port.to_string(), "-n", &db.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// All nodes run `events` of `dep` concurrently, released by one barrier per event.
+fn fleet_deploy(agents: &[Agent], dep: &str, events: &[&'static str]) -> Vec<Vec<Output>> {
+    let barrier = Arc::new(Barrier::new(agents.len()));
+    let handles: Vec<_> = agents
+        .iter()
+        .map(|a| {
+            let (dir, b, dep) = (a.dir.clone(), barrier.clone(), dep.to_string());
+            let events = events.to_vec();
+            std::thread::spawn(move || {
+                events
+                    .iter()
+                    .map(|ev| {
+                        b.wait();
+                        Agent::hook(&dir, ev, &dep)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+fn revision(base: &std::path::Path, dep: &str) {
+    let d = base.join(format!("cd-root/g/{dep}/deployment-archive/pub"));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("index.php"), dep).unwrap();
+}
+
+const EVENTS: [&str; 6] = [
+    "BeforeInstall",
+    "AfterInstall",
+    "ApplicationStart",
+    "ValidateService",
+    "BeforeAllowTraffic",
+    "AfterAllowTraffic",
+];
+
+#[test]
+fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
+    let redis = support::Redis::start();
+    let base = tempfile::tempdir().unwrap();
+    let agents: Vec<Agent> = (0..NODES)
+        .map(|i| Agent::start(base.path(), i, &redis.url()))
+        .collect();
+
+    // stale entries in slot 0's databases must be gone after the first deployment's flush
+    redis_cli(redis.port, 0, &["SET", "stale-cache-entry", "x"]);
+    redis_cli(redis.port, 2, &["SET", "PHPREDIS_SESSION:abc", "session"]);
+    revision(base.path(), "d-1");
+    let outs = fleet_deploy(&agents, "d-1", &EVENTS);
+    for node in &outs {
+        for o in node {
+            assert_eq!(o.status.code(), Some(0), "{}", text(o));
+        }
+    }
+    let flushes = outs
+        .iter()
+        .flatten()
+        .filter(|o| text(o).contains("flushed cache generation slot 0"))
+        .count();
+    assert_eq!(flushes, 1, "exactly one node flushes the new generation");
+    assert!(agents.iter().all(|a| a.slot() == 0));
+    assert_eq!(
+        redis_cli(redis.port, 0, &["EXISTS", "stale-cache-entry"]),
+        "0"
+    );
+    assert_eq!(
+        redis_cli(redis.port, 2, &["GET", "PHPREDIS_SESSION:abc"]),
+        "session",
+        "sessions never flushed"
+    );
+    for a in &agents {
+        let env = std::fs::read_to_string(a.dir.join("app/current/app/etc/env.php")).unwrap();
+        assert_eq!(env, "<?php return [0, 'shop_0_'];\n");
+    }
+    assert!(redis_cli(redis.port, 0, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
+
+    // the old generation keeps its entries while a node serves it
+    redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
+    revision(base.path(), "d-2");
+    let outs = fleet_deploy(&agents, "d-2", &EVENTS);
+    for o in outs.iter().flatten() {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    assert!(
+        agents.iter().all(|a| a.slot() == 1),
+        "the second deployment takes the other slot"
+    );
+    assert_eq!(
+        redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]),
+        "1",
+        "slot 0 was not flushed"
+    );
+    assert_eq!(
+        outs.iter()
+            .flatten()
+            .filter(|o| text(o).contains("flushed cache generation slot 1"))
+            .count(),
+        1
+    );
+
+    // rollback: slot 0 is live again, nothing flushed
+    redis_cli(redis.port, 3, &["SET", "gen1-entry", "x"]);
+    for a in &agents {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(a.dir.join("bgagent.yaml"))
+            .arg("rollback")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(a.slot(), 0);
+    }
+    assert!(redis_cli(redis.port, 0, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
+    assert_eq!(redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]), "1");
+    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "gen1-entry"]), "1");
+
+    // a third deployment would reuse slot 1: it is not served by anyone now, so it is flushed
+    revision(base.path(), "d-3");
+    let outs = fleet_deploy(&agents, "d-3", &EVENTS[..2]);
+    for o in outs.iter().flatten() {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "gen1-entry"]), "0");
+}
+
+#[test]
+fn a_generation_still_served_is_never_flushed() {
+    let redis = support::Redis::start();
+    let base = tempfile::tempdir().unwrap();
+    let a = Agent::start(base.path(), 0, &redis.url());
+    revision(base.path(), "d-1");
+    for ev in EVENTS {
+        assert!(Agent::hook(&a.dir, ev, "d-1").status.success());
+    }
+    // another node still serves slot 1 (fresh heartbeat)
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    redis_cli(
+        redis.port,
+        0,
+        &["HSET", "bgagent:shop:serving:1", "old-node", &now],
+    );
+    redis_cli(redis.port, 3, &["SET", "served-entry", "x"]);
+    revision(base.path(), "d-2");
+    let out = Agent::hook(&a.dir, "AfterInstall", "d-2");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("slot 1 is still served by old-node"), "{t}");
+    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "1");
+}
