@@ -5,7 +5,8 @@
 //! `page_cache` frontends to Redis databases; sessions keep one database that never
 //! alternates. The chosen slot reaches templates as `deploy.cache` and is shown in status.
 //!
-//! Agreement across the fleet goes through Redis, never node-local state:
+//! Agreement across the fleet goes through Redis, never node-local state. Its keys live in
+//! the session database (never flushed, never a slot's):
 //! - `bgagent:{app}:live` holds the live generation `{slot, deployment}` (AfterAllowTraffic).
 //! - AfterInstall: every node computes the slot after the live one and races
 //!   `SET bgagent:{app}:deployment:{id}:slot <slot> NX`; all then read the winner, so nodes of
@@ -210,6 +211,11 @@ impl Fleet {
             app: sanitize(app),
         })
     }
+    /// The coordination keys' connection: the session database, which is never flushed.
+    async fn coordination(cfg: &CacheConfig, url: &str, app: &str) -> Result<Fleet, CacheError> {
+        Fleet::connect(&with_db(url, cfg.session_db), app).await
+    }
+
     fn err(&self, e: redis::RedisError) -> CacheError {
         CacheError::Redis {
             url: shown(&self.url),
@@ -283,7 +289,7 @@ pub async fn choose(
         return Ok(f);
     };
     let node = node_name(cfg);
-    let mut fleet = Fleet::connect(url, app).await?;
+    let mut fleet = Fleet::coordination(cfg, url, app).await?;
     let live = fleet.live().await?;
     let candidate = next_slot(live.as_ref().map(|l| l.0), cfg.slots.len());
     let slot_key = fleet.key(&format!("deployment:{deployment}:slot"));
@@ -375,7 +381,7 @@ pub async fn choose(
 pub async fn mark_serving(cfg: &CacheConfig, app: &str, slot: usize) -> Result<(), CacheError> {
     let Some(url) = &cfg.redis else { return Ok(()) };
     let node = node_name(cfg);
-    let mut fleet = Fleet::connect(url, app).await?;
+    let mut fleet = Fleet::coordination(cfg, url, app).await?;
     for other in 0..cfg.slots.len() {
         let k = fleet.key(&format!("serving:{other}"));
         if other == slot {
@@ -406,7 +412,7 @@ pub async fn mark_live(
     deployment: &str,
 ) -> Result<(), CacheError> {
     let Some(url) = &cfg.redis else { return Ok(()) };
-    let mut fleet = Fleet::connect(url, app).await?;
+    let mut fleet = Fleet::coordination(cfg, url, app).await?;
     let k = fleet.key("live");
     let v = serde_json::json!({ "slot": slot, "deployment": deployment }).to_string();
     let _: () = redis::cmd("SET")

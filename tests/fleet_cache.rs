@@ -178,7 +178,7 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
         let env = std::fs::read_to_string(a.dir.join("app/current/app/etc/env.php")).unwrap();
         assert_eq!(env, "<?php return [0, 'shop_0_'];\n");
     }
-    assert!(redis_cli(redis.port, 0, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
+    assert!(redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
 
     // the old generation keeps its entries while a node serves it
     redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
@@ -216,7 +216,7 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(a.slot(), 0);
     }
-    assert!(redis_cli(redis.port, 0, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
+    assert!(redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
     assert_eq!(redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]), "1");
     assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "gen1-entry"]), "1");
 
@@ -244,9 +244,10 @@ fn a_generation_still_served_is_never_flushed() {
         .unwrap()
         .as_secs()
         .to_string();
+    // (coordination keys live in the session database, 2)
     redis_cli(
         redis.port,
-        0,
+        2,
         &["HSET", "bgagent:shop:serving:1", "old-node", &now],
     );
     redis_cli(redis.port, 3, &["SET", "served-entry", "x"]);
