@@ -330,6 +330,16 @@ def analyse(name, recs, events, switched):
         for r in recs:
             if t_sw <= r[0] < end and 200 <= r[2] < 300 and r[3] != rel:
                 stale += 1
+    if os.environ.get("BENCH_DEBUG"):
+        for (t_sw, rel) in switched:
+            print(name, "switch", round(t_sw, 3), rel, file=sys.stderr)
+        for r in recs:
+            if not (200 <= r[2] < 300):
+                print(name, "failed", [round(r[0], 3), round(r[1], 4), r[2], r[3]], file=sys.stderr)
+        for (t_sw, rel) in switched:
+            for r in recs:
+                if t_sw - 0.3 <= r[0] < t_sw + 0.5:
+                    print(name, "near", rel, [round(r[0], 3), round(r[1], 4), r[2], r[3]], file=sys.stderr)
     lat = sorted(r[1] for r in recs if 200 <= r[2] < 300)
     # p99 in the windows around switches (ApplicationStart +- 1 s) against the rest
     near = [r[1] for r in recs if any(abs(r[0] - t) < 1.0 for (t, _) in switched) and 200 <= r[2] < 300]
@@ -379,7 +389,8 @@ def main():
         for r in all_events:
             f.write(",".join(str(x) for x in r) + "\n")
     (out / "zero_downtime.json").write_text(json.dumps(results, indent=2))
-    subprocess.run([sys.executable, str(REPO / "bench/plot.py"), str(out / "zero_downtime_series.csv"),
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable  # Debian's matplotlib
+    subprocess.run([py, str(REPO / "bench/plot.py"), str(out / "zero_downtime_series.csv"),
                     str(out / "zero_downtime_events.csv"), str(out / "zero_downtime.png")], check=False)
     b, t = results["bgagent"], results["tutorial"]
     print(f"## Zero downtime: {a.deploys} in-place deploys each under {a.rate} req/s\n")

@@ -61,6 +61,12 @@ pub struct ServiceConfig {
     pub config_file: Option<PathBuf>,
     /// Stop this service when draining (ApplicationStop/BeforeBlockTraffic).
     pub stop_on_drain: bool,
+    /// Reload after a switch. Default: yes for php-fpm and others (new workers, fresh
+    /// opcache); no for nginx, which serves `current/pub` through `$realpath_root` and so
+    /// follows a switch without a reload. A reload makes old nginx workers close their idle
+    /// keep-alive connections, which races clients sending on them: set this to true only
+    /// when a release changes nginx's config. Config tests run either way.
+    pub reload_on_switch: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +114,9 @@ impl ServiceConfig {
             _ => None,
         })
     }
+    fn reloads_on_switch(&self) -> bool {
+        self.reload_on_switch.unwrap_or(self.kind != ServiceKind::Nginx)
+    }
     fn reload_argv(&self, global: Backend) -> Option<Vec<String>> {
         match self.backend(global) {
             Backend::Systemd => Some(vec!["systemctl".into(), "reload".into(), self.unit()]),
@@ -128,7 +137,7 @@ pub fn plan_reload(cfg: &ServicesConfig) -> Vec<Action> {
             });
         }
     }
-    for s in &cfg.list {
+    for s in cfg.list.iter().filter(|s| s.reloads_on_switch()) {
         if let Some(argv) = s.reload_argv(cfg.backend) {
             out.push(Action::Reload {
                 service: s.name.clone(),
@@ -290,7 +299,11 @@ mod tests {
     fn plan_tests_everything_before_reloading_anything() {
         let p = plan_reload(&cfg());
         let kinds: Vec<_> = p.iter().map(|a| matches!(a, Action::Test { .. })).collect();
-        assert_eq!(kinds, vec![true, true, false, false]);
+        // nginx is tested but not reloaded unless asked: it follows the switch by itself
+        assert_eq!(kinds, vec![true, true, false]);
+        let mut c = cfg();
+        c.list[1].reload_on_switch = Some(true);
+        assert_eq!(plan_reload(&c).len(), 4);
         assert_eq!(
             p[1],
             Action::Test {
