@@ -47,6 +47,8 @@ pub struct Config {
     pub services: ServicesConfig,
     /// Checks ValidateService waits for.
     pub health: HealthConfig,
+    /// Magento schema gate and once-per-deployment migrations.
+    pub schema: crate::schema::SchemaConfig,
     /// URLs fetched before the node declares itself ready.
     pub warmup: crate::warmup::WarmupConfig,
     /// The readiness listener for the load balancer.
@@ -77,6 +79,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             readiness: ReadinessConfig::default(),
             warmup: Default::default(),
+            schema: Default::default(),
             drain: DrainConfig::default(),
             validate: ValidateConfig::default(),
             commands: Default::default(),

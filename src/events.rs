@@ -690,10 +690,38 @@ impl Engine {
             .unwrap_or_else(|| "app".into())
     }
 
-    /// Renders the configured templates into the release; returns the parameter versions
-    /// used (no values).
+    /// Renders the configured templates into the release, then runs the schema steps (which
+    /// need the rendered env.php); returns the parameter versions used (no values).
     async fn render_into(
         &self,
+        release_id: &str,
+        dir: &Path,
+        cache: &serde_json::Value,
+    ) -> Result<serde_json::Value, EngineError> {
+        let params = if self.cfg.templates.is_empty()
+            && self.cfg.params == crate::params::ParamsConfig::None
+        {
+            crate::params::ParamSet::default()
+        } else {
+            crate::params::load(&self.cfg.params, &self.cfg.base_dir).await?
+        };
+        let versions = self.render_with(&params, release_id, dir, cache).await?;
+        let dep = self.deployment()?.id.clone();
+        let node = crate::cache::node_name(&self.cfg.cache);
+        let lookup = |key: &str| params.by_key.get(key).map(|p| p.value.expose().clone());
+        for line in
+            crate::schema::prepare(&self.cfg.schema, dir, &self.app_name(), &dep, &node, lookup)
+                .await
+                .map_err(|e| EngineError::Failed(e.to_string()))?
+        {
+            info!("{line}");
+        }
+        Ok(versions)
+    }
+
+    async fn render_with(
+        &self,
+        params: &crate::params::ParamSet,
         release_id: &str,
         dir: &Path,
         cache: &serde_json::Value,
@@ -701,7 +729,6 @@ impl Engine {
         if self.cfg.templates.is_empty() {
             return Ok(serde_json::Value::Null);
         }
-        let params = crate::params::load(&self.cfg.params, &self.cfg.base_dir).await?;
         let dep = self.deployment()?;
         let facts = template_facts(
             &self.cfg,
@@ -712,7 +739,7 @@ impl Engine {
             cache,
         );
         let rendered =
-            crate::render::render_all(&self.cfg.templates, &self.cfg.base_dir, &params, &facts)?;
+            crate::render::render_all(&self.cfg.templates, &self.cfg.base_dir, params, &facts)?;
         let dir = dir.to_path_buf();
         let n = rendered.len();
         tokio::task::spawn_blocking(move || crate::render::write_all(&rendered, &dir))

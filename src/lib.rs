@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod readiness;
 pub mod release;
 pub mod render;
+pub mod schema;
 pub mod secret;
 pub mod services;
 pub mod state;

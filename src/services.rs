@@ -115,7 +115,8 @@ impl ServiceConfig {
         })
     }
     fn reloads_on_switch(&self) -> bool {
-        self.reload_on_switch.unwrap_or(self.kind != ServiceKind::Nginx)
+        self.reload_on_switch
+            .unwrap_or(self.kind != ServiceKind::Nginx)
     }
     fn reload_argv(&self, global: Backend) -> Option<Vec<String>> {
         match self.backend(global) {
