@@ -320,6 +320,13 @@ def run_baseline(a, work: Path):
     return recs, events, switched
 
 
+def rnum(rel):
+    try:
+        return int(rel.lstrip("r"))
+    except ValueError:
+        return -1
+
+
 def analyse(name, recs, events, switched):
     failed = sum(1 for r in recs if not (200 <= r[2] < 300))
     # stale: a response from an older release to a request sent after ApplicationStart returned
@@ -328,8 +335,12 @@ def analyse(name, recs, events, switched):
         nxt = [t for (t, _) in switched if t > t_sw]
         end = nxt[0] if nxt else float("inf")
         for r in recs:
-            if t_sw <= r[0] < end and 200 <= r[2] < 300 and r[3] != rel:
+            # older than the release switched to; a newer one only means the next switch
+            # happened before its hook returned
+            if t_sw <= r[0] < end and 200 <= r[2] < 300 and rnum(r[3]) < rnum(rel):
                 stale += 1
+                if os.environ.get("BENCH_DEBUG"):
+                    print(name, "STALE", rel, round(t_sw, 3), [round(r[0], 3), round(r[1], 4), r[2], r[3]], file=sys.stderr)
     if os.environ.get("BENCH_DEBUG"):
         for (t_sw, rel) in switched:
             print(name, "switch", round(t_sw, 3), rel, file=sys.stderr)

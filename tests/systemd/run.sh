@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The unit and the systemd backend against a real systemd, booted inside systemd-nspawn (never
+# on the host). Checks: Type=notify makes the unit active only after READY; the daemon answers
+# `bgagent status` over its socket; a deployment through the daemon config-tests and reloads
+# php8.2-fpm with systemctl; the log reaches the journal with bgagent's identifier.
+# Needs root. The container root is cached in target/nspawn-root (debootstrap, ~2 min once).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BGAGENT_BIN:-target/debug/bgagent}
+R=target/nspawn-root
+fail() { echo "systemd test: FAIL: $*" >&2; exit 1; }
+[ "$(id -u)" -eq 0 ] || { echo "systemd test: skipped (needs root)"; exit 0; }
+for p in systemd-container debootstrap; do
+  dpkg -s "$p" >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$p" >/dev/null
+done
+if [ ! -x "$R/usr/bin/systemctl" ]; then
+  rm -rf "$R"
+  debootstrap --variant=minbase \
+    --include=systemd,systemd-sysv,dbus,nginx-light,php8.2-fpm,procps,curl,iproute2 \
+    bookworm "$R" >/tmp/bgagent-debootstrap.log 2>&1 || { tail -20 /tmp/bgagent-debootstrap.log; fail "debootstrap"; }
+fi
+S=$(mktemp -d)
+trap 'kill -TERM $NSPAWN 2>/dev/null; wait $NSPAWN 2>/dev/null; rm -rf "$S"' EXIT
+mkdir -p "$S/etc" "$S/release/pub"
+cat > "$S/etc/bgagent.yaml" <<'YAML'
+app_root: /var/www/app
+app: { kind: php, name: nspawn }
+release: { shared_paths: [] }
+permissions: { owner: root, group: www-data }
+services:
+  backend: systemd
+  list:
+    - { name: php8.2-fpm, kind: php-fpm, test: [php-fpm8.2, -t] }
+    - { name: nginx, kind: nginx }
+YAML
+echo '<?php echo "hello from nspawn";' > "$S/release/pub/index.php"
+systemd-nspawn -D "$R" -b --register=no --keep-unit --private-network --console=pipe \
+  --machine=bgtest --volatile=overlay \
+  --bind-ro="$PWD/$BIN:/usr/bin/bgagent" \
+  --bind-ro="$PWD/systemd/bgagent.service:/etc/systemd/system/bgagent.service" \
+  --bind-ro="$PWD/systemd/bgagent.sysusers:/usr/lib/sysusers.d/bgagent.conf" \
+  --bind-ro="$PWD/systemd/bgagent.tmpfiles:/usr/lib/tmpfiles.d/bgagent.conf" \
+  --bind-ro="$S/etc/bgagent.yaml:/etc/bgagent/bgagent.yaml" \
+  --bind-ro="$S/release:/srv/release" </dev/null >"$S/console.log" 2>&1 &
+NSPAWN=$!
+L=""
+for _ in $(seq 100); do L=$(pgrep -P $NSPAWN -x systemd || true); [ -n "$L" ] && break; sleep 0.1; done
+[ -n "$L" ] || { cat "$S/console.log"; fail "systemd did not start in the container"; }
+in() { nsenter -t "$L" -a "$@"; }
+for _ in $(seq 100); do
+  st=$(in systemctl is-system-running 2>/dev/null || true)
+  case "$st" in running|degraded) break;; esac; sleep 0.1
+done
+in systemd-sysusers >/dev/null 2>&1 || true
+in systemctl start php8.2-fpm nginx || fail "php-fpm/nginx did not start"
+in systemctl start bgagent.service || { in journalctl -u bgagent --no-pager | tail -20; fail "bgagent.service did not start"; }
+[ "$(in systemctl is-active bgagent.service)" = active ] || fail "bgagent.service is not active"
+[ "$(in systemctl show -p Type --value bgagent.service)" = notify ] || fail "not Type=notify"
+in test -S /run/bgagent/bgagent.sock || fail "no socket"
+[ "$(in stat -c %a /run/bgagent/bgagent.sock)" = 660 ] || fail "socket mode is not 0660"
+[ "$(in stat -c %G /run/bgagent/bgagent.sock)" = bgagent ] || fail "socket group is not bgagent"
+pid_before=$(in systemctl show -p MainPID --value php8.2-fpm)
+out=$(in bgagent deploy /srv/release 2>&1) || { echo "$out"; fail "deploy through the daemon failed"; }
+echo "$out" | grep -q "switched current to" || { echo "$out"; fail "no switch in the deploy output"; }
+echo "$out" | grep -q "reloaded php8.2-fpm" || { echo "$out"; fail "php8.2-fpm was not reloaded through systemctl"; }
+in systemctl is-active php8.2-fpm >/dev/null || fail "php8.2-fpm is not active after the reload"
+in bgagent status --json | grep -q '"daemon": "running"' || fail "status does not see the daemon"
+in journalctl -u bgagent.service -o json --no-pager | grep -q '"SYSLOG_IDENTIFIER":"bgagent"' || fail "no journald entries from bgagent"
+in systemctl stop bgagent.service || fail "stop"
+echo "systemd test: 1 passed, 0 failed"
