@@ -6,9 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-test-deps.sh
 cargo build --all-targets
-cargo test --all-targets 2>&1 | tee target/test-output.txt
-if [ -d crates/testbed ]; then
-  cargo test --manifest-path crates/testbed/Cargo.toml
-fi
+cargo test --all-targets
+# The unit and the systemd backend against a real systemd inside systemd-nspawn.
+tests/systemd/run.sh
 # Benchmark smoke mode: proves the benchmark still runs; figures come from full runs by hand.
 python3 bench/bench_release.py --smoke --bin target/debug/bgagent

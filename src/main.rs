@@ -19,6 +19,14 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
         }
     };
+    if !matches!(cli.command, Command::Daemon) {
+        // `bgagent status | head` must end quietly like any Unix tool, not panic on EPIPE.
+        // (The daemon keeps Rust's default: a client that hangs up must not kill it.)
+        // SAFETY: called before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let code = run(&cli);
     ExitCode::from(code as u8)
 }
