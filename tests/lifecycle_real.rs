@@ -415,3 +415,53 @@ fn a_slow_starting_app_passes_within_the_startup_budget_and_fails_without_it() {
         opener.join().unwrap();
     }
 }
+
+#[test]
+fn the_load_balancer_takes_the_node_out_before_anything_stops() {
+    let e = Env::new("drain: { deregistration_delay: 1s }");
+    let lb = support::Haproxy::start(e.web.port, e.ready_port);
+    let t0 = Instant::now();
+    while lb.server_status() != "DOWN" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "HAProxy should see a node that is not ready as DOWN"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    let t0 = Instant::now();
+    while lb.server_status() != "UP" {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "HAProxy should see the ready node UP: {}",
+            lb.server_status()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(support::http_get(lb.port, "/").1.contains("release=one"));
+    // BeforeBlockTraffic: the node leaves the pool while the hook still waits out the delay
+    let mut hook = Command::new(BIN)
+        .arg("--config")
+        .arg(e.p("bgagent.yaml"))
+        .args(["hook", "BeforeBlockTraffic"])
+        .env("DEPLOYMENT_ID", "d-2")
+        .env("DEPLOYMENT_GROUP_ID", "g-1")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let mut down_while_draining = false;
+    while t0.elapsed() < Duration::from_millis(900) {
+        if lb.server_status() == "DOWN" && hook.try_wait().unwrap().is_none() {
+            down_while_draining = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        down_while_draining,
+        "HAProxy must mark the node DOWN before the drain ends"
+    );
+    assert!(hook.wait().unwrap().success());
+}

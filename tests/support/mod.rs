@@ -388,3 +388,61 @@ impl Drop for Web {
         kill_pidfile(&self.dir.path().join("run/php-fpm.pid"));
     }
 }
+
+/// HAProxy as the load balancer stand-in: one backend server (`web_port`) whose health check
+/// is bgagent's readiness endpoint (`ready_port` /ready), like an ALB target group.
+pub struct Haproxy {
+    pub port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    pub fn start(web_port: u16, ready_port: u16) -> Haproxy {
+        let bin = require("haproxy");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg = format!(
+            "global\n  stats socket {d}/admin.sock mode 600 level admin\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
+             backend be\n  option httpchk GET /ready\n  server node1 127.0.0.1:{web_port} check port {ready_port} inter 100ms fall 1 rise 1\n",
+            d = dir.path().display()
+        );
+        std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
+        let child = Command::new(bin)
+            .arg("-Ws")
+            .arg("-f")
+            .arg(dir.path().join("haproxy.cfg"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("haproxy.err")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_port(port, "haproxy", &dir.path().join("haproxy.err"));
+        Haproxy { port, child, dir }
+    }
+
+    /// The backend server's status as HAProxy sees it (UP, DOWN, ...), via the admin socket.
+    pub fn server_status(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.dir.path().join("admin.sock"))
+        else {
+            return String::new();
+        };
+        let _ = s.write_all(b"show stat\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.lines()
+            .find(|l| l.starts_with("be,node1,"))
+            .and_then(|l| l.split(',').nth(17))
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
