@@ -409,8 +409,10 @@ pub fn intake_dir(
         };
         let strict = !matches!(mode, IntakeMode::Auto | IntakeMode::AutoNoLink);
         let no_link = mode == IntakeMode::AutoNoLink;
+        // The work is syscalls that block on the filesystem: two threads per core keep the
+        // cores busy.
         let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
+            .map(|n| n.get() * 2)
             .unwrap_or(2)
             .clamp(2, 8);
         std::thread::scope(|s| {
@@ -508,12 +510,22 @@ fn copy_dir_entries(
             continue;
         }
         let child_rel = rel.join(OsStr::from_bytes(bytes));
-        let st = rustix::fs::statat(&src_fd, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| io_err("inspect", sh.src_root.join(&child_rel))(e.into()))?;
-        let ft = FileType::from_raw_mode(st.st_mode);
-        let src_mode = st.st_mode & 0o7777;
-        match ft {
-            FileType::Directory => {
+        // getdents already says what a directory is; only files and links need a stat (the
+        // executable bit, and whether a hard link already has the right mode and owner).
+        let st = match entry.file_type() {
+            FileType::Directory => None,
+            _ => Some(
+                rustix::fs::statat(&src_fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io_err("inspect", sh.src_root.join(&child_rel))(e.into()))?,
+            ),
+        };
+        let ft = st
+            .as_ref()
+            .map(|s| FileType::from_raw_mode(s.st_mode))
+            .unwrap_or(FileType::Directory);
+        let src_mode = st.as_ref().map(|s| s.st_mode & 0o7777).unwrap_or(0o755);
+        match (ft, st) {
+            (FileType::Directory, _) => {
                 let pl = sh.policy.placement(&child_rel, Kind::Dir, src_mode);
                 rustix::fs::mkdirat(&dst_fd, name, Mode::from_raw_mode(pl.mode))
                     .map_err(|e| io_err("create", dest_root.join(&child_rel))(e.into()))?;
@@ -523,7 +535,7 @@ fn copy_dir_entries(
                 sh.dirs.fetch_add(1, Ordering::Relaxed);
                 subdirs.push(child_rel);
             }
-            FileType::RegularFile => {
+            (FileType::RegularFile, Some(st)) => {
                 if src_mode & 0o6000 != 0 {
                     return Err(ReleaseError::Unsafe {
                         path: sh.src_root.join(&child_rel),
@@ -537,7 +549,7 @@ fn copy_dir_entries(
                 sh.files.fetch_add(1, Ordering::Relaxed);
                 sh.bytes.fetch_add(st.st_size as u64, Ordering::Relaxed);
             }
-            FileType::Symlink => {
+            (FileType::Symlink, _) => {
                 let target = rustix::fs::readlinkat(&src_fd, name, Vec::new())
                     .map_err(|e| io_err("read link", sh.src_root.join(&child_rel))(e.into()))?;
                 let target = PathBuf::from(OsStr::from_bytes(target.to_bytes()));
