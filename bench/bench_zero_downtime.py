@@ -172,7 +172,7 @@ def series(records, events, label, bucket=0.5):
     t = 0.0
     i = 0
     recs = records
-    while t <= end:
+    while t + bucket <= end:  # whole buckets only
         b = []
         while i < len(recs) and recs[i][0] < t + bucket:
             b.append(recs[i])

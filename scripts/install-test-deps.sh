@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# Installs what the tests need on a fresh Debian 12 machine, idempotently (a second run only
-# checks): nginx, php-fpm, php-cli, MariaDB, Redis, HAProxy, wrk from Debian's packages, and
-# moto (the SSM Parameter Store stand-in) from PyPI into target/venv-moto.
+# Installs what the tests and benchmarks need on a fresh Debian 12 machine, idempotently: a
+# second run only checks and prints one line.
+#   Debian packages: nginx, php-fpm, php-cli (mysqli, redis), MariaDB, Redis, HAProxy, wrk, hey,
+#                    curl, rpm (package inspection), python3-venv, python3-matplotlib (plots)
+#   PyPI:            moto (the SSM Parameter Store stand-in) with boto3, in a venv at
+#                    $BGAGENT_MOTO_VENV, default <repo>/target/venv-moto: the testbed crate
+#                    (crates/testbed) looks in the same place.
+# Installing needs root; checking does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(nginx php-fpm php-cli php-mysql php-redis redis-server mariadb-server mariadb-client
-      haproxy wrk curl python3-venv)
+      haproxy wrk hey curl procps rpm python3-venv python3-matplotlib)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "error: missing Debian packages (${missing[*]}); run this script as root to install them" >&2
+    echo "error: missing Debian packages (${missing[*]}); run $0 as root to install them" >&2
     exit 1
   fi
-  echo "installing: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  echo "installing Debian packages: ${missing[*]}"
+  apt-get update -qq || { echo "error: apt-get update failed (network or sources.list?)" >&2; exit 1; }
+  # policy-rc.d on build machines keeps apt from starting these services; tests start their own.
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+    >/dev/null || { echo "error: apt-get install ${missing[*]} failed" >&2; exit 1; }
 fi
+for bin in nginx mariadbd mariadb-install-db mariadb redis-server haproxy php kill; do
+  command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || {
+    echo "error: $bin is still missing after installing packages" >&2; exit 1; }
+done
+ls /usr/sbin/php-fpm* >/dev/null 2>&1 || { echo "error: no /usr/sbin/php-fpm* binary" >&2; exit 1; }
 
-venv=target/venv-moto
-if [ ! -x "$venv/bin/moto_server" ]; then
+venv="${BGAGENT_MOTO_VENV:-$PWD/target/venv-moto}"
+if ! { [ -x "$venv/bin/moto_server" ] && "$venv/bin/python" -c 'import moto, boto3, flask_cors' 2>/dev/null; }; then
   echo "installing moto into $venv"
-  mkdir -p target
+  mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q 'moto[ssm]' flask flask-cors boto3
+  "$venv/bin/pip" install -q --disable-pip-version-check 'moto[ssm]' flask flask-cors boto3 \
+    || { echo "error: pip install of moto into $venv failed (PyPI reachable?)" >&2; exit 1; }
 fi
-echo "test dependencies are installed"
+echo "test dependencies are installed (moto venv: $venv)"

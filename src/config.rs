@@ -293,6 +293,21 @@ impl Config {
         for t in &mut self.templates {
             r(&mut t.source);
         }
+        for c in &mut self.health.checks {
+            if let crate::health::CheckKind::Mysql(m) = &mut c.kind
+                && let Some(f) = &mut m.password_file
+            {
+                r(f);
+            }
+        }
+        if let Some(f) = self
+            .schema
+            .database
+            .as_mut()
+            .and_then(|d| d.password_file.as_mut())
+        {
+            r(f);
+        }
         self.base_dir = base.to_path_buf();
     }
 
@@ -524,5 +539,29 @@ mod tests {
     fn locate_key_finds_sequence_items() {
         let text = "a:\n  list:\n    - name: x\n    - name: y\n      bogus: 1\n";
         assert_eq!(locate_key(text, "a.list.1.bogus"), Some((5, 7)));
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    #[test]
+    fn password_files_resolve_against_the_config_directory() {
+        let l = from_str(
+            "health:\n  checks:\n    - name: db\n      mysql: { host: h, user: u, password_file: pw }\n",
+            Path::new("/etc/bgagent/bgagent.yaml"),
+            Path::new("/etc/bgagent"),
+        )
+        .unwrap();
+        match &l.config.health.checks[0].kind {
+            crate::health::CheckKind::Mysql(m) => {
+                assert_eq!(
+                    m.password_file.as_deref(),
+                    Some(Path::new("/etc/bgagent/pw"))
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

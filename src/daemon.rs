@@ -94,6 +94,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     info!("listening on {}", socket_path.display());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     {
+        // Checks go on while the node is ready.
+        let health = shared.engine.lock().await.config().health.clone();
+        tokio::spawn(crate::health::monitor(health, shared.readiness.clone()));
         // A restarted daemon on a live node comes back to ready through the health checks.
         let shared = shared.clone();
         tokio::spawn(async move {

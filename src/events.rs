@@ -419,7 +419,7 @@ impl Engine {
     async fn perform_builtin(&mut self, event: Event) -> Result<String, EngineError> {
         match event {
             Event::ApplicationStop | Event::BeforeBlockTraffic => self.drain().await,
-            Event::BeforeInstall => self.preflight(),
+            Event::BeforeInstall => self.preflight().await,
             Event::AfterInstall => self.install().await,
             Event::ApplicationStart => self.start().await,
             Event::ValidateService => self.validate().await,
@@ -518,7 +518,7 @@ impl Engine {
             .join("deployment-archive"))
     }
 
-    fn preflight(&mut self) -> Result<String, EngineError> {
+    async fn preflight(&mut self) -> Result<String, EngineError> {
         let src = self.source()?;
         if !src.exists() {
             return Err(EngineError::Failed(format!(
@@ -552,6 +552,15 @@ impl Engine {
             }
         }
         Policy::resolve(&self.cfg.permissions)?;
+        for s in &self.cfg.services.list {
+            if let Some(w) = crate::services::check_php_fpm_config(s) {
+                warn!("{w}");
+            }
+        }
+        // The web server's and PHP-FPM's configs must be valid before anything is built.
+        crate::services::test_all(&self.cfg.services)
+            .await
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
         Ok(format!(
             "{} MiB free, revision at {}",
             free >> 20,

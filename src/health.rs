@@ -467,6 +467,61 @@ fn evidence(cfg: &HealthConfig, history: &[Vec<Sample>]) -> String {
     out
 }
 
+/// Keeps checking while the node is ready: a node that fails its checks (failure threshold)
+/// leaves `ready`, so the load balancer stops sending, and comes back only when the checks
+/// pass again (success threshold). Lifecycle events own the other states.
+pub async fn monitor(cfg: HealthConfig, readiness: crate::readiness::Readiness) {
+    use crate::readiness::State;
+    if cfg.checks.is_empty() {
+        return;
+    }
+    let http = http_client();
+    let steady = HealthConfig {
+        startup_budget: Duration::ZERO,
+        initial_delay: Duration::ZERO,
+        ..cfg.clone()
+    };
+    let mut probes: Vec<Probe> = cfg.checks.iter().map(|_| Probe::new(&steady)).collect();
+    let t0 = Instant::now();
+    let mut fell_out = false;
+    loop {
+        tokio::time::sleep(cfg.period.max(Duration::from_millis(50))).await;
+        let state = readiness.state();
+        let watching = state == State::Ready || (fell_out && state == State::Starting);
+        if !watching {
+            fell_out = false;
+            probes.iter_mut().for_each(Probe::reset_to_pending);
+            continue;
+        }
+        for (i, c) in cfg.checks.iter().enumerate() {
+            let r = check_once(c, cfg.timeout, &http).await;
+            readiness.record_check(&c.name, r.is_ok());
+            let before = probes[i].verdict();
+            let v = probes[i].observe(t0.elapsed(), r.is_ok());
+            if let Err(why) = &r
+                && state == State::Ready
+                && v == Verdict::Failed
+                && before != Verdict::Failed
+            {
+                warn!(
+                    "health check {} failed {} times in a row while ready ({why}): the node leaves ready",
+                    c.name, cfg.failure_threshold
+                );
+            }
+        }
+        if state == State::Ready && probes.iter().any(|p| p.verdict() == Verdict::Failed) {
+            let _ = readiness.set_starting();
+            fell_out = true;
+            probes.iter_mut().for_each(Probe::reset_to_pending);
+        } else if fell_out && probes.iter().all(|p| p.verdict() == Verdict::Passed) {
+            info!("health checks pass again: the node is ready");
+            let _ = readiness.set_warming();
+            let _ = readiness.set_ready();
+            fell_out = false;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

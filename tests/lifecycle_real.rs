@@ -49,6 +49,7 @@ impl Env {
             dir.path().join("env.php.j2"),
         )
         .unwrap();
+        std::fs::write(dir.path().join("db-password"), "apppass\n").unwrap();
         let ready_port = support::free_port();
         let nginx = support::require("nginx");
         let cfg = format!(
@@ -79,7 +80,7 @@ health:
     - name: app
       http: {{ url: "http://127.0.0.1:{wp}/health.php", body_contains: OK }}
     - name: db
-      tcp: {{ address: "127.0.0.1:{dbp}" }}
+      mysql: {{ host: 127.0.0.1, port: {dbp}, user: app, database: app, password_file: db-password }}
     - name: cache
       redis: {{ url: "redis://127.0.0.1:{rp}/0" }}
   period: 100ms
@@ -274,6 +275,27 @@ fn deploys_switch_reload_health_and_readiness_with_real_services() {
         "{err}"
     );
 
+    // checks go on while ready: a node whose app breaks leaves ready, and comes back
+    let broken = e.p("app/current/BROKEN");
+    std::fs::write(&broken, "").unwrap();
+    let t0 = Instant::now();
+    while e.ready() != 503 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "a failing node must leave ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::remove_file(&broken).unwrap();
+    let t0 = Instant::now();
+    while e.ready() != 200 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "a node whose checks pass again comes back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // second release: served right after ApplicationStart (reloads are graceful)
     e.revision("d-2", "two", false);
     all_ok(&e.deploy("d-2", &ALL[..4]));
@@ -287,21 +309,29 @@ fn a_failing_config_test_keeps_the_old_release_serving() {
     let e = Env::new("");
     e.revision("d-1", "one", false);
     all_ok(&e.deploy("d-1", &ALL[1..]));
-    // break nginx's config: the test fails, nothing is switched or reloaded
     let conf = e.web.dir.path().join("nginx.conf");
     let good = std::fs::read_to_string(&conf).unwrap();
-    std::fs::write(
-        &conf,
-        good.replace(
-            "worker_connections 256;",
-            "worker_connections 256; bogus_directive on;",
-        ),
-    )
-    .unwrap();
+    let broken = good.replace(
+        "worker_connections 256;",
+        "worker_connections 256; bogus_directive on;",
+    );
+    // a broken config is caught at BeforeInstall, before anything is built
+    std::fs::write(&conf, &broken).unwrap();
     e.revision("d-2", "two", false);
-    all_ok(&e.deploy("d-2", &ALL[..3]));
+    let out = e.hook("BeforeInstall", "d-2");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("unknown directive \"bogus_directive\""),
+        "{}",
+        text(&out)
+    );
+    // and if it breaks between AfterInstall and ApplicationStart, nothing switches
+    std::fs::write(&conf, &good).unwrap();
+    e.revision("d-3", "three", false);
+    all_ok(&e.deploy("d-3", &ALL[..3]));
+    std::fs::write(&conf, &broken).unwrap();
     let live = std::fs::read_link(e.p("app/current")).unwrap();
-    let out = e.hook("ApplicationStart", "d-2");
+    let out = e.hook("ApplicationStart", "d-3");
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         text(&out).contains("config test of nginx failed"),
@@ -464,4 +494,52 @@ fn the_load_balancer_takes_the_node_out_before_anything_stops() {
         "HAProxy must mark the node DOWN before the drain ends"
     );
     assert!(hook.wait().unwrap().success());
+}
+
+#[test]
+fn mysql_and_redis_checks_against_the_real_servers() {
+    use bgagent::health::{CheckConfig, CheckKind, MysqlCheck};
+    let db = support::MariaDb::start();
+    let redis = support::Redis::start();
+    let d = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = bgagent::health::http_client();
+    let check = |pw: &str| {
+        std::fs::write(d.path().join("pw"), format!("{pw}\n")).unwrap();
+        let c = CheckConfig {
+            name: "db".into(),
+            kind: CheckKind::Mysql(MysqlCheck {
+                host: "127.0.0.1".into(),
+                port: db.port,
+                user: "app".into(),
+                password_env: None,
+                password_file: Some(d.path().join("pw")),
+                database: Some("app".into()),
+            }),
+        };
+        rt.block_on(bgagent::health::check_once(
+            &c,
+            Duration::from_secs(5),
+            &http,
+        ))
+    };
+    assert_eq!(check("apppass"), Ok("SELECT 1 ok".to_string()));
+    let e = check("wrong-s3cret-pw").unwrap_err();
+    assert!(e.contains("Access denied"), "{e}");
+    assert!(
+        !e.contains("wrong-s3cret-pw"),
+        "the password must not appear in the evidence: {e}"
+    );
+    let c = CheckConfig {
+        name: "cache".into(),
+        kind: CheckKind::Redis { url: redis.url() },
+    };
+    assert_eq!(
+        rt.block_on(bgagent::health::check_once(
+            &c,
+            Duration::from_secs(5),
+            &http
+        )),
+        Ok("PONG".to_string())
+    );
 }

@@ -204,6 +204,8 @@ impl MariaDb {
         let server = require("mariadbd");
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
+        // A private tmpdir: parallel bootstraps sharing /tmp trip over each other's temp tables.
+        std::fs::create_dir_all(d.join("tmp")).unwrap();
         let out = Command::new(install)
             .args([
                 "--no-defaults",
@@ -211,6 +213,7 @@ impl MariaDb {
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
             ])
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--datadir={}", d.join("db").display()))
             .output()
             .unwrap();
@@ -225,6 +228,7 @@ impl MariaDb {
             .arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("db").display()))
             .arg(format!("--socket={}", d.join("mysqld.sock").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--port={port}"))
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--pid-file={}", d.join("mariadbd.pid").display()))
