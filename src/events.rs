@@ -797,6 +797,29 @@ impl Engine {
             }
             return Err(EngineError::Failed(e.to_string()));
         }
+        // Services the drain stopped come back now, serving the new release.
+        for s in self.cfg.services.list.iter().filter(|s| s.stop_on_drain) {
+            let argv = match (s.backend.unwrap_or(self.cfg.services.backend), &s.start) {
+                // exec: only when not running (systemctl start is idempotent by itself)
+                (crate::services::Backend::Exec, Some(_)) if pid_alive(s.pid_file.as_deref()) => {
+                    continue;
+                }
+                (crate::services::Backend::Exec, Some(a)) => a.clone(),
+                (crate::services::Backend::Systemd, _) => vec![
+                    "systemctl".into(),
+                    "start".into(),
+                    s.unit.clone().unwrap_or_else(|| s.name.clone()),
+                ],
+                (crate::services::Backend::Exec, None) => continue,
+            };
+            let spec = crate::process::CommandSpec::new(
+                &argv.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
+            crate::process::run(&spec, None, &BTreeMap::new())
+                .await
+                .map_err(|e| EngineError::Failed(format!("starting {}: {e}", s.name)))?;
+            info!("started {}", s.name);
+        }
         if let Some(d) = self.doc.deployment.as_mut() {
             d.previous_release = previous.clone();
         }
@@ -903,6 +926,14 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether the pid file names a live process.
+fn pid_alive(pid_file: Option<&Path>) -> bool {
+    pid_file
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// What templates see under `deploy`: facts about this deployment, the same on every node.

@@ -29,6 +29,11 @@ fn text(o: &Output) -> String {
 
 impl Env {
     fn new(extra_cfg: &str) -> Env {
+        Env::with_nginx(extra_cfg, "")
+    }
+
+    /// `nginx_extra`: more keys for the nginx service, `{w}` standing for its directory.
+    fn with_nginx(extra_cfg: &str, nginx_extra: &str) -> Env {
         let db = support::MariaDb::start();
         let redis = support::Redis::start();
         let dir = tempfile::tempdir().unwrap();
@@ -50,6 +55,7 @@ impl Env {
         )
         .unwrap();
         std::fs::write(dir.path().join("db-password"), "apppass\n").unwrap();
+        let nginx_extra = nginx_extra.replace("{w}", &w.display().to_string());
         let ready_port = support::free_port();
         let nginx = support::require("nginx");
         let cfg = format!(
@@ -75,6 +81,7 @@ services:
       kind: nginx
       test: [{nginx}, -t, -q, -p, {w}, -c, {w}/nginx.conf, -e, {w}/logs/nginx.err]
       reload: [{nginx}, -p, {w}, -c, {w}/nginx.conf, -e, {w}/logs/nginx.err, -s, reload]
+{nginx_extra}
 health:
   checks:
     - name: app
@@ -541,5 +548,37 @@ fn mysql_and_redis_checks_against_the_real_servers() {
             &http
         )),
         Ok("PONG".to_string())
+    );
+}
+
+#[test]
+fn services_stopped_by_the_drain_come_back_at_application_start() {
+    let nginx = support::require("nginx").display().to_string();
+    let ctl = |tail: &str| {
+        format!("[{nginx}, -p, {{w}}, -c, {{w}}/nginx.conf, -e, {{w}}/logs/nginx.err{tail}]")
+    };
+    let extra = format!(
+        "      stop_on_drain: true\n      pid_file: {{w}}/run/nginx.pid\n      stop: {}\n      start: {}",
+        ctl(", -s, quit"),
+        ctl("")
+    );
+    let e = Env::with_nginx("", &extra);
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    e.revision("d-2", "two", false);
+    let out = e.hook("ApplicationStop", "d-2");
+    assert!(text(&out).contains("stopped nginx"), "{}", text(&out));
+    let t0 = Instant::now();
+    while e.web.get("/").0 != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "nginx should be stopped"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    all_ok(&e.deploy("d-2", &ALL[1..4]));
+    assert!(
+        e.web.get("/").1.contains("release=two"),
+        "nginx is back, serving the new release"
     );
 }
