@@ -97,6 +97,44 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         // Checks go on while the node is ready.
         let health = shared.engine.lock().await.config().health.clone();
         tokio::spawn(crate::health::monitor(health, shared.readiness.clone()));
+        // Keep this node's serving registration fresh, so the generation it serves is never
+        // taken for abandoned and flushed under it.
+        {
+            let engine = shared.engine.lock().await;
+            let cache = engine.config().cache.clone();
+            let app = engine.config().app.name.clone();
+            drop(engine);
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let every = (cache.stale_after / 4).max(Duration::from_secs(1));
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(cur) = shared.layout.current() else {
+                        continue;
+                    };
+                    let Ok(doc) = crate::state::read(&shared.state_dir) else {
+                        continue;
+                    };
+                    let Some(rec) = doc.releases.get(&cur) else {
+                        continue;
+                    };
+                    let Some(slot) = rec.cache["slot"].as_u64() else {
+                        continue;
+                    };
+                    let app = app
+                        .clone()
+                        .or_else(|| {
+                            doc.deployment
+                                .as_ref()
+                                .and_then(|d| d.origin.application_name.clone())
+                        })
+                        .unwrap_or_else(|| "app".into());
+                    if let Err(e) = crate::cache::mark_serving(&cache, &app, slot as usize).await {
+                        warn!("could not refresh this node's cache-generation heartbeat: {e}");
+                    }
+                }
+            });
+        }
         // A restarted daemon on a live node comes back to ready through the health checks.
         let shared = shared.clone();
         tokio::spawn(async move {

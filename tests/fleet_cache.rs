@@ -20,6 +20,10 @@ struct Agent {
 
 impl Agent {
     fn start(base: &std::path::Path, i: usize, redis: &str) -> Agent {
+        Agent::start_with(base, i, redis, "")
+    }
+
+    fn start_with(base: &std::path::Path, i: usize, redis: &str, cache_extra: &str) -> Agent {
         let dir = base.join(format!("node{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
@@ -31,7 +35,7 @@ impl Agent {
             "app_root: app\nstate_dir: state\nsocket: {{ path: run/s.sock, group: null }}\ncodedeploy: {{ deployment_root: ../cd-root }}\n\
              app: {{ kind: php, name: shop }}\nrelease: {{ shared_paths: [] }}\n\
              templates: [ {{ source: t.php.j2, target: app/etc/env.php, check: [] }} ]\n\
-             cache: {{ redis: \"{redis}\", node: node{i} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n",
+             cache: {{ redis: \"{redis}\", node: node{i}{cache_extra} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n",
             support::free_port()
         );
         std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
@@ -257,4 +261,27 @@ fn a_generation_still_served_is_never_flushed() {
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("slot 1 is still served by old-node"), "{t}");
     assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "1");
+}
+
+#[test]
+fn a_serving_node_keeps_its_registration_fresh() {
+    let redis = support::Redis::start();
+    let base = tempfile::tempdir().unwrap();
+    let a = Agent::start_with(base.path(), 0, &redis.url(), ", stale_after: 4s");
+    revision(base.path(), "d-1");
+    for ev in EVENTS {
+        assert!(Agent::hook(&a.dir, ev, "d-1").status.success());
+    }
+    let first: u64 = redis_cli(redis.port, 2, &["HGET", "bgagent:shop:serving:0", "node0"])
+        .parse()
+        .unwrap();
+    // the heartbeat runs every stale_after/4 = 1 s
+    std::thread::sleep(Duration::from_millis(2500));
+    let later: u64 = redis_cli(redis.port, 2, &["HGET", "bgagent:shop:serving:0", "node0"])
+        .parse()
+        .unwrap();
+    assert!(
+        later > first,
+        "registration not refreshed: {first} -> {later}"
+    );
 }

@@ -27,6 +27,8 @@ app_root: /var/www/app
 app: { kind: php, name: nspawn }
 release: { shared_paths: [] }
 permissions: { owner: root, group: www-data }
+params: { source: file, path: /etc/bgagent/params.yaml }
+templates: [ { source: /etc/bgagent/env.php.j2, target: app/etc/env.php, group: www-data } ]
 services:
   backend: systemd
   list:
@@ -34,6 +36,9 @@ services:
     - { name: nginx, kind: nginx }
 YAML
 echo '<?php echo "hello from nspawn";' > "$S/release/pub/index.php"
+# A canary secret: it must reach env.php and nothing else (journal, status).
+printf 'db:\n  password: "CANARY-nspawn-5ecret"\nsecure: [db.password]\n' > "$S/etc/params.yaml"
+printf '<?php return [%s];\n' "'password' => {{ params.db.password }}" > "$S/etc/env.php.j2"
 systemd-nspawn -D "$R" -b --register=no --keep-unit --private-network --console=pipe \
   --machine=bgtest --volatile=overlay \
   --bind-ro="$PWD/$BIN:/usr/bin/bgagent" \
@@ -41,6 +46,8 @@ systemd-nspawn -D "$R" -b --register=no --keep-unit --private-network --console=
   --bind-ro="$PWD/systemd/bgagent.sysusers:/usr/lib/sysusers.d/bgagent.conf" \
   --bind-ro="$PWD/systemd/bgagent.tmpfiles:/usr/lib/tmpfiles.d/bgagent.conf" \
   --bind-ro="$S/etc/bgagent.yaml:/etc/bgagent/bgagent.yaml" \
+  --bind-ro="$S/etc/params.yaml:/etc/bgagent/params.yaml" \
+  --bind-ro="$S/etc/env.php.j2:/etc/bgagent/env.php.j2" \
   --bind-ro="$S/release:/srv/release" </dev/null >"$S/console.log" 2>&1 &
 NSPAWN=$!
 L=""
@@ -72,5 +79,9 @@ for _ in $(seq 50); do  # journald may take a moment to index the entries
   sleep 0.1
 done
 [ -n "$found" ] || { head -c 1500 "$S/journal.json"; fail "no journald entries from bgagent"; }
+ctr grep -q CANARY-nspawn-5ecret /var/www/app/current/app/etc/env.php || fail "the secret did not reach env.php"
+[ "$(ctr stat -c %a /var/www/app/current/app/etc/env.php)" = 640 ] || fail "env.php is not 0640"
+if grep -q CANARY-nspawn-5ecret "$S/journal.json"; then fail "the secret reached the journal"; fi
+if echo "$st" | grep -q CANARY-nspawn-5ecret; then fail "the secret reached status"; fi
 ctr systemctl stop bgagent.service || fail "stop"
 echo "systemd test: 1 passed, 0 failed"
