@@ -343,15 +343,9 @@ impl Engine {
         }
         let switched = self.switch(&prev, SwitchReason::Rollback).await;
         let switched = match switched {
-            Ok(()) => {
-                let plan: Vec<_> = crate::services::plan_reload(&self.cfg.services)
-                    .into_iter()
-                    .filter(|a| matches!(a, crate::services::Action::Reload { .. }))
-                    .collect();
-                crate::services::apply(&plan)
-                    .await
-                    .map_err(|e| EngineError::Failed(e.to_string()))
-            }
+            Ok(()) => crate::services::reload_after_switch(&self.cfg.services)
+                .await
+                .map_err(|e| EngineError::Failed(e.to_string())),
             Err(e) => Err(e),
         };
         match switched {
@@ -468,27 +462,10 @@ impl Engine {
             );
             tokio::time::sleep(delay).await;
         }
-        let mut stopped = Vec::new();
-        for s in self.cfg.services.list.iter().filter(|s| s.stop_on_drain) {
-            let argv = match (s.backend.unwrap_or(self.cfg.services.backend), &s.stop) {
-                (crate::services::Backend::Exec, Some(a)) => a.clone(),
-                (crate::services::Backend::Systemd, _) => {
-                    vec![
-                        "systemctl".into(),
-                        "stop".into(),
-                        s.unit.clone().unwrap_or_else(|| s.name.clone()),
-                    ]
-                }
-                (crate::services::Backend::Exec, None) => continue,
-            };
-            let spec = crate::process::CommandSpec::new(
-                &argv.iter().map(String::as_str).collect::<Vec<_>>(),
-            );
-            crate::process::run(&spec, None, &BTreeMap::new())
+        let stopped =
+            crate::services::drain_control(&self.cfg.services, crate::services::Verb::Stop)
                 .await
-                .map_err(|e| EngineError::Failed(format!("stopping {}: {e}", s.name)))?;
-            stopped.push(s.name.clone());
-        }
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
         self.set_traffic(Traffic::Idle);
         Ok(if stopped.is_empty() {
             "drained".to_string()
@@ -785,41 +762,18 @@ impl Engine {
             crate::cache::mark_serving(&self.cfg.cache, &self.app_name(), slot).await?;
         }
         self.switch(&id, SwitchReason::Deploy).await?;
-        let plan: Vec<_> = crate::services::plan_reload(&self.cfg.services)
-            .into_iter()
-            .filter(|a| matches!(a, crate::services::Action::Reload { .. }))
-            .collect();
-        if let Err(e) = crate::services::apply(&plan).await {
+        if let Err(e) = crate::services::reload_after_switch(&self.cfg.services).await {
             if let Some(prev) = &previous {
                 error!("{e}; switching back to {prev}");
                 self.switch(prev, SwitchReason::AutoRollback).await?;
-                let _ = crate::services::apply(&plan).await;
+                let _ = crate::services::reload_after_switch(&self.cfg.services).await;
             }
             return Err(EngineError::Failed(e.to_string()));
         }
         // Services the drain stopped come back now, serving the new release.
-        for s in self.cfg.services.list.iter().filter(|s| s.stop_on_drain) {
-            let argv = match (s.backend.unwrap_or(self.cfg.services.backend), &s.start) {
-                // exec: only when not running (systemctl start is idempotent by itself)
-                (crate::services::Backend::Exec, Some(_)) if pid_alive(s.pid_file.as_deref()) => {
-                    continue;
-                }
-                (crate::services::Backend::Exec, Some(a)) => a.clone(),
-                (crate::services::Backend::Systemd, _) => vec![
-                    "systemctl".into(),
-                    "start".into(),
-                    s.unit.clone().unwrap_or_else(|| s.name.clone()),
-                ],
-                (crate::services::Backend::Exec, None) => continue,
-            };
-            let spec = crate::process::CommandSpec::new(
-                &argv.iter().map(String::as_str).collect::<Vec<_>>(),
-            );
-            crate::process::run(&spec, None, &BTreeMap::new())
-                .await
-                .map_err(|e| EngineError::Failed(format!("starting {}: {e}", s.name)))?;
-            info!("started {}", s.name);
-        }
+        crate::services::drain_control(&self.cfg.services, crate::services::Verb::Start)
+            .await
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
         if let Some(d) = self.doc.deployment.as_mut() {
             d.previous_release = previous.clone();
         }
@@ -915,25 +869,13 @@ impl Engine {
                     && let Some(prev) = prev
                 {
                     self.switch(&prev, SwitchReason::AutoRollback).await?;
-                    let plan: Vec<_> = crate::services::plan_reload(&self.cfg.services)
-                        .into_iter()
-                        .filter(|a| matches!(a, crate::services::Action::Reload { .. }))
-                        .collect();
-                    let _ = crate::services::apply(&plan).await;
+                    let _ = crate::services::reload_after_switch(&self.cfg.services).await;
                     msg.push_str(&format!("rolled back to {prev}"));
                 }
                 Err(EngineError::Failed(msg))
             }
         }
     }
-}
-
-/// Whether the pid file names a live process.
-fn pid_alive(pid_file: Option<&Path>) -> bool {
-    pid_file
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// What templates see under `deploy`: facts about this deployment, the same on every node.

@@ -78,7 +78,7 @@ pub enum ServiceError {
         service: String,
         source: process::ProcessError,
     },
-    #[error("reload of {service} failed: {source}")]
+    #[error("controlling {service} failed: {source}")]
     Reload {
         service: String,
         source: process::ProcessError,
@@ -148,6 +148,83 @@ pub fn plan_reload(cfg: &ServicesConfig) -> Vec<Action> {
         }
     }
     out
+}
+
+/// The reloads after a switch (or a rollback), without the tests: those ran before the
+/// switch.
+pub async fn reload_after_switch(cfg: &ServicesConfig) -> Result<(), ServiceError> {
+    let plan: Vec<_> = plan_reload(cfg)
+        .into_iter()
+        .filter(|a| matches!(a, Action::Reload { .. }))
+        .collect();
+    apply(&plan).await
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Start,
+    Stop,
+}
+
+/// The argv that starts or stops `s`: systemctl for the systemd backend, the configured
+/// command for exec (None when none is configured). Pure.
+pub fn control_argv(cfg: &ServicesConfig, s: &ServiceConfig, verb: Verb) -> Option<Vec<String>> {
+    match s.backend(cfg.backend) {
+        Backend::Systemd => Some(vec![
+            "systemctl".into(),
+            match verb {
+                Verb::Start => "start",
+                Verb::Stop => "stop",
+            }
+            .into(),
+            s.unit(),
+        ]),
+        Backend::Exec => match verb {
+            Verb::Start => s.start.clone(),
+            Verb::Stop => s.stop.clone(),
+        },
+    }
+}
+
+/// Starts or stops the services marked `stop_on_drain`; returns their names. With the exec
+/// backend a service whose pid file names a live process is not started again (systemctl
+/// start is idempotent by itself).
+pub async fn drain_control(cfg: &ServicesConfig, verb: Verb) -> Result<Vec<String>, ServiceError> {
+    let mut done = Vec::new();
+    for s in cfg.list.iter().filter(|s| s.stop_on_drain) {
+        if verb == Verb::Start
+            && s.backend(cfg.backend) == Backend::Exec
+            && pid_alive(s.pid_file.as_deref())
+        {
+            continue;
+        }
+        let Some(argv) = control_argv(cfg, s, verb) else {
+            continue;
+        };
+        run_argv(&argv, None)
+            .await
+            .map_err(|source| ServiceError::Reload {
+                service: s.name.clone(),
+                source,
+            })?;
+        info!(
+            "{} {}",
+            if verb == Verb::Start {
+                "started"
+            } else {
+                "stopped"
+            },
+            s.name
+        );
+        done.push(s.name.clone());
+    }
+    Ok(done)
+}
+
+fn pid_alive(pid_file: Option<&Path>) -> bool {
+    pid_file
+        .and_then(|p| read_pid(p).ok())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// Runs only the config tests.
@@ -319,6 +396,27 @@ mod tests {
                 argv: vec!["systemctl".into(), "reload".into(), "php8.2-fpm".into()],
                 pid_file: None
             }
+        );
+    }
+
+    #[test]
+    fn control_argv_per_backend() {
+        let c = cfg();
+        assert_eq!(
+            control_argv(&c, &c.list[1], Verb::Stop),
+            Some(vec!["systemctl".to_string(), "stop".into(), "nginx".into()])
+        );
+        let mut exec = c.list[1].clone();
+        exec.backend = Some(Backend::Exec);
+        assert_eq!(
+            control_argv(&c, &exec, Verb::Start),
+            None,
+            "exec needs a configured command"
+        );
+        exec.start = Some(vec!["nginx".into()]);
+        assert_eq!(
+            control_argv(&c, &exec, Verb::Start),
+            Some(vec!["nginx".to_string()])
         );
     }
 
