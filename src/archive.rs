@@ -166,10 +166,9 @@ pub fn extract(
                 source,
             })
             .and_then(|f| {
-                w.tar(flate2::read::GzDecoder::new(io::BufReader::with_capacity(
-                    256 << 10,
-                    f,
-                )))
+                w.tar(flate2::read::MultiGzDecoder::new(
+                    io::BufReader::with_capacity(256 << 10, f),
+                ))
             }),
         Format::Zip => w.zip(),
     };
@@ -315,7 +314,16 @@ impl<'a> Writer<'a> {
                     Item::Special("has an entry type bgagent does not extract (sparse or unknown)")
                 }
             };
+            let declared = entry.header().entry_size().unwrap_or(0);
+            let before = self.report.bytes;
             self.entry(&shown, &raw, item, mode, &mut entry)?;
+            let got = self.report.bytes - before;
+            if got < declared && matches!(entry.header().entry_type(), T::Regular | T::Continuous) {
+                return Err(self.reject(
+                    &shown,
+                    format!("holds {got} of the {declared} bytes its header declares (truncated archive)"),
+                ));
+            }
         }
         Ok(())
     }

@@ -726,21 +726,31 @@ fn clone_or_copy(
 }
 
 /// Whether a symlink at `link_rel` (relative to the release root) pointing at `target`
-/// resolves inside the release, lexically. Absolute targets never do.
+/// resolves inside the release. Absolute targets never do. A `..` is allowed only at the
+/// start of the target: the link's own ancestors are real directories (nothing is created
+/// through a link), so leading `..`s are counted exactly; a `..` after a name could follow
+/// another link first (`d/l -> ..`, then `x -> d/l/../outside`) and is refused.
 pub fn link_stays_inside(link_rel: &Path, target: &Path) -> bool {
-    if target.is_absolute() {
+    if target.is_absolute() || target.as_os_str().is_empty() {
         return false;
     }
     let mut depth: i64 = link_rel.components().count() as i64 - 1; // the link's directory
+    let mut seen_name = false;
     for c in target.components() {
         match c {
             Component::ParentDir => {
+                if seen_name {
+                    return false;
+                }
                 depth -= 1;
                 if depth < 0 {
                     return false;
                 }
             }
-            Component::Normal(_) => depth += 1,
+            Component::Normal(_) => {
+                seen_name = true;
+                depth += 1
+            }
             Component::CurDir => {}
             _ => return false,
         }
@@ -780,9 +790,18 @@ mod tests {
             Path::new("a/link"),
             Path::new("/etc/passwd")
         ));
-        assert!(link_stays_inside(
+        // a `..` after a name could step back out through another link: refused
+        assert!(!link_stays_inside(
             Path::new("a/link"),
             Path::new("./x/../y")
+        ));
+        assert!(!link_stays_inside(
+            Path::new("x"),
+            Path::new("d/l/../outside")
+        ));
+        assert!(link_stays_inside(
+            Path::new("a/b/link"),
+            Path::new("../../c/d")
         ));
     }
 

@@ -180,6 +180,40 @@ fn symlinks_outside() {
 }
 
 #[test]
+fn truncated_and_multi_member_archives() {
+    // a tar cut in the middle of a file's data
+    let mut t = tar_of(&[("big.bin", T::Regular, 0o644, &[7u8; 4096], None)]);
+    t.truncate(512 + 1000);
+    let c = Case::new();
+    let e = c.extract("cut.tar", &t).unwrap_err().to_string();
+    assert!(e.contains("`big.bin`") && e.contains("truncated"), "{e}");
+    c.assert_clean();
+    // two gzip members (as `cat a.tar.gz b.tar.gz` or parallel gzip make): read to the end
+    let first = tar_of(&[("a.txt", T::Regular, 0o644, b"a", None)]);
+    let second = tar_of(&[("b.txt", T::Regular, 0o644, b"b", None)]);
+    let mut both = gz(&first[..first.len() - 1024]); // without the end-of-archive blocks
+    both.extend(gz(&second));
+    let c = Case::new();
+    let r = c.extract("two.tar.gz", &both).unwrap();
+    assert_eq!(r.files, 2);
+    assert!(c.dest().join("b.txt").exists());
+}
+
+#[test]
+fn symlink_chain_escape() {
+    // each link looks inside on its own; together `x` resolves to ../outside
+    rejects(
+        &[
+            ("d/", T::Directory, 0o755, b"", None),
+            ("d/l", T::Symlink, 0o777, b"", Some("..")),
+            ("x", T::Symlink, 0o777, b"", Some("d/l/../outside")),
+        ],
+        "x",
+        "outside the release",
+    );
+}
+
+#[test]
 fn write_through_symlink() {
     // an inside link that points at a directory is fine as a link, but nothing may be written through it
     rejects(
