@@ -8,9 +8,14 @@
 (c) The `hook` round trip for an event with nothing to do (median of many).
 (d) The daemon's idle resident memory.
 
-Each contender runs --rounds times, interleaved, from a warm page cache; medians are
-reported and ratios are computed from them. Results go to stdout as Markdown and to
---json. Run as root for the ownership part (chown to --owner/--group).
+Each contender runs --rounds times, interleaved; medians are reported and ratios are computed
+from them. Before each timed contender the disk is synced (so no contender pays for another's
+writeback) and its input is read once (a warm page cache, as right after CodeDeploy unpacked
+the revision). Nothing is deleted until the end of the run: on ext4 without a journal (this
+project's machines), inodes freed in the last minute are skipped one by one when new inodes
+are allocated, which made whoever ran after an `rm -rf` of 100,000 files several times slower.
+Results go to stdout as Markdown and to --json. Run as root for the ownership part (chown to
+--owner/--group).
 
     python3 bench/bench_release.py                 # full: 100k files, ~1 GB
     python3 bench/bench_release.py --smoke         # CI: 5k files, ~50 MB, 1 round
@@ -39,6 +44,39 @@ def timed(argv, env=None):
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return time.perf_counter() - t0
+
+
+def settle(paths=(), wait=0.0):
+    """Syncs the disk, waits, then reads `paths` once so the contender starts from a warm cache."""
+    subprocess.run(["sync"], check=True)
+    time.sleep(wait)
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            # tar does not read file contents when writing to /dev/null itself: pipe it.
+            tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(p), "."], stdout=subprocess.PIPE)
+            while tar.stdout.read(1 << 20):
+                pass
+            tar.wait()
+        else:
+            with open(p, "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def tutorial(src, dest, owner, group):
+    """The seed article's procedure: the agent copies the revision over the web root (`files:`
+    in appspec.yml; `cp -r` stands in for the agent's own copy, which is slower), then
+    scripts/after_install.sh as the article gives it."""
+    run(["cp", "-r", str(src), str(dest)])
+    if owner:
+        run(["chown", "-R", f"{owner}:{group}", str(dest)])
+    run(["chmod", "-R", "755", str(dest)])
+    for d in ("generated/code", "generated/metadata", "generated/session"):
+        run(["mkdir", "-p", str(dest / d)])
+    if owner:
+        run(["chown", "-R", f"{owner}:{group}", str(dest / "generated")])
+        run(["chown", "-R", f"{owner}:{group}", str(dest / "var")])
 
 
 def rm(path):
@@ -78,10 +116,14 @@ def main():
     ap.add_argument("--owner", default="www-data")
     ap.add_argument("--group", default="www-data")
     ap.add_argument("--smoke", action="store_true", help="small tree, one round (for CI)")
+    ap.add_argument("--settle", type=float, default=370.0,
+                    help="seconds to wait after removing an earlier run's outputs, past ext4's "
+                         "recently-deleted inode window (60 s, or 360 s while the inode table "
+                         "block is dirty)")
     ap.add_argument("--json", default=None, help="write the raw results here")
     a = ap.parse_args()
     if a.smoke:
-        a.files, a.total_bytes, a.rounds, a.hook_rounds = 5000, "50M", 1, 30
+        a.files, a.total_bytes, a.rounds, a.hook_rounds, a.settle = 5000, "50M", 1, 30, 0.0
     if os.geteuid() != 0:
         a.owner = a.group = None
     bgagent = Path(a.bin)
@@ -99,6 +141,12 @@ def main():
             stdout=subprocess.DEVNULL)
     nfiles = sum(len(f) for _, _, f in os.walk(src))
     nbytes = sum(os.lstat(os.path.join(d, x)).st_size for d, _, fs in os.walk(src) for x in fs)
+    # Outputs are kept until the end (see above): three trees of the release's size a round.
+    need = 3 * a.rounds * nbytes + 2**30
+    free = shutil.disk_usage(work).free
+    if free < need:
+        raise SystemExit(f"{work}: {free / 2**30:.1f} GiB free, this run needs about "
+                         f"{need / 2**30:.1f} GiB (use --rounds or --total-bytes to shrink it)")
 
     perms = ""
     if a.owner:
@@ -107,7 +155,7 @@ def main():
     cfg.write_text(
         "app_root: app\nstate_dir: state\nsocket:\n  path: run/bgagent.sock\n  group: null\n"
         "codedeploy:\n  deployment_root: cd-root\napp:\n  kind: magento\n"
-        "release:\n  keep: 2\n  shared_paths: []\n"
+        f"release:\n  keep: {a.rounds + 2}\n  shared_paths: []\n"
         f"permissions:\n{perms}"
     )
     sock = work / "run/bgagent.sock"
@@ -125,9 +173,14 @@ def main():
                        APPLICATION_NAME="bench", LIFECYCLE_EVENT=event)
             return [str(bgagent), "--config", str(cfg), "hook", event], env
 
-        # warm the page cache
-        run(["cat"] + [str(p) for p in list(src.rglob("*.php"))[:1]], stdout=subprocess.DEVNULL)
-        run(["du", "-s", str(src)], stdout=subprocess.DEVNULL)
+        # Outputs of earlier runs are gone; let their freed inodes age out once.
+        olds = [work / o for o in ("tutorial", "cpal", "untar", "app-local", "state-local", "app/releases")]
+        removed = [o for o in olds if os.path.lexists(o)]
+        for old in removed:
+            rm(old)
+        marker = work / ".last-cleanup"
+        since = time.time() - marker.stat().st_mtime if marker.exists() else float("inf")
+        settle(wait=a.settle if removed else max(0.0, a.settle - since))
         times = {"bgagent": [], "tutorial": [], "cp_al": [], "bgagent_tgz": [], "tar_xzf": []}
         for r in range(a.rounds):
             # (a) bgagent: a fresh deployment id each round, the same revision directory
@@ -137,42 +190,37 @@ def main():
             dep_dir.mkdir()
             os.rename(src.parent / "deployment-archive", dep_dir / "deployment-archive")
             src = dep_dir / "deployment-archive"
-            rm(work / "app/releases")
             # As CodeDeploy leaves it: root-owned, modes from the bundle. (Hard links share
             # inodes, so the previous round's policy must not carry over.)
             run(["chmod", "-R", "u=rwX,go=rX", str(src)])
             if a.owner:
                 run(["chown", "-R", "root:root", str(src)])
             argv, env = hook("AfterInstall", dep)
+            settle([src])
             times["bgagent"].append(timed(argv, env))
 
-            dest = work / "tutorial"
-            rm(dest)
+            dest = work / "tutorial" / str(r)
+            dest.parent.mkdir(exist_ok=True)
+            settle([src])
             t0 = time.perf_counter()
-            run(["cp", "-r", str(src), str(dest)])
-            if a.owner:
-                run(["chown", "-R", f"{a.owner}:{a.group}", str(dest)])
-            run(["chmod", "-R", "755", str(dest)])
+            tutorial(src, dest, a.owner, a.group)
             times["tutorial"].append(time.perf_counter() - t0)
-            rm(dest)
 
-            dest = work / "cpal"
-            rm(dest)
+            dest = work / "cpal" / str(r)
+            dest.parent.mkdir(exist_ok=True)
+            settle([src])
             times["cp_al"].append(timed(["cp", "-al", str(src), str(dest)]))
-            rm(dest)
 
             # (b) archive intake against tar alone
-            dest = work / "untar"
-            rm(dest)
-            dest.mkdir()
+            dest = work / "untar" / str(r)
+            dest.mkdir(parents=True)
+            settle([tgz])
             times["tar_xzf"].append(timed(["tar", "-xzf", str(tgz), "-C", str(dest)]))
-            rm(dest)
             local = work / "local.yaml"
-            local.write_text(cfg.read_text().replace("app_root: app", "app_root: app-local")
-                             .replace("state_dir: state", "state_dir: state-local")
+            local.write_text(cfg.read_text().replace("app_root: app", f"app_root: app-local/{r}")
+                             .replace("state_dir: state", f"state_dir: state-local/{r}")
                              .replace("run/bgagent.sock", "run/none.sock"))
-            rm(work / "app-local")
-            rm(work / "state-local")
+            settle([tgz])
             times["bgagent_tgz"].append(timed([str(bgagent), "--config", str(local), "deploy", str(tgz)]))
 
         # (c) hook round trip with nothing to do: AfterAllowTraffic of an unrelated deployment
@@ -190,6 +238,10 @@ def main():
         daemon.terminate()
         daemon.wait()
         log.close()
+        for out in ("tutorial", "cpal", "untar", "app-local", "state-local"):
+            rm(work / out)
+        rm(work / "app/releases")
+        (work / ".last-cleanup").touch()
 
     med = {k: statistics.median(v) for k, v in results["times_s"].items() if v}
     results["median_s"] = med
@@ -199,7 +251,7 @@ def main():
     print("| contender | median s | ratio |")
     print("|---|---:|---:|")
     print(f"| bgagent hook AfterInstall (policy + ownership) | {med['bgagent']:.3f} | 1.00 |")
-    print(f"| tutorial: cp -r + chown -R + chmod -R 755 | {med['tutorial']:.3f} | "
+    print(f"| tutorial (seed article): cp -r, chown -R, chmod -R 755, chown -R generated var | {med['tutorial']:.3f} | "
           f"{ratio('tutorial', 'bgagent'):.2f}x slower |")
     print(f"| floor: cp -al | {med['cp_al']:.3f} | bgagent is {ratio('bgagent', 'cp_al'):.2f}x of it |")
     print(f"| bgagent deploy release.tar.gz | {med['bgagent_tgz']:.3f} | "

@@ -47,6 +47,14 @@ pub fn replace_symlink(target: &Path, link: &Path) -> io::Result<()> {
     sync_dir(&dir)
 }
 
+/// The process umask, read from /proc/self/status (reading it with umask(2) would change it
+/// for a moment under other threads). None when the kernel does not say.
+pub fn current_umask() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+    u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+}
+
 /// fsyncs a directory so that a rename inside it survives a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

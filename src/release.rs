@@ -14,13 +14,12 @@
 //! creates each entry, through directory file descriptors (`*at` syscalls), with a few worker
 //! threads. `current` is switched by renaming a new symlink over it, so it always exists.
 
-use std::collections::VecDeque;
 use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
@@ -354,11 +353,29 @@ const STRAT_REFLINK: u8 = 0;
 const STRAT_HARDLINK: u8 = 1;
 const STRAT_COPY: u8 = 2;
 
+/// A directory whose entries are still to be created. `fds` are its source and destination
+/// directories, opened from their parents by one name (no path walk from the root, no
+/// symlink followed); when too many are pending, only the path is kept and it is opened later.
+struct DirJob {
+    rel: PathBuf,
+    fds: Option<(OwnedFd, OwnedFd)>,
+    /// The mode the destination directory was given: its children inherit a setgid bit.
+    mode: u32,
+}
+
+/// Directory fd pairs that may wait in the queue at once (well under the default soft limit
+/// of 1024 open files).
+const MAX_QUEUED_FD_PAIRS: usize = 128;
+
 struct Shared<'a> {
     policy: &'a Policy,
     src_root: &'a Path,
     strategy: AtomicU8,
-    queue: Mutex<(VecDeque<PathBuf>, usize)>, // (pending dirs, dirs in progress)
+    /// The process umask, when known and no default ACL applies: a new directory then has
+    /// exactly the mode given to mkdirat unless the mode has bits the umask removes.
+    umask: Option<u32>,
+    queued_fds: AtomicUsize,
+    queue: Mutex<(Vec<DirJob>, usize)>, // (pending dirs, dirs in progress)
     cv: Condvar,
     error: Mutex<Option<ReleaseError>>,
     files: AtomicU64,
@@ -396,7 +413,20 @@ pub fn intake_dir(
                 IntakeMode::Hardlink => STRAT_HARDLINK,
                 IntakeMode::Copy => STRAT_COPY,
             }),
-            queue: Mutex::new((VecDeque::from([PathBuf::new()]), 0)),
+            umask: if has_default_acl(dest) {
+                None
+            } else {
+                fsutil::current_umask()
+            },
+            queued_fds: AtomicUsize::new(0),
+            queue: Mutex::new((
+                vec![DirJob {
+                    rel: PathBuf::new(),
+                    fds: None,
+                    mode: root_pl.mode,
+                }],
+                0,
+            )),
             cv: Condvar::new(),
             error: Mutex::new(None),
             files: AtomicU64::new(0),
@@ -441,14 +471,15 @@ pub fn intake_dir(
 
 fn worker(sh: &Shared<'_>, dest: &Path, strict: bool, no_link: bool) {
     loop {
-        let rel = {
+        let job = {
             let Ok(mut q) = sh.queue.lock() else { return };
             loop {
                 if sh.error.lock().map(|e| e.is_some()).unwrap_or(true) {
                     sh.cv.notify_all();
                     return;
                 }
-                if let Some(d) = q.0.pop_front() {
+                // Depth first: the queue stays short, so most jobs keep their open fds.
+                if let Some(d) = q.0.pop() {
                     q.1 += 1;
                     break d;
                 }
@@ -462,7 +493,7 @@ fn worker(sh: &Shared<'_>, dest: &Path, strict: bool, no_link: bool) {
                 };
             }
         };
-        let res = copy_dir_entries(sh, dest, &rel, strict, no_link);
+        let res = copy_dir_entries(sh, dest, job, strict, no_link);
         if let Ok(mut q) = sh.queue.lock() {
             match res {
                 Ok(subdirs) => q.0.extend(subdirs),
@@ -493,12 +524,19 @@ fn open_dir(base: &Path, rel: &Path) -> Result<OwnedFd, ReleaseError> {
 fn copy_dir_entries(
     sh: &Shared<'_>,
     dest_root: &Path,
-    rel: &Path,
+    job: DirJob,
     strict: bool,
     no_link: bool,
-) -> Result<Vec<PathBuf>, ReleaseError> {
-    let src_fd = open_dir(sh.src_root, rel)?;
-    let dst_fd = open_dir(dest_root, rel)?;
+) -> Result<Vec<DirJob>, ReleaseError> {
+    let rel = job.rel.as_path();
+    let (src_fd, dst_fd) = match job.fds {
+        Some(pair) => {
+            sh.queued_fds.fetch_sub(1, Ordering::Relaxed);
+            pair
+        }
+        None => (open_dir(sh.src_root, rel)?, open_dir(dest_root, rel)?),
+    };
+    let parent_setgid = job.mode & 0o2000 != 0;
     let mut dir =
         Dir::read_from(&src_fd).map_err(|e| io_err("read", sh.src_root.join(rel))(e.into()))?;
     let mut subdirs = Vec::new();
@@ -529,11 +567,50 @@ fn copy_dir_entries(
                 let pl = sh.policy.placement(&child_rel, Kind::Dir, src_mode);
                 rustix::fs::mkdirat(&dst_fd, name, Mode::from_raw_mode(pl.mode))
                     .map_err(|e| io_err("create", dest_root.join(&child_rel))(e.into()))?;
-                set_at(
-                    &dst_fd, name, pl.mode, pl.uid, pl.gid, dest_root, &child_rel,
-                )?;
+                // mkdirat gave exactly pl.mode unless the umask narrowed it, the mode has
+                // special bits (mkdir ignores setgid) or the parent passes its setgid bit on.
+                let exact = sh.umask.is_some_and(|u| pl.mode & u == 0)
+                    && pl.mode & 0o7000 == 0
+                    && !parent_setgid;
+                let fds = if sh.queued_fds.fetch_add(1, Ordering::Relaxed) < MAX_QUEUED_FD_PAIRS {
+                    let pair = open_child_dir(&src_fd, name, sh.src_root, &child_rel).and_then(
+                        |s| Ok((s, open_child_dir(&dst_fd, name, dest_root, &child_rel)?)),
+                    );
+                    match pair {
+                        Ok(pair) => Some(pair),
+                        Err(e) => {
+                            sh.queued_fds.fetch_sub(1, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                } else {
+                    sh.queued_fds.fetch_sub(1, Ordering::Relaxed);
+                    None
+                };
+                // Owner first: chown may clear mode bits, chmod then sets them exactly.
+                match &fds {
+                    Some((_, d)) => {
+                        if pl.uid.is_some() || pl.gid.is_some() {
+                            rustix::fs::fchown(d, uid(pl.uid), gid(pl.gid)).map_err(|e| {
+                                io_err("chown", dest_root.join(&child_rel))(e.into())
+                            })?;
+                        }
+                        if !exact {
+                            rustix::fs::fchmod(d, Mode::from_raw_mode(pl.mode)).map_err(|e| {
+                                io_err("chmod", dest_root.join(&child_rel))(e.into())
+                            })?;
+                        }
+                    }
+                    None => set_at(
+                        &dst_fd, name, pl.mode, !exact, pl.uid, pl.gid, dest_root, &child_rel,
+                    )?,
+                }
                 sh.dirs.fetch_add(1, Ordering::Relaxed);
-                subdirs.push(child_rel);
+                subdirs.push(DirJob {
+                    rel: child_rel,
+                    fds,
+                    mode: pl.mode,
+                });
             }
             (FileType::RegularFile, Some(st)) => {
                 if src_mode & 0o6000 != 0 {
@@ -595,23 +672,50 @@ fn gid(g: Option<u32>) -> Option<rustix::fs::Gid> {
     g.map(rustix::fs::Gid::from_raw)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn set_at(
     dir: &OwnedFd,
     name: &CStr,
     mode: u32,
+    chmod: bool,
     u: Option<u32>,
     g: Option<u32>,
     dest_root: &Path,
     rel: &Path,
 ) -> Result<(), ReleaseError> {
-    // mkdirat/openat modes are narrowed by the umask: set the exact mode.
-    rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode), AtFlags::empty())
-        .map_err(|e| io_err("chmod", dest_root.join(rel))(e.into()))?;
     if u.is_some() || g.is_some() {
         rustix::fs::chownat(dir, name, uid(u), gid(g), AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| io_err("chown", dest_root.join(rel))(e.into()))?;
     }
+    if chmod {
+        rustix::fs::chmodat(dir, name, Mode::from_raw_mode(mode), AtFlags::empty())
+            .map_err(|e| io_err("chmod", dest_root.join(rel))(e.into()))?;
+    }
     Ok(())
+}
+
+/// Opens directory `name` inside `parent` without following a symlink.
+fn open_child_dir(
+    parent: &OwnedFd,
+    name: &CStr,
+    root: &Path,
+    rel: &Path,
+) -> Result<OwnedFd, ReleaseError> {
+    rustix::fs::openat(
+        parent,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io_err("open directory", root.join(rel))(e.into()))
+}
+
+/// Whether new entries under `dir` get their modes from a default ACL rather than the umask.
+fn has_default_acl(dir: &Path) -> bool {
+    !matches!(
+        rustix::fs::getxattr(dir, "system.posix_acl_default", &mut [0u8; 0][..]),
+        Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::OPNOTSUPP)
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -658,19 +762,12 @@ fn place_file(
         }
     }
     // A hard link shares the inode: skip what is already right (saves two syscalls a file).
+    // Owner first: chown clears setuid/setgid bits, chmod then sets the mode exactly.
     let same_mode = (st.st_mode & 0o7777) == pl.mode;
     let same_owner = pl.uid.is_none_or(|u| u == st.st_uid) && pl.gid.is_none_or(|g| g == st.st_gid);
     let linked = sh.strategy.load(Ordering::Relaxed) == STRAT_HARDLINK;
-    if !(linked && same_mode) {
-        rustix::fs::chmodat(
-            dst_dir,
-            name,
-            Mode::from_raw_mode(pl.mode),
-            AtFlags::empty(),
-        )
-        .map_err(|e| io_err("chmod", dest_root.join(rel))(e.into()))?;
-    }
-    if (pl.uid.is_some() || pl.gid.is_some()) && !(linked && same_owner) {
+    let chown = (pl.uid.is_some() || pl.gid.is_some()) && !(linked && same_owner);
+    if chown {
         rustix::fs::chownat(
             dst_dir,
             name,
@@ -679,6 +776,15 @@ fn place_file(
             AtFlags::SYMLINK_NOFOLLOW,
         )
         .map_err(|e| io_err("chown", dest_root.join(rel))(e.into()))?;
+    }
+    if !linked || !same_mode || (chown && pl.mode & 0o6000 != 0) {
+        rustix::fs::chmodat(
+            dst_dir,
+            name,
+            Mode::from_raw_mode(pl.mode),
+            AtFlags::empty(),
+        )
+        .map_err(|e| io_err("chmod", dest_root.join(rel))(e.into()))?;
     }
     Ok(())
 }
@@ -869,6 +975,46 @@ mod tests {
                 _ => {}
             }
         }
+    }
+
+    #[test]
+    fn intake_sets_exact_dir_modes_past_umask_setgid_and_fd_budget() {
+        // Wider than the fd budget, so some directories are opened by path later; modes the
+        // umask narrows (0775 under 022), a setgid parent whose child must not inherit it,
+        // and a setgid child.
+        assert!(fsutil::current_umask().is_some());
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        for i in 0..(MAX_QUEUED_FD_PAIRS * 3) {
+            std::fs::create_dir_all(src.join(format!("vendor/p{i}/src"))).unwrap();
+            std::fs::write(src.join(format!("vendor/p{i}/src/F.php")), "<?php").unwrap();
+        }
+        std::fs::create_dir_all(src.join("var/plain/deeper")).unwrap();
+        std::fs::create_dir_all(src.join("var/cache")).unwrap();
+        let mut cfg = PermsConfig {
+            dir_mode: "0775".into(),
+            ..PermsConfig::default()
+        };
+        cfg.writable.push(crate::perms::WritablePath {
+            path: PathBuf::from("var/plain"),
+            dir_mode: "0750".into(),
+            file_mode: "0640".into(),
+        });
+        let policy = Policy::with_ids(&cfg, None, None).unwrap();
+        let dest = d.path().join("rel");
+        let r = intake_dir(&src, &dest, IntakeMode::Hardlink, &policy).unwrap();
+        assert_eq!(r.files, (MAX_QUEUED_FD_PAIRS * 3) as u64);
+        let m = |p: &str| std::fs::symlink_metadata(dest.join(p)).unwrap().permissions().mode() & 0o7777;
+        for i in 0..(MAX_QUEUED_FD_PAIRS * 3) {
+            assert_eq!(m(&format!("vendor/p{i}")), 0o775, "vendor/p{i}");
+            assert_eq!(m(&format!("vendor/p{i}/src")), 0o775, "vendor/p{i}/src");
+            assert_eq!(m(&format!("vendor/p{i}/src/F.php")), 0o640);
+        }
+        assert_eq!(m("vendor"), 0o775);
+        assert_eq!(m("var"), 0o2770);
+        assert_eq!(m("var/cache"), 0o2770);
+        assert_eq!(m("var/plain"), 0o750);
+        assert_eq!(m("var/plain/deeper"), 0o750);
     }
 
     #[test]
