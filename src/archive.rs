@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -166,9 +166,50 @@ pub fn extract(
                 source,
             })
             .and_then(|f| {
-                w.tar(flate2::read::MultiGzDecoder::new(
-                    io::BufReader::with_capacity(256 << 10, f),
-                ))
+                // Decompress on a second thread while this one writes files, as `tar -xzf`
+                // does with its gzip child: the two halves take about as long as each other.
+                std::thread::scope(|s| {
+                    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
+                    s.spawn(move || {
+                        let mut gz = flate2::read::MultiGzDecoder::new(
+                            io::BufReader::with_capacity(256 << 10, f),
+                        );
+                        loop {
+                            let mut chunk = vec![0u8; 1 << 20];
+                            let mut filled = 0;
+                            let res = loop {
+                                match gz.read(&mut chunk[filled..]) {
+                                    Ok(0) => break Ok(()),
+                                    Ok(n) => {
+                                        filled += n;
+                                        if filled == chunk.len() {
+                                            break Ok(());
+                                        }
+                                    }
+                                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                                    Err(e) => break Err(e),
+                                }
+                            };
+                            let done = filled < chunk.len();
+                            chunk.truncate(filled);
+                            if filled > 0 && tx.send(Ok(chunk)).is_err() {
+                                return; // the writer stopped (an entry was refused)
+                            }
+                            if let Err(e) = res {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                            if done {
+                                return;
+                            }
+                        }
+                    });
+                    w.tar(ChannelReader {
+                        rx,
+                        chunk: Vec::new(),
+                        pos: 0,
+                    })
+                })
             }),
         Format::Zip => w.zip(),
     };
@@ -180,6 +221,32 @@ pub fn extract(
             empty_dir(dest);
             Err(e)
         }
+    }
+}
+
+/// Reads the chunks another thread sends, in order; the stream ends when the sender is gone.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 
@@ -231,8 +298,13 @@ struct Writer<'a> {
     entries: u64,
     /// What the archive created, to refuse duplicates and writes through links.
     seen: HashMap<PathBuf, bool>, // path -> is_dir
-    /// The parent directory of the last entry: archives are mostly in order.
-    last_parent: Option<(PathBuf, OwnedFd)>,
+    /// The directories from the root down to the last entry's parent, open, with the mode
+    /// each was given: archives list a directory's entries together, depth first, so the
+    /// next entry's parent is usually this one or shares most of its path.
+    open_dirs: Vec<(std::ffi::OsString, OwnedFd, u32)>,
+    root_mode: u32,
+    /// The umask, when it alone decides what open/mkdir make of a mode (no default ACL).
+    umask: Option<u32>,
 }
 
 impl<'a> Writer<'a> {
@@ -252,6 +324,14 @@ impl<'a> Writer<'a> {
             entry: ".".into(),
             source: e.into(),
         })?;
+        let root_mode = rustix::fs::fstat(&root)
+            .map(|st| st.st_mode & 0o7777)
+            .unwrap_or(0o2000); // unknown: treat as setgid, so every mode is set explicitly
+        let umask = if crate::release::has_default_acl(dest) {
+            None
+        } else {
+            crate::fsutil::current_umask()
+        };
         Ok(Writer {
             archive,
             root,
@@ -260,7 +340,9 @@ impl<'a> Writer<'a> {
             report: Report::default(),
             entries: 0,
             seen: HashMap::new(),
-            last_parent: None,
+            open_dirs: Vec::new(),
+            root_mode,
+            umask,
         })
     }
 
@@ -446,35 +528,38 @@ impl<'a> Writer<'a> {
             .unwrap_or_default();
         let parent_rel = rel.parent().map(Path::to_path_buf).unwrap_or_default();
         self.ensure_parent(&parent_rel, shown)?;
-        let Some((_, parent)) = self.last_parent.as_ref() else {
-            return Err(self.reject(shown, "has no parent directory"));
+        let (parent, parent_mode) = match self.open_dirs.last() {
+            Some((_, fd, mode)) => (fd, *mode),
+            None => (&self.root, self.root_mode),
         };
-        let parent = parent.try_clone().map_err(|e| self.werr(&rel, e))?;
         match item {
             Item::Dir => {
                 let pl = (self.placement)(&rel, Kind::Dir, mode);
-                rustix::fs::mkdirat(
-                    &parent,
+                let created = match rustix::fs::mkdirat(
+                    parent,
                     name.as_os_str(),
                     Mode::from_raw_mode(pl.mode & 0o777),
-                )
-                .or_else(|e| {
-                    if e == rustix::io::Errno::EXIST {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-                .map_err(|e| self.werr(&rel, e.into()))?;
-                // EXIST of a non-directory is caught by chmod/open below with NOFOLLOW.
-                self.set(&parent, &name, &rel, pl)?;
+                ) {
+                    Ok(()) => true,
+                    // Made earlier as some entry's parent. A non-directory of that name is
+                    // caught by the NOFOLLOW|DIRECTORY open below.
+                    Err(rustix::io::Errno::EXIST) => false,
+                    Err(e) => return Err(self.werr(&rel, e.into())),
+                };
+                let fd = self.open_dir_at(parent, &name, &rel)?;
+                let exact = created && self.mkdir_is_exact(pl.mode, parent_mode);
+                self.set(&fd, &rel, pl, exact)?;
                 self.seen.insert(rel, true);
-                self.report.dirs += 1;
+                if created {
+                    self.report.dirs += 1;
+                }
+                // Its entries come next: keep it open as the next parent.
+                self.open_dirs.push((name, fd, pl.mode));
             }
             Item::File => {
                 let pl = (self.placement)(&rel, Kind::File, mode);
                 let fd = rustix::fs::openat(
-                    &parent,
+                    parent,
                     name.as_os_str(),
                     OFlags::WRONLY
                         | OFlags::CREATE
@@ -497,18 +582,11 @@ impl<'a> Writer<'a> {
                         ),
                     });
                 }
-                self.report.bytes += n;
-                rustix::fs::fchmod(&out, Mode::from_raw_mode(pl.mode))
-                    .map_err(|e| self.werr(&rel, e.into()))?;
-                if pl.uid.is_some() || pl.gid.is_some() {
-                    rustix::fs::fchown(
-                        &out,
-                        pl.uid.map(rustix::fs::Uid::from_raw),
-                        pl.gid.map(rustix::fs::Gid::from_raw),
-                    )
-                    .map_err(|e| self.werr(&rel, e.into()))?;
-                }
+                // The parent's setgid bit does not reach a file's mode.
+                let exact = self.mkdir_is_exact(pl.mode, 0);
+                self.set(&out, &rel, pl, exact)?;
                 self.seen.insert(rel, false);
+                self.report.bytes += n;
                 self.report.files += 1;
             }
             Item::Symlink(target) => {
@@ -521,12 +599,12 @@ impl<'a> Writer<'a> {
                         ),
                     ));
                 }
-                rustix::fs::symlinkat(&target, &parent, name.as_os_str())
+                rustix::fs::symlinkat(&target, parent, name.as_os_str())
                     .map_err(|e| self.werr(&rel, e.into()))?;
                 let pl = (self.placement)(&rel, Kind::Symlink, 0o777);
                 if pl.uid.is_some() || pl.gid.is_some() {
                     rustix::fs::chownat(
-                        &parent,
+                        parent,
                         name.as_os_str(),
                         pl.uid.map(rustix::fs::Uid::from_raw),
                         pl.gid.map(rustix::fs::Gid::from_raw),
@@ -542,63 +620,91 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
+    /// Gives an entry created by this writer its owner, then (unless mkdir/open already
+    /// gave it exactly) its mode: chown may clear mode bits, so the mode comes last.
     fn set(
         &self,
-        parent: &OwnedFd,
-        name: &OsStr,
+        fd: impl AsFd,
         rel: &Path,
         pl: Placement,
+        exact: bool,
     ) -> Result<(), ArchiveError> {
-        // Opening with NOFOLLOW|DIRECTORY proves it is a real directory we may change.
-        let fd = rustix::fs::openat(
-            parent,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| self.werr(rel, e.into()))?;
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(pl.mode))
-            .map_err(|e| self.werr(rel, e.into()))?;
+        let fd = fd.as_fd();
         if pl.uid.is_some() || pl.gid.is_some() {
             rustix::fs::fchown(
-                &fd,
+                fd,
                 pl.uid.map(rustix::fs::Uid::from_raw),
                 pl.gid.map(rustix::fs::Gid::from_raw),
             )
             .map_err(|e| self.werr(rel, e.into()))?;
         }
+        if !exact {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(pl.mode))
+                .map_err(|e| self.werr(rel, e.into()))?;
+        }
         Ok(())
     }
 
-    /// Makes `last_parent` the directory `parent_rel`, creating missing directories (with
-    /// the policy's modes) and never following a symlink.
+    /// Whether mkdirat/openat with `mode & 0o777` produced exactly `mode`: no special bits,
+    /// nothing the umask removes, and no setgid parent passing its bit on.
+    fn mkdir_is_exact(&self, mode: u32, parent_mode: u32) -> bool {
+        self.umask.is_some_and(|u| mode & u == 0) && mode & 0o7000 == 0 && parent_mode & 0o2000 == 0
+    }
+
+    /// Opens directory `name` in `parent`; NOFOLLOW|DIRECTORY proves it is a real directory
+    /// this writer may change.
+    fn open_dir_at(
+        &self,
+        parent: &OwnedFd,
+        name: &OsStr,
+        rel: &Path,
+    ) -> Result<OwnedFd, ArchiveError> {
+        rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.werr(rel, e.into()))
+    }
+
+    /// Makes the top of `open_dirs` the directory `parent_rel`, keeping the directories the
+    /// last parent shares with it, opening (or creating, with the policy's modes) the rest,
+    /// and never following a symlink.
     fn ensure_parent(&mut self, parent_rel: &Path, shown: &str) -> Result<(), ArchiveError> {
-        if self
-            .last_parent
-            .as_ref()
-            .is_some_and(|(p, _)| p == parent_rel)
-        {
-            return Ok(());
-        }
-        let mut fd = self
-            .root
-            .try_clone()
-            .map_err(|e| self.werr(parent_rel, e))?;
-        let mut so_far = PathBuf::new();
-        for c in parent_rel.components() {
+        let comps: Vec<&OsStr> = parent_rel.components().map(|c| c.as_os_str()).collect();
+        let keep = self
+            .open_dirs
+            .iter()
+            .zip(comps.iter())
+            .take_while(|((have, _, _), want)| have.as_os_str() == **want)
+            .count();
+        self.open_dirs.truncate(keep);
+        let mut so_far: PathBuf = comps[..keep].iter().collect();
+        for &c in &comps[keep..] {
             so_far.push(c);
+            let (fd, parent_mode) = match self.open_dirs.last() {
+                Some((_, fd, mode)) => (fd, *mode),
+                None => (&self.root, self.root_mode),
+            };
             let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            let next = match rustix::fs::openat(&fd, c.as_os_str(), flags, Mode::empty()) {
-                Ok(n) => n,
+            let (next, mode) = match rustix::fs::openat(fd, c, flags, Mode::empty()) {
+                Ok(n) => {
+                    let mode = rustix::fs::fstat(&n)
+                        .map(|st| st.st_mode & 0o7777)
+                        .map_err(|e| self.werr(&so_far, e.into()))?;
+                    (n, mode)
+                }
                 Err(rustix::io::Errno::NOENT) => {
                     let pl = (self.placement)(&so_far, Kind::Dir, 0o755);
-                    rustix::fs::mkdirat(&fd, c.as_os_str(), Mode::from_raw_mode(pl.mode & 0o777))
+                    rustix::fs::mkdirat(fd, c, Mode::from_raw_mode(pl.mode & 0o777))
                         .map_err(|e| self.werr(&so_far, e.into()))?;
-                    self.set(&fd, c.as_os_str(), &so_far, pl)?;
+                    let n = self.open_dir_at(fd, c, &so_far)?;
+                    let exact = self.mkdir_is_exact(pl.mode, parent_mode);
+                    self.set(&n, &so_far, pl, exact)?;
                     self.seen.insert(so_far.clone(), true);
                     self.report.dirs += 1;
-                    rustix::fs::openat(&fd, c.as_os_str(), flags, Mode::empty())
-                        .map_err(|e| self.werr(&so_far, e.into()))?
+                    (n, pl.mode)
                 }
                 Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::NOTDIR) => {
                     return Err(self.reject(
@@ -611,9 +717,8 @@ impl<'a> Writer<'a> {
                 }
                 Err(e) => return Err(self.werr(&so_far, e.into())),
             };
-            fd = next;
+            self.open_dirs.push((c.to_os_string(), next, mode));
         }
-        self.last_parent = Some((parent_rel.to_path_buf(), fd));
         Ok(())
     }
 }

@@ -573,9 +573,10 @@ fn copy_dir_entries(
                     && pl.mode & 0o7000 == 0
                     && !parent_setgid;
                 let fds = if sh.queued_fds.fetch_add(1, Ordering::Relaxed) < MAX_QUEUED_FD_PAIRS {
-                    let pair = open_child_dir(&src_fd, name, sh.src_root, &child_rel).and_then(
-                        |s| Ok((s, open_child_dir(&dst_fd, name, dest_root, &child_rel)?)),
-                    );
+                    let pair =
+                        open_child_dir(&src_fd, name, sh.src_root, &child_rel).and_then(|s| {
+                            Ok((s, open_child_dir(&dst_fd, name, dest_root, &child_rel)?))
+                        });
                     match pair {
                         Ok(pair) => Some(pair),
                         Err(e) => {
@@ -711,7 +712,7 @@ fn open_child_dir(
 }
 
 /// Whether new entries under `dir` get their modes from a default ACL rather than the umask.
-fn has_default_acl(dir: &Path) -> bool {
+pub(crate) fn has_default_acl(dir: &Path) -> bool {
     !matches!(
         rustix::fs::getxattr(dir, "system.posix_acl_default", &mut [0u8; 0][..]),
         Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::OPNOTSUPP)
@@ -1004,7 +1005,13 @@ mod tests {
         let dest = d.path().join("rel");
         let r = intake_dir(&src, &dest, IntakeMode::Hardlink, &policy).unwrap();
         assert_eq!(r.files, (MAX_QUEUED_FD_PAIRS * 3) as u64);
-        let m = |p: &str| std::fs::symlink_metadata(dest.join(p)).unwrap().permissions().mode() & 0o7777;
+        let m = |p: &str| {
+            std::fs::symlink_metadata(dest.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
         for i in 0..(MAX_QUEUED_FD_PAIRS * 3) {
             assert_eq!(m(&format!("vendor/p{i}")), 0o775, "vendor/p{i}");
             assert_eq!(m(&format!("vendor/p{i}/src")), 0o775, "vendor/p{i}/src");

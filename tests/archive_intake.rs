@@ -71,12 +71,21 @@ impl Case {
         self.dir.path().join("dest")
     }
     fn extract(&self, name: &str, bytes: &[u8]) -> Result<archive::Report, ArchiveError> {
+        self.extract_with(name, bytes, &PermsConfig::default(), &LIMITS)
+    }
+    fn extract_with(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        perms: &PermsConfig,
+        limits: &Limits,
+    ) -> Result<archive::Report, ArchiveError> {
         let p = self.dir.path().join(name);
         std::fs::write(&p, bytes).unwrap();
-        let policy = Policy::with_ids(&PermsConfig::default(), None, None).unwrap();
-        archive::extract(&p, &self.dest(), &LIMITS, &|rel: &Path,
-                                                      k: Kind,
-                                                      m: u32|
+        let policy = Policy::with_ids(perms, None, None).unwrap();
+        archive::extract(&p, &self.dest(), limits, &|rel: &Path,
+                                                     k: Kind,
+                                                     m: u32|
          -> Placement {
             policy.placement(rel, k, m)
         })
@@ -177,6 +186,78 @@ fn symlinks_outside() {
         "a/l",
         "outside the release",
     );
+}
+
+#[test]
+fn exact_modes_in_any_order_and_large_gzip_streams() {
+    // Modes the umask would narrow (0775 under 022), a setgid parent (var, 2770) whose child
+    // has a plain mode, directories made implicitly and then named by a later entry, and
+    // enough data to cross many of the decompression thread's chunks.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let tar_bytes = tar_of(&[
+        ("a/b/c/f.php", T::Regular, 0o644, b"<?php", None),
+        ("a/big.bin", T::Regular, 0o644, &big, None),
+        ("a/b/", T::Directory, 0o755, b"", None),
+        ("var/plain/deeper/x", T::Regular, 0o644, b"x", None),
+        ("var/cache/", T::Directory, 0o755, b"", None),
+        ("z/", T::Directory, 0o755, b"", None),
+        ("z/y/", T::Directory, 0o755, b"", None),
+        ("a/b/c/g.php", T::Regular, 0o644, b"<?php", None),
+    ]);
+    let mut perms = PermsConfig {
+        dir_mode: "0775".into(),
+        ..PermsConfig::default()
+    };
+    perms.writable.push(bgagent::perms::WritablePath {
+        path: "var/plain".into(),
+        dir_mode: "0750".into(),
+        file_mode: "0640".into(),
+    });
+    for (name, bytes) in [("m.tar", tar_bytes.clone()), ("m.tar.gz", gz(&tar_bytes))] {
+        let c = Case::new();
+        let limits = Limits {
+            max_bytes: 64 << 20,
+            ..LIMITS
+        };
+        let r = c
+            .extract_with(name, &bytes, &perms, &limits)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(r.files, 4, "{name}");
+        assert_eq!(r.dirs, 9, "{name}: each directory counted once");
+        let m = |p: &str| {
+            std::fs::symlink_metadata(c.dest().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        for d in ["a", "a/b", "a/b/c", "z", "z/y"] {
+            assert_eq!(m(d), 0o775, "{name}: {d}");
+        }
+        assert_eq!(m("var"), 0o2770, "{name}");
+        assert_eq!(m("var/cache"), 0o2770, "{name}");
+        assert_eq!(
+            m("var/plain"),
+            0o750,
+            "{name}: no setgid inherited from var"
+        );
+        assert_eq!(m("var/plain/deeper"), 0o750, "{name}");
+        assert_eq!(m("var/plain/deeper/x"), 0o640, "{name}");
+        assert_eq!(m("a/b/c/g.php"), 0o640, "{name}");
+        assert_eq!(
+            std::fs::read(c.dest().join("a/big.bin")).unwrap(),
+            big,
+            "{name}"
+        );
+    }
+    // A .tar.gz cut inside the compressed stream: the decompression thread's error reaches
+    // the writer, which names the archive and leaves the destination empty.
+    let mut cut = gz(&tar_bytes);
+    cut.truncate(cut.len() / 2);
+    let c = Case::new();
+    let e = c.extract("cut.tar.gz", &cut).unwrap_err().to_string();
+    assert!(e.contains("cut.tar.gz"), "{e}");
+    c.assert_clean();
 }
 
 #[test]
