@@ -2,7 +2,8 @@
 # Installs what the tests and benchmarks need on a fresh Debian 12 machine, idempotently: a
 # second run only checks and prints one line.
 #   Debian packages: nginx, php-fpm, php-cli (mysqli, redis), MariaDB, Redis, HAProxy, wrk, hey,
-#                    curl, rpm (package inspection), python3-venv, python3-matplotlib (plots)
+#                    curl, rpm and cpio (package inspection), python3-venv, python3-matplotlib
+#   crates.io:       cargo-deb and cargo-generate-rpm (the .deb and .rpm), pinned
 #   PyPI:            moto (the SSM Parameter Store stand-in) with boto3, in a venv at
 #                    $BGAGENT_MOTO_VENV, default <repo>/target/venv-moto: the testbed crate
 #                    (crates/testbed) looks in the same place.
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(nginx php-fpm php-cli php-mysql php-redis redis-server mariadb-server mariadb-client
-      haproxy wrk hey curl procps rpm python3-venv python3-matplotlib)
+      haproxy wrk hey curl procps rpm rpm2cpio cpio python3-venv python3-matplotlib)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -41,4 +42,13 @@ if ! { [ -x "$venv/bin/moto_server" ] && "$venv/bin/python" -c 'import moto, bot
   "$venv/bin/pip" install -q --disable-pip-version-check 'moto[ssm]' flask flask-cors boto3 \
     || { echo "error: pip install of moto into $venv failed (PyPI reachable?)" >&2; exit 1; }
 fi
+# The packagers, pinned: their output is checked file by file (tests/packaging/run.sh).
+installed=$(cargo install --list)
+for tool in cargo-deb@3.8.0 cargo-generate-rpm@0.21.1; do
+  name=${tool%@*}; want=${tool#*@}
+  if ! grep -qx "$name v$want:" <<<"$installed"; then
+    echo "installing $tool from crates.io"
+    cargo install --locked --quiet "$tool" || { echo "error: cargo install $tool failed" >&2; exit 1; }
+  fi
+done
 echo "test dependencies are installed (moto venv: $venv)"
