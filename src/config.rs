@@ -188,7 +188,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{issue}\n{snippet}")]
+    #[error("{issue}{}", if snippet.is_empty() { String::new() } else { format!("\n{snippet}") })]
     Parse { issue: Issue, snippet: String },
     #[error("invalid config:\n{}", .0.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<Issue>),
@@ -226,15 +226,27 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
             serde_ignored::deserialize(de, |p| unknown.push(p.to_string()))
         });
     let mut config = parsed.map_err(|e| {
-        let loc = e.location();
+        let message = strip_location(&e.without_snippet().to_string());
+        // A check made after a whole map was read (params) is reported at the map's start;
+        // when its message names the offending key, point at that key instead.
+        let named = message
+            .strip_prefix('`')
+            .and_then(|m| m.split_once("` does not apply to `source:"))
+            .and_then(|(key, _)| locate_key(text, &format!("params.{key}")));
+        let loc = e.location().map(|l| (l.line(), l.column()));
+        let (line, column) = named.or(loc).unzip();
         ConfigError::Parse {
             issue: Issue {
                 file: file.to_path_buf(),
-                line: loc.map(|l| l.line()),
-                column: loc.map(|l| l.column()),
-                message: strip_location(&e.without_snippet().to_string()),
+                line,
+                column,
+                message,
             },
-            snippet: e.to_string(),
+            snippet: if named.is_some() {
+                String::new()
+            } else {
+                e.to_string()
+            },
         }
     })?;
     let warnings = unknown
@@ -510,6 +522,54 @@ mod tests {
         assert_eq!((w.line, w.column), (Some(4), Some(3)));
         assert!(w.message.contains("release.kepp"), "{}", w.message);
         assert_eq!(w.to_string().split(':').nth(1), Some("4"));
+    }
+
+    #[test]
+    fn params_keys_are_checked_per_source() {
+        // A misspelt key inside params is warned like any other, with its line.
+        let l = parse(
+            "app_root: /a\nparams:\n  source: ssm\n  paths: [/m/prod]\n  regoin: eu-west-1\n",
+        )
+        .unwrap();
+        assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+        assert!(
+            l.warnings[0].message.contains("params.regoin"),
+            "{}",
+            l.warnings[0].message
+        );
+        assert_eq!(l.warnings[0].line, Some(5));
+        match &l.config.params {
+            ParamsConfig::Ssm(s) => assert_eq!(s.paths, vec!["/m/prod".to_string()]),
+            other => panic!("{other:?}"),
+        }
+        // A key of the other source is an error that says what to write instead.
+        let e = parse("app_root: /a\nparams:\n  source: ssm\n  path: /m/prod\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`path` does not apply to `source: ssm`") && e.contains("`paths`"),
+            "{e}"
+        );
+        assert!(
+            e.starts_with("/etc/bgagent/bgagent.yaml:4:3: "),
+            "at the key itself: {e}"
+        );
+        let e = parse("app_root: /a\nparams:\n  source: file\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs `path`"), "{e}");
+        let e = parse("app_root: /a\nparams:\n  source: vault\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown params source `vault`"), "{e}");
+        // The file source still resolves its path against the config's directory.
+        let l = parse("app_root: /a\nparams:\n  source: file\n  path: params.yaml\n").unwrap();
+        assert_eq!(
+            l.config.params,
+            ParamsConfig::File {
+                path: "/etc/bgagent/params.yaml".into()
+            }
+        );
     }
 
     #[test]

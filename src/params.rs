@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
-#[serde(tag = "source", rename_all = "lowercase")]
+#[serde(tag = "source", rename_all = "lowercase", try_from = "ParamsRaw")]
 pub enum ParamsConfig {
     /// No parameters (templates then see an empty `params` map).
     #[default]
@@ -31,6 +31,98 @@ pub enum ParamsConfig {
         path: PathBuf,
     },
     Ssm(SsmConfig),
+}
+
+/// `params:` as written: one flat map, read as a plain struct so that the config loader's
+/// unknown-key warnings reach inside it (they cannot see into an internally tagged enum),
+/// then checked into [`ParamsConfig`]: a key of the other source is an error naming it.
+#[derive(Deserialize)]
+struct ParamsRaw {
+    #[serde(default)]
+    source: Option<String>,
+    path: Option<PathBuf>,
+    paths: Option<Vec<String>>,
+    region: Option<String>,
+    endpoint_url: Option<String>,
+    max_attempts: Option<u32>,
+    #[serde(default, with = "crate::config::opt_duration")]
+    initial_backoff: Option<Duration>,
+    #[serde(default, with = "crate::config::opt_duration")]
+    max_backoff: Option<Duration>,
+}
+
+impl TryFrom<ParamsRaw> for ParamsConfig {
+    type Error = String;
+
+    fn try_from(r: ParamsRaw) -> Result<Self, String> {
+        let ssm_keys = [
+            ("paths", r.paths.is_some()),
+            ("region", r.region.is_some()),
+            ("endpoint_url", r.endpoint_url.is_some()),
+            ("max_attempts", r.max_attempts.is_some()),
+            ("initial_backoff", r.initial_backoff.is_some()),
+            ("max_backoff", r.max_backoff.is_some()),
+        ];
+        let only = |source: &str, allowed: &[&str]| -> Result<(), String> {
+            let mut given: Vec<&str> = ssm_keys
+                .iter()
+                .filter(|(_, set)| *set)
+                .map(|(k, _)| *k)
+                .collect();
+            if r.path.is_some() {
+                given.push("path");
+            }
+            match given.iter().find(|k| !allowed.contains(k)) {
+                Some(k) => Err(format!(
+                    "`{k}` does not apply to `source: {source}`{}",
+                    match (source, *k) {
+                        ("ssm", "path") => " (SSM takes `paths`, a list of prefixes)",
+                        ("file", "paths") => " (a file source takes one `path`)",
+                        _ => "",
+                    }
+                )),
+                None => Ok(()),
+            }
+        };
+        match r.source.as_deref() {
+            None | Some("none") => {
+                only("none", &[])?;
+                Ok(ParamsConfig::None)
+            }
+            Some("file") => {
+                only("file", &["path"])?;
+                let path = r
+                    .path
+                    .ok_or("`source: file` needs `path`, the YAML file of values")?;
+                Ok(ParamsConfig::File { path })
+            }
+            Some("ssm") => {
+                only(
+                    "ssm",
+                    &[
+                        "paths",
+                        "region",
+                        "endpoint_url",
+                        "max_attempts",
+                        "initial_backoff",
+                        "max_backoff",
+                    ],
+                )?;
+                let d = SsmConfig::default();
+                Ok(ParamsConfig::Ssm(SsmConfig {
+                    paths: r.paths.unwrap_or_default(),
+                    region: r.region,
+                    endpoint_url: r.endpoint_url,
+                    max_attempts: r.max_attempts.unwrap_or(d.max_attempts),
+                    initial_backoff: r.initial_backoff.unwrap_or(d.initial_backoff),
+                    max_backoff: r.max_backoff.unwrap_or(d.max_backoff),
+                }))
+            }
+            Some(other) => Err(format!(
+                "unknown params source `{other}`: use none, file or ssm"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
