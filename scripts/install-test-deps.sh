@@ -2,7 +2,8 @@
 # Installs what the tests and benchmarks need on a fresh Debian 12 machine, idempotently: a
 # second run only checks and prints one line.
 #   Debian packages: nginx, php-fpm, php-cli (mysqli, redis), MariaDB, Redis, HAProxy, wrk, hey,
-#                    curl, rpm and cpio (package inspection), python3-venv, python3-matplotlib
+#                    curl, rpm and cpio (package inspection), xfsprogs (a reflink filesystem
+#                    for tests/reflink_xfs.rs), python3-venv, python3-matplotlib
 #   crates.io:       cargo-deb and cargo-generate-rpm (the .deb and .rpm), pinned
 #   PyPI:            moto (the SSM Parameter Store stand-in) with boto3, in a venv at
 #                    $BGAGENT_MOTO_VENV, default <repo>/target/venv-moto: the testbed crate
@@ -12,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 pkgs=(nginx php-fpm php-cli php-mysql php-redis redis-server mariadb-server mariadb-client
-      haproxy wrk hey curl procps rpm rpm2cpio cpio python3-venv python3-matplotlib)
+      haproxy wrk hey curl procps rpm rpm2cpio cpio xfsprogs e2fsprogs python3-venv python3-matplotlib)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
