@@ -336,3 +336,88 @@ fn local_deploy_without_daemon_and_config_check() {
     assert_eq!(out.status.code(), Some(7));
     assert!(text(&out).contains("bgagent.yaml:3:9"), "{}", text(&out));
 }
+
+#[test]
+fn daemon_killed_during_an_event_reports_it_interrupted_and_the_retry_succeeds() {
+    let mut node = Node::new();
+    // AfterInstall's extra command blocks the first time (until the daemon is killed), and
+    // returns at once on the retry.
+    let started = node.path("first-attempt");
+    let cfg = std::fs::read_to_string(node.config()).unwrap()
+        + &format!(
+            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {0} || {{ touch {0}; exec sleep 27.5; }}'], timeout: 60s }}\n",
+            started.display()
+        );
+    std::fs::write(node.config(), cfg).unwrap();
+    node.start();
+    node.revision("g-1", "d-K", "one");
+    for ev in ["ApplicationStop", "BeforeInstall"] {
+        assert_eq!(node.hook(ev, Some("d-K"), "g-1").status.code(), Some(0));
+    }
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--config",
+        node.config().to_str().unwrap(),
+        "hook",
+        "AfterInstall",
+    ])
+    .env("DEPLOYMENT_ID", "d-K")
+    .env("DEPLOYMENT_GROUP_ID", "g-1")
+    .env("APPLICATION_NAME", "magento")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let hook = cmd.spawn().unwrap();
+    let t0 = Instant::now();
+    while !started.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A crash, not a stop: SIGKILL leaves the event marked running in state.json.
+    let mut daemon = node.daemon.take().unwrap();
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let out = hook.wait_with_output().unwrap();
+    let _ = Command::new("pkill").args(["-f", "sleep 27.5"]).status();
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "connection lost: {}",
+        text(&out)
+    );
+    assert!(text(&out).contains("bgagent status"), "{}", text(&out));
+
+    node.start();
+    let st = node.status_json();
+    let events = st["last_deployment"]["events"].as_array().unwrap();
+    let after = events
+        .iter()
+        .find(|e| e["event"] == "AfterInstall")
+        .unwrap_or_else(|| panic!("{st}"));
+    assert_eq!(after["status"], "interrupted", "{st}");
+    assert!(
+        node.log()
+            .contains("AfterInstall of deployment d-K was interrupted by a restart of bgagent"),
+        "{}",
+        node.log()
+    );
+    // The other events wait for it; retrying it carries the deployment on.
+    let out = node.hook("ApplicationStart", Some("d-K"), "g-1");
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "refused before the retry: {}",
+        text(&out)
+    );
+    for ev in [
+        "AfterInstall",
+        "ApplicationStart",
+        "ValidateService",
+        "BeforeAllowTraffic",
+        "AfterAllowTraffic",
+    ] {
+        let out = node.hook(ev, Some("d-K"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    assert!(node.current().unwrap().ends_with("-d-K"));
+    assert_eq!(node.status_json()["last_deployment"]["status"], "succeeded");
+}
