@@ -550,7 +550,37 @@ impl Engine {
         let dep_id = self.deployment()?.id.clone();
         self.layout.ensure()?;
         let policy = Policy::resolve(&self.cfg.permissions)?;
-        let id = release::new_release_id(SystemTime::now(), &dep_id);
+        // An earlier attempt of this deployment that was interrupted (the daemon killed, the
+        // node rebooted) or failed may have left its release on disk without recording it.
+        let tag = release::release_tag(&dep_id);
+        let current = self.layout.current();
+        let previous = self.doc.previous_release(current.as_deref());
+        let protect: Vec<&str> = [current.as_deref(), previous.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let recorded = |id: &str| self.doc.releases.contains_key(id);
+        for old in release::leftover_plan(&self.layout.list()?, &recorded, &tag, &protect) {
+            let d = self.layout.release_dir(&old);
+            info!(
+                "removing release {old}, left unfinished by an earlier attempt of this deployment"
+            );
+            std::fs::remove_dir_all(&d).map_err(|e| {
+                EngineError::Failed(format!("failed to remove {}: {e}", d.display()))
+            })?;
+        }
+        if let Ok(rd) = std::fs::read_dir(self.layout.releases_dir()) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') && name.ends_with(&format!("-{tag}.partial")) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let id = release::unused_release_id(
+            &release::new_release_id(SystemTime::now(), &dep_id),
+            &self.layout.list()?,
+        );
         let staging = self.layout.releases_dir().join(format!(".{id}.partial"));
         let final_dir = self.layout.release_dir(&id);
         if staging.exists() {

@@ -323,7 +323,13 @@ pub fn new_release_id(now: std::time::SystemTime, tag: &str) -> String {
         .chars()
         .filter(|c| *c != '-' && *c != ':')
         .collect();
-    let tag: String = tag
+    format!("{ts}-{}", release_tag(tag))
+}
+
+/// The part of a release id that names its deployment: the id with anything that is not
+/// `[A-Za-z0-9_-]` replaced, at most 64 characters.
+pub fn release_tag(deployment_id: &str) -> String {
+    deployment_id
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -333,8 +339,45 @@ pub fn new_release_id(now: std::time::SystemTime, tag: &str) -> String {
             }
         })
         .take(64)
-        .collect();
-    format!("{ts}-{tag}")
+        .collect()
+}
+
+/// `id`, or `id.2`, `id.3`, ... if a directory of that name is already on disk (a retry in
+/// the same second as an attempt whose release could not be removed). Pure.
+pub fn unused_release_id(id: &str, on_disk: &[String]) -> String {
+    if !on_disk.iter().any(|d| d == id) {
+        return id.to_string();
+    }
+    (2..)
+        .map(|n| format!("{id}.{n}"))
+        .find(|c| !on_disk.iter().any(|d| d == c))
+        .expect("an unused suffix")
+}
+
+/// Release directories that an interrupted or failed attempt of deployment `tag` left
+/// behind: on disk, named `<timestamp>-<tag>` (or with a `.<n>` suffix), but never recorded
+/// as built, and neither `protect`ed (current, previous). Pure.
+pub fn leftover_plan(
+    on_disk: &[String],
+    recorded: &dyn Fn(&str) -> bool,
+    tag: &str,
+    protect: &[&str],
+) -> Vec<String> {
+    on_disk
+        .iter()
+        .filter(|id| {
+            let Some((_, rest)) = id.split_once('-') else {
+                return false;
+            };
+            let ours = rest == tag
+                || rest
+                    .strip_prefix(tag)
+                    .and_then(|s| s.strip_prefix('.'))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            ours && !recorded(id) && !protect.contains(&id.as_str())
+        })
+        .cloned()
+        .collect()
 }
 
 /// What intake did, for the log and the benchmark.
@@ -910,6 +953,45 @@ mod tests {
             Path::new("a/b/link"),
             Path::new("../../c/d")
         ));
+    }
+
+    #[test]
+    fn retry_ids_and_leftovers_of_an_interrupted_attempt() {
+        let disk: Vec<String> = [
+            "20261122T180300Z-d-A",
+            "20261122T180351Z-d-K",
+            "20261122T180351Z-d-K.2",
+            "20261122T180352Z-d-KX",
+            "20261122T180352Z-d-K-2",
+            "20261122T180353Z-d-K.x",
+            "20261122T180354Z-d-K",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            unused_release_id("20261122T180400Z-d-K", &disk),
+            "20261122T180400Z-d-K"
+        );
+        assert_eq!(
+            unused_release_id("20261122T180351Z-d-K", &disk),
+            "20261122T180351Z-d-K.3"
+        );
+        let recorded = |id: &str| id == "20261122T180354Z-d-K";
+        // Another deployment's (d-KX, d-K-2), a non-numeric suffix, a recorded release and a
+        // protected one are all kept.
+        assert_eq!(
+            leftover_plan(&disk, &recorded, "d-K", &["20261122T180351Z-d-K.2"]),
+            vec!["20261122T180351Z-d-K".to_string()]
+        );
+        assert_eq!(
+            leftover_plan(&disk, &|_| false, "d-K", &[]),
+            vec![
+                "20261122T180351Z-d-K".to_string(),
+                "20261122T180351Z-d-K.2".to_string(),
+                "20261122T180354Z-d-K".to_string()
+            ]
+        );
     }
 
     #[test]

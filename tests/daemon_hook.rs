@@ -418,6 +418,24 @@ fn daemon_killed_during_an_event_reports_it_interrupted_and_the_retry_succeeds()
         let out = node.hook(ev, Some("d-K"), "g-1");
         assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
     }
-    assert!(node.current().unwrap().ends_with("-d-K"));
+    assert!(
+        node.current().unwrap().ends_with("-d-K"),
+        "{:?}",
+        node.current()
+    );
     assert_eq!(node.status_json()["last_deployment"]["status"], "succeeded");
+    // The first attempt had built its release before it was killed: the retry removed it
+    // (whichever second it ran in) and built its own, so one release of d-K is on disk.
+    assert!(
+        node.log()
+            .contains("left unfinished by an earlier attempt of this deployment"),
+        "{}",
+        node.log()
+    );
+    let ours: Vec<_> = std::fs::read_dir(node.path("app/releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("d-K"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{ours:?}");
 }
