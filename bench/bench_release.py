@@ -246,6 +246,9 @@ def main():
     med = {k: statistics.median(v) for k, v in results["times_s"].items() if v}
     results["median_s"] = med
     ratio = lambda x, y: med[x] / med[y]
+    if a.smoke:
+        print(f"SMOKE RUN ({a.bin}, {nfiles} files, 1 round): this shows the benchmark runs end to end; "
+              "its figures are not results (BENCHMARKS.md has those, from a release build on a full tree)")
     print(f"## Release build ({nfiles} files, {nbytes / 2**20:.0f} MiB, {a.rounds} rounds, "
           f"owner {a.owner or '(unchanged: not root)'})\n")
     print("| contender | median s | ratio |")
