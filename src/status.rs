@@ -100,7 +100,13 @@ pub fn render_text(s: &Value) -> String {
                 str_of(&r["created_at"])
             );
             if let Some(slot) = r["cache"]["slot"].as_u64() {
-                let _ = writeln!(o, "            cache generation slot {slot}");
+                // `agreed: false`: no cache.redis, so every release shares slot 0
+                let note = if r["cache"]["agreed"] == Value::Bool(false) {
+                    " (not alternating: cache.redis is not set)"
+                } else {
+                    ""
+                };
+                let _ = writeln!(o, "            cache generation slot {slot}{note}");
             }
         }
     }
@@ -163,4 +169,37 @@ pub fn render_releases(s: &Value) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cache(cache: Value) -> Value {
+        json!({
+            "app_root": "/srv/app",
+            "node": { "traffic": "live", "readiness": null },
+            "current_release": {
+                "id": "20261122T120000Z-d-A", "deployment_id": "d-A",
+                "created_at": "2026-11-22T12:00:00.000Z", "cache": cache
+            },
+            "previous_release": null,
+            "last_deployment": null,
+        })
+    }
+
+    #[test]
+    fn text_status_says_when_cache_generations_do_not_alternate() {
+        let alone = render_text(&with_cache(json!({ "slot": 0, "agreed": false })));
+        assert!(
+            alone.contains("cache generation slot 0 (not alternating: cache.redis is not set)"),
+            "{alone}"
+        );
+        let fleet = render_text(&with_cache(json!({ "slot": 1, "agreed": true })));
+        assert!(fleet.contains("cache generation slot 1\n"), "{fleet}");
+        assert!(!fleet.contains("not alternating"), "{fleet}");
+        let none = render_text(&with_cache(Value::Null));
+        assert!(!none.contains("cache generation"), "{none}");
+        assert!(none.contains("previous:   none"), "{none}");
+    }
 }
