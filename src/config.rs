@@ -190,8 +190,15 @@ pub enum ConfigError {
     },
     #[error("{issue}{}", if snippet.is_empty() { String::new() } else { format!("\n{snippet}") })]
     Parse { issue: Issue, snippet: String },
-    #[error("invalid config:\n{}", .0.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<Issue>),
+    /// Every validation error, and the unknown keys found on the way (a misspelt key is
+    /// often why a required value is missing).
+    #[error("invalid config:\n{}", .errors.iter().map(|i| format!("  {i}"))
+        .chain(.warnings.iter().map(|w| format!("  warning: {w}")))
+        .collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        errors: Vec<Issue>,
+        warnings: Vec<Issue>,
+    },
 }
 
 /// A loaded config with the warnings found while loading it.
@@ -266,8 +273,9 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
     config.resolve_paths(base);
     let issues = config.validate();
     if !issues.is_empty() {
-        return Err(ConfigError::Invalid(
-            issues
+        return Err(ConfigError::Invalid {
+            warnings,
+            errors: issues
                 .into_iter()
                 .map(|(key, message)| {
                     let (line, column) = locate_key(text, &key).unzip();
@@ -279,7 +287,7 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
                     }
                 })
                 .collect(),
-        ));
+        });
     }
     Ok(Loaded {
         config,
@@ -522,6 +530,22 @@ mod tests {
         assert_eq!((w.line, w.column), (Some(4), Some(3)));
         assert!(w.message.contains("release.kepp"), "{}", w.message);
         assert_eq!(w.to_string().split(':').nth(1), Some("4"));
+    }
+
+    #[test]
+    fn an_invalid_config_still_reports_its_unknown_keys() {
+        // `kep` misspelt and `keep` too low: the error comes with the warning that explains it.
+        let e = parse("app_root: /a\nrelease:\n  kep: 5\n  keep: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/etc/bgagent/bgagent.yaml:4:3: `release.keep`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("warning: /etc/bgagent/bgagent.yaml:3:3: unknown key `release.kep`"),
+            "{e}"
+        );
     }
 
     #[test]
