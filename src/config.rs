@@ -256,18 +256,23 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
             },
         }
     })?;
+    // An issue about `key`, at the key's place in the file when it can be found.
+    let at = |key: &str, message: String| {
+        let (line, column) = locate_key(text, key).unzip();
+        Issue {
+            file: file.to_path_buf(),
+            line,
+            column,
+            message,
+        }
+    };
     let warnings = unknown
         .iter()
         .map(|key| {
-            let (line, column) = locate_key(text, key).unzip();
-            Issue {
-                file: file.to_path_buf(),
-                line,
-                column,
-                message: format!(
-                    "unknown key `{key}` (ignored; check its spelling and indentation)"
-                ),
-            }
+            at(
+                key,
+                format!("unknown key `{key}` (ignored; check its spelling and indentation)"),
+            )
         })
         .collect();
     config.resolve_paths(base);
@@ -277,15 +282,7 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
             warnings,
             errors: issues
                 .into_iter()
-                .map(|(key, message)| {
-                    let (line, column) = locate_key(text, &key).unzip();
-                    Issue {
-                        file: file.to_path_buf(),
-                        line,
-                        column,
-                        message: format!("`{key}`: {message}"),
-                    }
-                })
+                .map(|(key, message)| at(&key, format!("`{key}`: {message}")))
                 .collect(),
         });
     }
