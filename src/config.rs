@@ -188,8 +188,15 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{issue}{}", if snippet.is_empty() { String::new() } else { format!("\n{snippet}") })]
-    Parse { issue: Issue, snippet: String },
+    /// The text could not be read into the config's shape. `warnings` are the unknown keys
+    /// met before the failure: `missing field` is often a misspelt key.
+    #[error("{issue}{}{}", if snippet.is_empty() { String::new() } else { format!("\n{snippet}") },
+        .warnings.iter().map(|w| format!("\n  warning: {w}")).collect::<String>())]
+    Parse {
+        issue: Box<Issue>,
+        snippet: String,
+        warnings: Vec<Issue>,
+    },
     /// Every validation error, and the unknown keys found on the way (a misspelt key is
     /// often why a required value is missing).
     #[error("invalid config:\n{}", .errors.iter().map(|i| format!("  {i}"))
@@ -232,30 +239,6 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
         serde_saphyr::with_deserializer_from_str(text, |de| {
             serde_ignored::deserialize(de, |p| unknown.push(p.to_string()))
         });
-    let mut config = parsed.map_err(|e| {
-        let message = strip_location(&e.without_snippet().to_string());
-        // A check made after a whole map was read (params) is reported at the map's start;
-        // when its message names the offending key, point at that key instead.
-        let named = message
-            .strip_prefix('`')
-            .and_then(|m| m.split_once("` does not apply to `source:"))
-            .and_then(|(key, _)| locate_key(text, &format!("params.{key}")));
-        let loc = e.location().map(|l| (l.line(), l.column()));
-        let (line, column) = named.or(loc).unzip();
-        ConfigError::Parse {
-            issue: Issue {
-                file: file.to_path_buf(),
-                line,
-                column,
-                message,
-            },
-            snippet: if named.is_some() {
-                String::new()
-            } else {
-                e.to_string()
-            },
-        }
-    })?;
     // An issue about `key`, at the key's place in the file when it can be found.
     let at = |key: &str, message: String| {
         let (line, column) = locate_key(text, key).unzip();
@@ -274,7 +257,32 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
                 format!("unknown key `{key}` (ignored; check its spelling and indentation)"),
             )
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let mut config = parsed.map_err(|e| {
+        let message = strip_location(&e.without_snippet().to_string());
+        // A check made after a whole map was read (params) is reported at the map's start;
+        // when its message names the offending key, point at that key instead.
+        let named = message
+            .strip_prefix('`')
+            .and_then(|m| m.split_once("` does not apply to `source:"))
+            .and_then(|(key, _)| locate_key(text, &format!("params.{key}")));
+        let loc = e.location().map(|l| (l.line(), l.column()));
+        let (line, column) = named.or(loc).unzip();
+        ConfigError::Parse {
+            issue: Box::new(Issue {
+                file: file.to_path_buf(),
+                line,
+                column,
+                message,
+            }),
+            snippet: if named.is_some() {
+                String::new()
+            } else {
+                e.to_string()
+            },
+            warnings: warnings.clone(),
+        }
+    })?;
     config.resolve_paths(base);
     let issues = config.validate();
     if !issues.is_empty() {
@@ -607,6 +615,32 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_parse_failure_also_lists_the_unknown_keys_met_before_it() {
+        // `sorce` misspelt: serde says `source` is missing; the warning says why.
+        let text = "app_root: /a\ntemplates:\n  - sorce: env.php.j2\n    target: app/etc/env.php\n";
+        let e = parse(text).unwrap_err();
+        let s = e.to_string();
+        match &e {
+            ConfigError::Parse {
+                issue, warnings, ..
+            } => {
+                assert!(issue.message.contains("source"), "{s}");
+                assert_eq!(warnings.len(), 1, "{s}");
+                assert_eq!(
+                    (warnings[0].line, warnings[0].column),
+                    (Some(3), Some(5)),
+                    "{s}"
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            s.contains("warning: /etc/bgagent/bgagent.yaml:3:5: unknown key `templates.0.sorce`"),
+            "{s}"
+        );
     }
 
     #[test]
