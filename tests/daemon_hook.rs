@@ -1,9 +1,12 @@
 //! Drives the real binary: daemon and hook over the Unix socket through full CodeDeploy
 //! event sequences, with CodeDeploy's environment variables.
 
+mod support;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::text;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
@@ -42,33 +45,17 @@ impl Node {
     }
 
     fn start(&mut self) {
-        let log = std::fs::File::create(self.path("daemon.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["--config", self.config().to_str().unwrap(), "daemon"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(child);
-        let sock = self.path("run/bgagent.sock");
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "daemon did not start: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.daemon = Some(support::spawn_daemon(
+            BIN,
+            &self.config(),
+            &self.path("run/bgagent.sock"),
+            &self.path("daemon.log"),
+        ));
     }
 
     fn stop(&mut self) {
         if let Some(mut c) = self.daemon.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
+            support::stop_daemon(&mut c);
         }
     }
 
@@ -116,14 +103,6 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 const IN_PLACE: [&str; 9] = [

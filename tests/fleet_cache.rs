@@ -6,9 +6,10 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use support::text;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 const NODES: usize = 8;
@@ -39,21 +40,12 @@ impl Agent {
             support::free_port()
         );
         std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let daemon = Command::new(BIN)
-            .arg("--config")
-            .arg(dir.join("bgagent.yaml"))
-            .arg("daemon")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(dir.join("run/s.sock")).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let daemon = support::spawn_daemon(
+            BIN,
+            &dir.join("bgagent.yaml"),
+            &dir.join("run/s.sock"),
+            &dir.join("daemon.log"),
+        );
         Agent { dir, daemon }
     }
 
@@ -83,19 +75,8 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.daemon.id().to_string()])
-            .status();
-        let _ = self.daemon.wait();
+        support::stop_daemon(&mut self.daemon);
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn redis_cli(port: u16, db: u32, args: &[&str]) -> String {

@@ -7,9 +7,10 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
+use support::text;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
@@ -20,19 +21,8 @@ struct Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.daemon.id().to_string()])
-            .status();
-        let _ = self.daemon.wait();
+        support::stop_daemon(&mut self.daemon);
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 struct Fleet {
@@ -74,21 +64,12 @@ impl Fleet {
                 db.port
             );
             std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
-            let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-            let daemon = Command::new(BIN)
-                .arg("--config")
-                .arg(dir.join("bgagent.yaml"))
-                .arg("daemon")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let t0 = Instant::now();
-            while std::os::unix::net::UnixStream::connect(dir.join("run/s.sock")).is_err() {
-                assert!(t0.elapsed() < Duration::from_secs(10));
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let daemon = support::spawn_daemon(
+                BIN,
+                &dir.join("bgagent.yaml"),
+                &dir.join("run/s.sock"),
+                &dir.join("daemon.log"),
+            );
             agents.push(Agent { dir, daemon });
         }
         Fleet {

@@ -7,6 +7,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::text;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
@@ -17,14 +18,6 @@ struct Env {
     daemon: Option<Child>,
     _db: support::MariaDb,
     _redis: support::Redis,
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 impl Env {
@@ -128,26 +121,12 @@ warmup:
     }
 
     fn start_daemon(&mut self) {
-        let log = std::fs::File::create(self.p("daemon.log")).unwrap();
-        let c = Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .arg("daemon")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.daemon = Some(c);
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(self.p("run/bgagent.sock")).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "{}",
-                std::fs::read_to_string(self.p("daemon.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.daemon = Some(support::spawn_daemon(
+            BIN,
+            &self.p("bgagent.yaml"),
+            &self.p("run/bgagent.sock"),
+            &self.p("daemon.log"),
+        ));
     }
 
     fn revision(&self, dep: &str, id: &str, broken: bool) {
@@ -183,10 +162,7 @@ warmup:
 impl Drop for Env {
     fn drop(&mut self) {
         if let Some(mut c) = self.daemon.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
+            support::stop_daemon(&mut c);
         }
     }
 }

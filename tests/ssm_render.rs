@@ -9,16 +9,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use proptest::prelude::*;
+use support::text;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn seed(moto: &support::Moto, prefix: &str, canary: &str) {
     let mut p: Vec<(String, String, bool)> = vec![

@@ -450,3 +450,48 @@ impl Drop for Haproxy {
         let _ = self.child.wait();
     }
 }
+
+/// Both streams of a finished command, for assertions and their failure messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Starts `bin --config <config> daemon` with both streams in `log`, and returns once its
+/// control socket accepts connections; a daemon not up within 10 s fails the test with its
+/// log.
+pub fn spawn_daemon(bin: &str, config: &Path, socket: &Path, log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the daemon ({}) did not open {} within 10 s:\n{}",
+            config.display(),
+            socket.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+/// Stops a daemon as systemd does (SIGTERM) and reaps it.
+pub fn stop_daemon(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
