@@ -252,22 +252,18 @@ pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
         return Some((id, id));
     }
     let cname = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 16 * 1024];
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: all pointers are valid for the call; buf outlives the use of pwd's fields.
-    let rc = unsafe {
+    // SAFETY: every pointer is valid for the call. Only pwd's integer fields are read
+    // afterwards, never its strings (they point into the buffer, which is gone by then).
+    with_nss_buffer(|buf, result: &mut *mut libc::passwd| unsafe {
         libc::getpwnam_r(
             cname.as_ptr(),
             &mut pwd,
             buf.as_mut_ptr().cast(),
             buf.len(),
-            &mut result,
+            result,
         )
-    };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
+    })?;
     Some((pwd.pw_uid, pwd.pw_gid))
 }
 
@@ -277,23 +273,32 @@ pub fn lookup_group(name: &str) -> Option<u32> {
         return Some(id);
     }
     let cname = CString::new(name).ok()?;
-    let mut buf = vec![0u8; 64 * 1024];
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
     // SAFETY: as in lookup_user.
-    let rc = unsafe {
+    with_nss_buffer(|buf, result: &mut *mut libc::group| unsafe {
         libc::getgrnam_r(
             cname.as_ptr(),
             &mut grp,
             buf.as_mut_ptr().cast(),
             buf.len(),
-            &mut result,
+            result,
         )
-    };
-    if rc != 0 || result.is_null() {
-        return None;
-    }
+    })?;
     Some(grp.gr_gid)
+}
+
+/// Runs a `get*nam_r` call with a buffer that doubles while the entry does not fit (ERANGE:
+/// a group with thousands of members from LDAP), up to 16 MiB. `Some` when an entry was found.
+fn with_nss_buffer<T>(mut call: impl FnMut(&mut [u8], &mut *mut T) -> libc::c_int) -> Option<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut result: *mut T = std::ptr::null_mut();
+        match call(&mut buf, &mut result) {
+            0 if !result.is_null() => return Some(()),
+            libc::ERANGE if buf.len() < 16 << 20 => buf = vec![0u8; buf.len() * 2],
+            _ => return None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -394,5 +399,24 @@ mod tests {
         assert_eq!(lookup_user("root"), Some((0, 0)));
         assert_eq!(lookup_group("root"), Some(0));
         assert_eq!(lookup_user("no-such-user-bgagent"), None);
+    }
+
+    #[test]
+    fn an_entry_too_large_for_the_buffer_is_retried_with_a_larger_one() {
+        let mut sizes = Vec::new();
+        let mut entry = 0u8;
+        let found = with_nss_buffer(|buf, result: &mut *mut u8| {
+            sizes.push(buf.len());
+            if buf.len() < 100_000 {
+                return libc::ERANGE;
+            }
+            *result = &mut entry;
+            0
+        });
+        assert_eq!(found, Some(()));
+        assert_eq!(sizes, [16384, 32768, 65536, 131072]);
+        // Not found, and a buffer that never suffices, both end as None.
+        assert_eq!(with_nss_buffer(|_, _: &mut *mut u8| 0), None);
+        assert_eq!(with_nss_buffer(|_, _: &mut *mut u8| libc::ERANGE), None);
     }
 }
