@@ -46,7 +46,7 @@ Exit codes:
   7  the config file is missing or invalid
 
 Config: --config, else $BGAGENT_CONFIG, else /etc/bgagent/bgagent.yaml.
-Logs: BGAGENT_LOG sets the level filter (default: info).";
+Logs: BGAGENT_LOG sets the filter (default: info,aws=off; the AWS SDK's own events are off).";
 
 #[derive(Debug, Parser)]
 #[command(

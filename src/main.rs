@@ -31,9 +31,14 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// `BGAGENT_LOG`, else bgagent's own events at info and the AWS SDK's not at all: the SDK
+/// logs raw responses in its warnings (an IMDS token, a response body), and its failures
+/// reach the operator through bgagent's own error messages anyway.
 fn filter() -> EnvFilter {
-    EnvFilter::try_from_env("BGAGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info"))
+    EnvFilter::try_from_env("BGAGENT_LOG").unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
 }
+
+const DEFAULT_FILTER: &str = "info,aws=off";
 
 /// Logging for the daemon: journald when running under systemd, stderr otherwise; and the
 /// per-request stream to clients in both cases.

@@ -498,19 +498,24 @@ async fn fetch_page(
 fn classify<E, R>(e: &aws_sdk_ssm::error::SdkError<E, R>) -> (bool, String)
 where
     E: aws_sdk_ssm::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
     use aws_sdk_ssm::error::SdkError;
     match e {
         SdkError::DispatchFailure(d) => {
-            let how = if d.is_io() {
-                "connection failed"
+            if d.is_io() {
+                (
+                    true,
+                    "could not reach the endpoint (connection failed)".into(),
+                )
             } else if d.is_timeout() {
-                "timed out"
+                (true, "could not reach the endpoint (timed out)".into())
             } else {
-                "dispatch failure"
-            };
-            (true, format!("could not reach the endpoint ({how})"))
+                // Before anything was sent: most often no credentials (the instance role
+                // could not be read from the instance metadata service). Its causes say which;
+                // they come from no response, so they hold no parameter value.
+                (true, format!("the request was not sent: {}", causes(e)))
+            }
         }
         SdkError::TimeoutError(_) => (true, "the request timed out".into()),
         SdkError::ResponseError(_) => (true, "the response could not be read".into()),
@@ -529,10 +534,38 @@ where
         }
         SdkError::ConstructionFailure(_) => (
             false,
-            "the request could not be built (check region and credentials)".into(),
+            format!("the request could not be built: {}", causes(e)),
         ),
         _ => (false, "unexpected SDK error".into()),
     }
+}
+
+/// The Display of each error below `e`, joined, without repeats, bounded. For errors raised
+/// before a request is sent only: a response's errors may quote its body.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let text = c.to_string();
+        // The connector's kind ("other") says nothing to an operator.
+        if text != "other" && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = c.source();
+    }
+    let joined = if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    };
+    if joined.len() <= 700 {
+        return joined;
+    }
+    let mut end = 700;
+    while !joined.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &joined[..end])
 }
 
 #[cfg(test)]

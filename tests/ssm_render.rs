@@ -14,6 +14,10 @@ use support::text;
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
 fn seed(moto: &support::Moto, prefix: &str, canary: &str) {
+    seed_in(moto, "us-east-1", prefix, canary)
+}
+
+fn seed_in(moto: &support::Moto, region: &str, prefix: &str, canary: &str) {
     let mut p: Vec<(String, String, bool)> = vec![
         (format!("{prefix}/db/host"), "db.internal".into(), false),
         (format!("{prefix}/db/name"), "magento".into(), false),
@@ -47,7 +51,7 @@ fn seed(moto: &support::Moto, prefix: &str, canary: &str) {
     }
     tokio::runtime::Runtime::new()
         .unwrap()
-        .block_on(support::put_parameters(&moto.endpoint(), &p));
+        .block_on(support::put_parameters_in(&moto.endpoint(), region, &p));
 }
 
 struct Node {
@@ -374,4 +378,100 @@ proptest! {
         let back = php_include_json(&f);
         prop_assert_eq!(back, serde_json::json!(all));
     }
+}
+
+/// The production path: no credentials and no region anywhere but the instance metadata
+/// service. The SDK's standard chain must take the instance role's credentials and the region
+/// from IMDSv2 (a session token first, then the role). The stand-in refuses IMDSv1.
+#[test]
+fn credentials_and_region_come_from_the_instance_metadata_service_v2() {
+    let moto = support::Moto::start();
+    // Only in eu-west-1, the region the metadata service gives: found there or not at all.
+    seed_in(&moto, "eu-west-1", "/shop/imds", "imds-s3cret");
+    let imds = support::Imds::start("shop-node-role", "eu-west-1");
+    let node = imds_node(&moto);
+    let out = without_aws_settings(&node, &imds.endpoint());
+    let t = text(&out);
+    assert!(out.status.success(), "{t}\nIMDS:\n{}", imds.requests());
+    let php = php_include_json(&node.p("app/current/app/etc/env.php"));
+    assert_eq!(php["host"], "db.internal");
+    assert_eq!(php["password"], "imds-s3cret");
+    for secret in [
+        "imds-s3cret",
+        "imds-stand-in-secret",
+        "imds-stand-in-session-token",
+    ] {
+        assert!(!t.contains(secret), "`{secret}` reached the output: {t}");
+    }
+    // IMDSv2: a token first, then the role's credentials and the region, all with the token.
+    let log = imds.requests();
+    let at = |line: &str| {
+        log.lines()
+            .position(|l| l == line)
+            .unwrap_or_else(|| panic!("the IMDS stand-in saw no `{line}`:\n{log}"))
+    };
+    let token = at("PUT /latest/api/token 200");
+    assert!(token < at("GET /latest/meta-data/iam/security-credentials/shop-node-role 200"));
+    at("GET /latest/meta-data/placement/region 200");
+    assert!(
+        !log.contains(" 401"),
+        "a request went without a token:\n{log}"
+    );
+}
+
+/// No instance role (the metadata service is not there): the error says credentials, and
+/// where to look; nothing is deployed.
+#[test]
+fn without_an_instance_role_the_error_names_the_credentials() {
+    let moto = support::Moto::start();
+    seed(&moto, "/shop/imds", "imds-s3cret");
+    let node = imds_node(&moto);
+    let closed = format!("http://127.0.0.1:{}", support::free_port());
+    let out = without_aws_settings(&node, &closed);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("the request was not sent") && t.contains("credentials"),
+        "the cause is named: {t}"
+    );
+    assert!(t.contains("Check the instance role"), "{t}");
+    assert!(!node.p("app/current").exists(), "nothing went live");
+    // The SDK's own warnings (with raw responses in them) stay out of the output.
+    assert!(
+        !t.contains("failed to load region from IMDS") && !t.contains("FailedToLoadToken"),
+        "{t}"
+    );
+}
+
+fn imds_node(moto: &support::Moto) -> Node {
+    let params = format!(
+        "params:\n  source: ssm\n  paths: [/shop/imds]\n  endpoint_url: {}\n  max_attempts: 2\n  initial_backoff: 20ms\n  max_backoff: 100ms",
+        moto.endpoint()
+    );
+    Node::new(
+        &params,
+        "<?php return ['host' => {{ params.db.host }}, 'password' => {{ params.db.password }}];\n",
+    )
+}
+
+/// `bgagent deploy` with no AWS setting from the environment or a profile, only the
+/// metadata service's address.
+fn without_aws_settings(node: &Node, imds: &str) -> Output {
+    let home = node.p("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let mut c = Command::new(BIN);
+    c.arg("--config")
+        .arg(node.p("bgagent.yaml"))
+        .arg("deploy")
+        .arg(node.p("rel"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("AWS_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("HOME", &home)
+        .env("AWS_CONFIG_FILE", home.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.join("no-credentials"))
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds);
+    c.output().unwrap()
 }

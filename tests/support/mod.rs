@@ -47,6 +47,47 @@ fn wait_port(port: u16, what: &str, log: &Path) {
     }
 }
 
+/// The instance metadata service stand-in (tests/support/imds.py, IMDSv2 only).
+pub struct Imds {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Imds {
+    pub fn start(role: &str, region: &str) -> Imds {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = dir.path().join("imds.log");
+        let child = Command::new(require("python3"))
+            .arg(repo().join("tests/support/imds.py"))
+            .args([&port.to_string(), role, region])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        wait_port(port, "the IMDS stand-in", &log);
+        Imds { child, port, dir }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The requests it answered, one line each: METHOD PATH STATUS.
+    pub fn requests(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("imds.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Imds {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// moto's server as the SSM endpoint.
 pub struct Moto {
     child: Child,
@@ -86,6 +127,11 @@ impl Moto {
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// moto's request log ("PUT /latest/api/token HTTP/1.1" 200 ...), one line a request.
+    pub fn requests(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("moto.err")).unwrap_or_default()
+    }
 }
 
 impl Drop for Moto {
@@ -105,10 +151,15 @@ pub const AWS_ENV: [(&str, &str); 4] = [
 
 /// Puts parameters into moto with the SDK: (name, value, secure).
 pub async fn put_parameters(endpoint: &str, params: &[(String, String, bool)]) {
+    put_parameters_in(endpoint, "us-east-1", params).await
+}
+
+/// The same, in another region (moto keeps one store per region).
+pub async fn put_parameters_in(endpoint: &str, region: &str, params: &[(String, String, bool)]) {
     let creds = aws_sdk_ssm::config::Credentials::new("testing", "testing", None, None, "test");
     let conf = aws_sdk_ssm::Config::builder()
         .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
-        .region(aws_sdk_ssm::config::Region::new("us-east-1"))
+        .region(aws_sdk_ssm::config::Region::new(region.to_string()))
         .credentials_provider(creds)
         .endpoint_url(endpoint)
         .build();
