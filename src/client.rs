@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::protocol::{Outcome, Reply, Request};
+use crate::text::truncate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -131,17 +132,6 @@ pub fn summary_block(event: &str, deployment: &str, f: &Finished, exit_code: i32
         out.push_str(&tail);
     }
     truncate(&out, BUDGET)
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max.saturating_sub(3);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &s[..end])
 }
 
 #[cfg(test)]

@@ -26,4 +26,5 @@ pub mod secret;
 pub mod services;
 pub mod state;
 pub mod status;
+pub mod text;
 pub mod warmup;

@@ -558,14 +558,7 @@ fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     } else {
         parts.join(": ")
     };
-    if joined.len() <= 700 {
-        return joined;
-    }
-    let mut end = 700;
-    while !joined.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &joined[..end])
+    crate::text::truncate(&joined, 700)
 }
 
 #[cfg(test)]
