@@ -1,0 +1,370 @@
+//! What each lifecycle event does, and the engine that runs them.
+//!
+//! The [`Engine`] owns the state store. For each request it asks the pure state machine
+//! ([`crate::lifecycle::decide`]) whether the event may run, records the start, performs the
+//! event's work by calling the concern modules, and records the outcome, saving the state
+//! after each step so a restart loses nothing.
+//!
+//! Each event's work lives in its own module, in the order a deployment runs them, so one
+//! deployment's data path reads straight through:
+//! [`drain`] (ApplicationStop, BeforeBlockTraffic) -> [`preflight`] (BeforeInstall) ->
+//! [`install`] (AfterInstall) -> [`start`] (ApplicationStart) -> [`validate`]
+//! (ValidateService) -> the traffic events (here, in [`Engine::perform_builtin`]).
+//! The operator's own commands are [`deploy`] and [`rollback`].
+
+mod deploy;
+mod drain;
+mod install;
+mod preflight;
+mod rollback;
+mod start;
+mod validate;
+
+pub use install::template_facts;
+
+use std::collections::BTreeMap;
+use std::time::{Instant, SystemTime};
+
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::lifecycle::{self, Decision, Deployment, Event, Origin};
+use crate::release::{self, Layout};
+use crate::state::{self, StateDoc, Store, Traffic};
+
+/// CodeDeploy's view of the deployment, from the hook's environment.
+#[derive(Debug, Clone, Default)]
+pub struct HookEnv {
+    pub deployment_id: String,
+    pub deployment_group_id: Option<String>,
+    pub deployment_group_name: Option<String>,
+    pub application_name: Option<String>,
+    pub bundle: BTreeMap<String, String>,
+}
+
+/// CodeDeploy ids (`d-ABCDEF123`, group UUIDs) become path components: refuse anything
+/// else, so an id can never name a path outside the deployment root.
+pub fn check_id(what: &str, v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} `{}` is not a CodeDeploy id (letters, digits, `-` and `_` only)",
+            v.escape_debug()
+        ))
+    }
+}
+
+impl HookEnv {
+    /// CodeDeploy's environment; Err when DEPLOYMENT_ID is missing or an id is malformed.
+    pub fn from_map(env: &BTreeMap<String, String>) -> Result<HookEnv, String> {
+        let get = |k: &str| env.get(k).filter(|v| !v.is_empty()).cloned();
+        let deployment_id = get("DEPLOYMENT_ID")
+            .ok_or_else(|| "DEPLOYMENT_ID is missing from the hook's environment".to_string())?;
+        check_id("DEPLOYMENT_ID", &deployment_id)?;
+        if let Some(g) = get("DEPLOYMENT_GROUP_ID") {
+            check_id("DEPLOYMENT_GROUP_ID", &g)?;
+        }
+        Ok(HookEnv {
+            deployment_id,
+            deployment_group_id: get("DEPLOYMENT_GROUP_ID"),
+            deployment_group_name: get("DEPLOYMENT_GROUP_NAME"),
+            application_name: get("APPLICATION_NAME"),
+            bundle: env
+                .iter()
+                .filter(|(k, _)| k.starts_with("BUNDLE_"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
+}
+
+/// The result of one request, for the client's exit code and summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded(String),
+    AlreadyDone(String),
+    Failed(String),
+    Refused(String),
+}
+
+impl Outcome {
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Succeeded(_) | Outcome::AlreadyDone(_))
+    }
+    pub fn summary(&self) -> &str {
+        match self {
+            Outcome::Succeeded(s)
+            | Outcome::AlreadyDone(s)
+            | Outcome::Failed(s)
+            | Outcome::Refused(s) => s,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Release(#[from] release::ReleaseError),
+    #[error(transparent)]
+    Perms(#[from] crate::perms::PermsError),
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
+    #[error(transparent)]
+    Params(#[from] crate::params::ParamsError),
+    #[error(transparent)]
+    Render(#[from] crate::render::RenderError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub struct Engine {
+    cfg: Config,
+    store: Store,
+    doc: StateDoc,
+    layout: Layout,
+    readiness: crate::readiness::Readiness,
+}
+
+impl Engine {
+    /// Takes the state lock and loads the state; events left running by a previous process
+    /// are marked interrupted.
+    pub fn open(cfg: Config) -> Result<Engine, EngineError> {
+        let store = Store::open(&cfg.state_dir)?;
+        let mut doc = store.load()?;
+        if let Some(dep) = doc.deployment.as_mut() {
+            let interrupted = dep.interrupt_running(SystemTime::now());
+            for e in &interrupted {
+                warn!(
+                    "{e} of deployment {} was interrupted by a restart of bgagent; it can be retried",
+                    dep.id
+                );
+            }
+            if !interrupted.is_empty() {
+                store.save(&doc)?;
+            }
+        }
+        let layout = Layout::new(&cfg.app_root);
+        Ok(Engine {
+            cfg,
+            store,
+            doc,
+            layout,
+            readiness: crate::readiness::Readiness::new(),
+        })
+    }
+
+    /// The readiness handle (the daemon serves it to the load balancer).
+    pub fn readiness(&self) -> crate::readiness::Readiness {
+        self.readiness.clone()
+    }
+
+    /// The node's readiness after a daemon start: a node already serving a current release
+    /// that was live comes up through the health checks, not blindly.
+    pub async fn recover_readiness(&mut self) {
+        if self.layout.current().is_none() || self.doc.node.traffic != Traffic::Live {
+            return;
+        }
+        let _ = self.readiness.set_warming();
+        match crate::health::wait_until_healthy(&self.cfg.health).await {
+            Ok(_) => {
+                let _ = self.readiness.set_ready();
+            }
+            Err(e) => {
+                warn!("the current release is not healthy after a restart: {e}");
+                let _ = self.readiness.set_starting();
+            }
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn state(&self) -> &StateDoc {
+        &self.doc
+    }
+
+    /// The status document (see [`crate::status`]).
+    pub fn status(
+        &self,
+        readiness: Option<serde_json::Value>,
+        daemon_running: bool,
+    ) -> serde_json::Value {
+        crate::status::build(&self.doc, &self.layout, readiness, daemon_running)
+    }
+
+    /// Runs one CodeDeploy lifecycle event.
+    pub async fn run_hook(&mut self, event: Event, env: &HookEnv) -> Outcome {
+        let origin = Origin {
+            deployment_group_id: env.deployment_group_id.clone(),
+            deployment_group_name: env.deployment_group_name.clone(),
+            application_name: env.application_name.clone(),
+            artifact: None,
+        };
+        self.run_event(event, &env.deployment_id, origin).await
+    }
+
+    async fn run_event(&mut self, event: Event, id: &str, origin: Origin) -> Outcome {
+        match lifecycle::decide(self.doc.deployment.as_ref(), id, event) {
+            Decision::Refuse(r) => {
+                error!("{event} refused: {r}");
+                Outcome::Refused(format!("{event} refused: {r}"))
+            }
+            Decision::AlreadyDone => {
+                let msg = format!("{event} already succeeded for deployment {id}; nothing to do");
+                info!("{msg}");
+                Outcome::AlreadyDone(msg)
+            }
+            Decision::Run {
+                new_deployment,
+                supersedes,
+            } => {
+                let now = SystemTime::now();
+                if new_deployment {
+                    if let Some(old) = supersedes {
+                        warn!("deployment {old} did not finish; deployment {id} supersedes it");
+                        if let Some(d) = self.doc.deployment.as_mut() {
+                            d.status = lifecycle::DeploymentStatus::Superseded;
+                        }
+                    }
+                    info!("deployment {id} starts");
+                    self.doc.start_deployment(Deployment::new(id, origin, now));
+                }
+                if let Some(d) = self.doc.deployment.as_mut() {
+                    d.begin(event, now);
+                }
+                if let Err(e) = self.store.save(&self.doc) {
+                    error!("{e}");
+                    return Outcome::Failed(format!("{event} could not start: {e}"));
+                }
+                info!("{event} starts for deployment {id}");
+                let t0 = Instant::now();
+                let result = self.perform(event).await;
+                let ms = t0.elapsed().as_millis() as u64;
+                let outcome = match &result {
+                    Ok(msg) => {
+                        let s = if msg.is_empty() {
+                            format!("{event} succeeded in {:.2}s", ms as f64 / 1000.0)
+                        } else {
+                            format!("{event} succeeded in {:.2}s: {msg}", ms as f64 / 1000.0)
+                        };
+                        info!("{s}");
+                        Outcome::Succeeded(s)
+                    }
+                    Err(e) => {
+                        let s = format!("{event} FAILED after {:.2}s: {e}", ms as f64 / 1000.0);
+                        error!("{s}");
+                        Outcome::Failed(s)
+                    }
+                };
+                if let Some(d) = self.doc.deployment.as_mut() {
+                    d.finish(
+                        event,
+                        result.map_err(|e| e.to_string()),
+                        SystemTime::now(),
+                        ms,
+                    );
+                }
+                if let Err(e) = self.store.save(&self.doc) {
+                    error!("{e}");
+                    return Outcome::Failed(format!(
+                        "{event}: the result could not be recorded: {e}"
+                    ));
+                }
+                outcome
+            }
+        }
+    }
+
+    async fn perform(&mut self, event: Event) -> Result<String, EngineError> {
+        let t0 = Instant::now();
+        let mut result = self.perform_builtin(event).await;
+        if result.is_ok()
+            && let Err(e) = self.run_commands(event).await
+        {
+            result = Err(e);
+        }
+        self.readiness
+            .record_event(event.name(), result.is_ok(), t0.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The extra commands configured for `event`, run by argv in the new release.
+    async fn run_commands(&self, event: Event) -> Result<(), EngineError> {
+        let Some(cmds) = self.cfg.commands.get(event.name()) else {
+            return Ok(());
+        };
+        let dep = self.deployment()?;
+        let release = dep
+            .release_id
+            .as_ref()
+            .map(|r| self.layout.release_dir(r))
+            .filter(|d| d.is_dir())
+            .unwrap_or_else(|| self.layout.current_link());
+        let mut env = BTreeMap::new();
+        env.insert("LIFECYCLE_EVENT".to_string(), event.name().to_string());
+        env.insert("DEPLOYMENT_ID".to_string(), dep.id.clone());
+        env.insert(
+            "BGAGENT_RELEASE_DIR".to_string(),
+            release.display().to_string(),
+        );
+        env.insert(
+            "BGAGENT_APP_ROOT".to_string(),
+            self.cfg.app_root.display().to_string(),
+        );
+        for c in cmds {
+            crate::process::run(c, Some(&release), &env)
+                .await
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn perform_builtin(&mut self, event: Event) -> Result<String, EngineError> {
+        match event {
+            Event::ApplicationStop | Event::BeforeBlockTraffic => self.drain().await,
+            Event::BeforeInstall => self.preflight().await,
+            Event::AfterInstall => self.install().await,
+            Event::ApplicationStart => self.start().await,
+            Event::ValidateService => self.validate().await,
+            Event::AfterBlockTraffic => {
+                self.set_traffic(Traffic::Idle);
+                Ok("node recorded as idle".into())
+            }
+            Event::BeforeAllowTraffic => Ok(String::new()),
+            Event::AfterAllowTraffic => {
+                if let Some(cur) = self.layout.current()
+                    && let Some(slot) = self.release_slot(&cur)
+                {
+                    let dep = self.deployment()?.id.clone();
+                    crate::cache::mark_live(&self.cfg.cache, &self.app_name(), slot, &dep).await?;
+                }
+                self.set_traffic(Traffic::Live);
+                Ok("node recorded as live".into())
+            }
+        }
+    }
+
+    pub(super) fn deployment(&self) -> Result<&Deployment, EngineError> {
+        self.doc
+            .deployment
+            .as_ref()
+            .ok_or_else(|| EngineError::Failed("no deployment in progress".into()))
+    }
+
+    pub(super) fn set_traffic(&mut self, t: Traffic) {
+        self.doc.node.traffic = t;
+        self.doc.node.since = Some(lifecycle::timestamp(SystemTime::now()));
+    }
+}

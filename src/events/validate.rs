@@ -1,0 +1,68 @@
+//! ValidateService: health checks and warm-up; readiness turns ready, or the node switches back.
+
+use crate::state::SwitchReason;
+
+use super::{Engine, EngineError};
+
+impl Engine {
+    pub(super) async fn validate(&mut self) -> Result<String, EngineError> {
+        let id = self.deployment()?.release_id.clone();
+        let current = self.layout.current();
+        if id.is_some() && current != id {
+            return Err(EngineError::Failed(format!(
+                "current points at {} but this deployment's release is {}",
+                current.as_deref().unwrap_or("nothing"),
+                id.as_deref().unwrap_or("-")
+            )));
+        }
+        if self.readiness.state() != crate::readiness::State::Warming {
+            let _ = self.readiness.set_starting();
+            let _ = self.readiness.set_warming();
+        }
+        let checked = match crate::health::wait_until_healthy(&self.cfg.health).await {
+            Ok(took) => match crate::warmup::run(&self.cfg.warmup).await {
+                Ok(w) => Ok((took, w)),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(failure) => Err(failure.to_string()),
+        };
+        match checked {
+            Ok((took, warm)) => {
+                let _ = self.readiness.set_ready();
+                if let (Some(id), Some(dep)) =
+                    (&id, self.doc.deployment.as_ref().map(|d| d.id.clone()))
+                    && let Some(slot) = self.release_slot(id)
+                {
+                    crate::cache::mark_live(&self.cfg.cache, &self.app_name(), slot, &dep).await?;
+                }
+                let checks = if self.cfg.health.checks.is_empty() {
+                    "no health checks configured".to_string()
+                } else {
+                    format!(
+                        "{} health check(s) passed in {} ms",
+                        self.cfg.health.checks.len(),
+                        took.as_millis()
+                    )
+                };
+                Ok(format!("{checks}; {warm}"))
+            }
+            Err(failure) => {
+                let _ = self.readiness.set_starting();
+                let mut msg = failure;
+                let prev = self
+                    .doc
+                    .deployment
+                    .as_ref()
+                    .and_then(|d| d.previous_release.clone());
+                if self.cfg.validate.rollback_on_failure
+                    && let Some(prev) = prev
+                {
+                    self.switch(&prev, SwitchReason::AutoRollback).await?;
+                    let _ = crate::services::reload_after_switch(&self.cfg.services).await;
+                    msg.push_str(&format!("rolled back to {prev}"));
+                }
+                Err(EngineError::Failed(msg))
+            }
+        }
+    }
+}
