@@ -12,10 +12,16 @@
 //!   `SET bgagent:{app}:deployment:{id}:slot <slot> NX`; all then read the winner, so nodes of
 //!   one deployment agree even when they run at the same instant.
 //! - The slot is flushed once before first use: the node that wins
-//!   `SET ...:{id}:flush <node> NX` runs FLUSHDB on the slot's two databases (never
-//!   FLUSHALL, never the session database) and then sets `...:{id}:flushed`; the others wait
-//!   for that mark. A slot that a node still serves (`bgagent:{app}:serving:{slot}`, with a
-//!   heartbeat fresher than `stale_after`) is never flushed: the deployment fails instead.
+//!   `SET ...:{id}:flush <node> NX EX <flush_timeout + timeout>` runs `FLUSHDB ASYNC` on the
+//!   slot's two databases (never FLUSHALL, never the session database; ASYNC so Redis keeps
+//!   answering sessions while millions of keys are freed in the background) and then sets
+//!   `...:{id}:flushed`; the others wait for that mark. The claim is given back on any error
+//!   and expires by itself if its node dies, so a retry on any node takes over and finishes
+//!   the flush; the node named in a claim takes it back on its own retry. A slot that a node
+//!   still serves (`bgagent:{app}:serving:{slot}`, with a heartbeat fresher than
+//!   `stale_after`) is never flushed: the deployment fails instead.
+//! - Every Redis call has a deadline from the config: `cache.timeout` for connecting and for
+//!   each coordination round trip, `cache.flush_timeout` for a flush.
 //! - ApplicationStart registers the node as serving the new slot and leaves the old one.
 //! - A rollback makes the previous generation live again, without a flush.
 
@@ -40,6 +46,12 @@ pub struct CacheConfig {
     /// How long nodes wait for the one that flushes a new generation.
     #[serde(with = "crate::config::duration")]
     pub flush_wait: std::time::Duration,
+    /// Deadline for connecting to Redis and for each coordination round trip.
+    #[serde(with = "crate::config::duration")]
+    pub timeout: std::time::Duration,
+    /// Deadline for one FLUSHDB ASYNC reply (the freeing itself goes on in the background).
+    #[serde(with = "crate::config::duration")]
+    pub flush_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
@@ -67,6 +79,8 @@ impl Default for CacheConfig {
             node: None,
             stale_after: std::time::Duration::from_secs(3600),
             flush_wait: std::time::Duration::from_secs(60),
+            timeout: std::time::Duration::from_secs(5),
+            flush_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -74,6 +88,14 @@ impl Default for CacheConfig {
 impl CacheConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        for (key, d) in [
+            ("cache.timeout", self.timeout),
+            ("cache.flush_timeout", self.flush_timeout),
+        ] {
+            if d.is_zero() {
+                out.push((key.into(), "must be more than 0s".into()));
+            }
+        }
         if self.slots.is_empty() {
             out.push((
                 "cache.slots".into(),
@@ -139,12 +161,14 @@ pub enum CacheError {
         deployment: String,
     },
     #[error(
-        "cache generations: node {flusher} did not finish flushing slot {slot} within {waited:?}"
+        "cache generations: node {flusher} claimed the flush of slot {slot} for deployment {deployment} and did not finish it within {waited:?} (cache.flush_wait). Its claim expires within {expires_in}s; retry this event after that and this node takes the flush over (or sooner, once {flusher}'s own retry finishes it)"
     )]
     FlushTimeout {
         slot: usize,
         flusher: String,
+        deployment: String,
         waited: std::time::Duration,
+        expires_in: i64,
     },
 }
 
@@ -195,14 +219,24 @@ struct Fleet {
 }
 
 impl Fleet {
-    async fn connect(url: &str, app: &str) -> Result<Fleet, CacheError> {
+    /// A connection whose every reply must come within `reply` (connecting within
+    /// `connect`): a stalled or blocked Redis fails the call with its URL, never hangs it.
+    async fn connect(
+        url: &str,
+        app: &str,
+        connect: std::time::Duration,
+        reply: std::time::Duration,
+    ) -> Result<Fleet, CacheError> {
         let err = |e: redis::RedisError| CacheError::Redis {
             url: shown(url),
             message: e.to_string(),
         };
         let client = redis::Client::open(url).map_err(err)?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect))
+            .set_response_timeout(Some(reply));
         let conn = client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(err)?;
         Ok(Fleet {
@@ -213,7 +247,7 @@ impl Fleet {
     }
     /// The coordination keys' connection: the session database, which is never flushed.
     async fn coordination(cfg: &CacheConfig, url: &str, app: &str) -> Result<Fleet, CacheError> {
-        Fleet::connect(&with_db(url, cfg.session_db), app).await
+        Fleet::connect(&with_db(url, cfg.session_db), app, cfg.timeout, cfg.timeout).await
     }
 
     fn err(&self, e: redis::RedisError) -> CacheError {
@@ -233,16 +267,48 @@ impl Fleet {
             .map_err(|e| self.err(e))
     }
     async fn set_nx(&mut self, k: &str, v: &str) -> Result<bool, CacheError> {
+        self.set_nx_ex(k, v, 7 * 24 * 3600).await
+    }
+    async fn set_nx_ex(&mut self, k: &str, v: &str, secs: u64) -> Result<bool, CacheError> {
         let r: Option<String> = redis::cmd("SET")
             .arg(k)
             .arg(v)
             .arg("NX")
             .arg("EX")
-            .arg(7 * 24 * 3600)
+            .arg(secs)
             .query_async(&mut self.conn)
             .await
             .map_err(|e| self.err(e))?;
         Ok(r.is_some())
+    }
+    async fn set_ex(&mut self, k: &str, v: &str, secs: u64) -> Result<(), CacheError> {
+        redis::cmd("SET")
+            .arg(k)
+            .arg(v)
+            .arg("EX")
+            .arg(secs)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| self.err(e))
+    }
+    /// Deletes `k` only while it still holds `v` (one script: no window for another claim).
+    async fn del_if(&mut self, k: &str, v: &str) -> Result<(), CacheError> {
+        let _: i64 = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
+        )
+        .key(k)
+        .arg(v)
+        .invoke_async(&mut self.conn)
+        .await
+        .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+    async fn ttl(&mut self, k: &str) -> Result<i64, CacheError> {
+        redis::cmd("TTL")
+            .arg(k)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(|e| self.err(e))
     }
     async fn live(&mut self) -> Result<Option<(usize, String)>, CacheError> {
         let k = self.key("live");
@@ -299,75 +365,7 @@ pub async fn choose(
         .await?
         .and_then(|v| v.parse().ok())
         .unwrap_or(candidate);
-    let flushed_key = fleet.key(&format!("deployment:{deployment}:flushed"));
-    if fleet.get(&flushed_key).await?.is_none() {
-        let flush_key = fleet.key(&format!("deployment:{deployment}:flush"));
-        if fleet.set_nx(&flush_key, &node).await? {
-            let servers: Vec<String> = fleet
-                .servers(slot, cfg.stale_after)
-                .await?
-                .into_iter()
-                .collect();
-            if !servers.is_empty() {
-                // give the claim back so a retry can flush once the slot is free
-                let _: Result<i64, _> = redis::cmd("DEL")
-                    .arg(&flush_key)
-                    .query_async(&mut fleet.conn)
-                    .await;
-                return Err(CacheError::StillServed {
-                    slot,
-                    nodes: servers.join(", "),
-                    deployment: deployment.into(),
-                });
-            }
-            let s = cfg.slots.get(slot).copied().unwrap_or(Slot {
-                default_db: 0,
-                page_cache_db: 1,
-            });
-            for db in [s.default_db, s.page_cache_db] {
-                let mut c = Fleet::connect(&with_db(url, db), app).await?;
-                let _: () = redis::cmd("FLUSHDB")
-                    .query_async(&mut c.conn)
-                    .await
-                    .map_err(|e| c.err(e))?;
-            }
-            let _: () = redis::cmd("SET")
-                .arg(&flushed_key)
-                .arg(&node)
-                .arg("EX")
-                .arg(7 * 24 * 3600)
-                .query_async(&mut fleet.conn)
-                .await
-                .map_err(|e| fleet.err(e))?;
-            tracing::info!(
-                "flushed cache generation slot {slot} (databases {} and {}) for deployment {deployment}",
-                s.default_db,
-                s.page_cache_db
-            );
-        } else {
-            let flusher = fleet.get(&flush_key).await?.unwrap_or_default();
-            let t0 = std::time::Instant::now();
-            while fleet.get(&flushed_key).await?.is_none() {
-                if t0.elapsed() > cfg.flush_wait {
-                    return Err(CacheError::FlushTimeout {
-                        slot,
-                        flusher,
-                        waited: cfg.flush_wait,
-                    });
-                }
-                if fleet.get(&flush_key).await?.is_none() {
-                    // the flusher gave up (slot still served): fail the same way
-                    let servers = fleet.servers(slot, cfg.stale_after).await?;
-                    return Err(CacheError::StillServed {
-                        slot,
-                        nodes: servers.join(", "),
-                        deployment: deployment.into(),
-                    });
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
+    flush_once(cfg, url, app, &mut fleet, &node, slot, deployment).await?;
     tracing::info!(
         "cache generation for deployment {deployment}: slot {slot} (agreed through Redis; live slot {:?})",
         live.map(|l| l.0)
@@ -375,6 +373,123 @@ pub async fn choose(
     let mut f = cfg.facts(slot, app);
     f["agreed"] = serde_json::Value::Bool(true);
     Ok(f)
+}
+
+/// Who holds the flush claim of one deployment.
+enum Claim {
+    /// This node: a fresh claim, or its own from an attempt that did not finish.
+    Mine,
+    Theirs(String),
+    /// Nobody holds it any more (given back or expired): try again.
+    Free,
+}
+
+/// Flushes `slot` once for `deployment` across the fleet: whoever claims the flush does it,
+/// the others wait for the `flushed` mark. A claim given back or expired is taken over, so
+/// an interrupted or failed flush is finished by the next attempt on any node.
+#[allow(clippy::too_many_arguments)]
+async fn flush_once(
+    cfg: &CacheConfig,
+    url: &str,
+    app: &str,
+    fleet: &mut Fleet,
+    node: &str,
+    slot: usize,
+    deployment: &str,
+) -> Result<(), CacheError> {
+    let flushed_key = fleet.key(&format!("deployment:{deployment}:flushed"));
+    let flush_key = fleet.key(&format!("deployment:{deployment}:flush"));
+    // The claim outlives one flush reply by a round trip; a node that dies lets it lapse.
+    let claim_ttl = (cfg.flush_timeout + cfg.timeout).as_secs().max(1);
+    let t0 = std::time::Instant::now();
+    loop {
+        if fleet.get(&flushed_key).await?.is_some() {
+            return Ok(());
+        }
+        let claim = if fleet.set_nx_ex(&flush_key, node, claim_ttl).await? {
+            Claim::Mine
+        } else {
+            match fleet.get(&flush_key).await? {
+                Some(by) if by == node => {
+                    // our own claim from an attempt that failed or died: renew and finish it
+                    fleet.set_ex(&flush_key, node, claim_ttl).await?;
+                    Claim::Mine
+                }
+                Some(by) => Claim::Theirs(by),
+                None => Claim::Free,
+            }
+        };
+        match claim {
+            Claim::Mine => {
+                let r = flush_claimed(cfg, url, app, fleet, slot, deployment).await;
+                let r = match r {
+                    Ok(()) => fleet.set_ex(&flushed_key, node, 7 * 24 * 3600).await,
+                    Err(e) => Err(e),
+                };
+                if r.is_err() {
+                    // give the claim back so the next attempt, here or on another node,
+                    // takes the flush over at once (it lapses by itself if Redis is gone)
+                    let _ = fleet.del_if(&flush_key, node).await;
+                }
+                return r;
+            }
+            Claim::Free => continue,
+            Claim::Theirs(by) => {
+                if t0.elapsed() > cfg.flush_wait {
+                    let expires_in = fleet.ttl(&flush_key).await.unwrap_or(-2).max(0);
+                    return Err(CacheError::FlushTimeout {
+                        slot,
+                        flusher: by,
+                        deployment: deployment.into(),
+                        waited: cfg.flush_wait,
+                        expires_in,
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The flush itself, under this node's claim: refuses a slot that a node still serves.
+async fn flush_claimed(
+    cfg: &CacheConfig,
+    url: &str,
+    app: &str,
+    fleet: &mut Fleet,
+    slot: usize,
+    deployment: &str,
+) -> Result<(), CacheError> {
+    let servers = fleet.servers(slot, cfg.stale_after).await?;
+    if !servers.is_empty() {
+        return Err(CacheError::StillServed {
+            slot,
+            nodes: servers.join(", "),
+            deployment: deployment.into(),
+        });
+    }
+    let s = cfg.slots.get(slot).copied().unwrap_or(Slot {
+        default_db: 0,
+        page_cache_db: 1,
+    });
+    let t0 = std::time::Instant::now();
+    for db in [s.default_db, s.page_cache_db] {
+        let mut c = Fleet::connect(&with_db(url, db), app, cfg.timeout, cfg.flush_timeout).await?;
+        // ASYNC: Redis swaps in an empty database and frees the old keys in a background
+        // thread, so sessions (another database on the same server) keep answering.
+        let _: () = redis::cmd("FLUSHDB")
+            .arg("ASYNC")
+            .query_async(&mut c.conn)
+            .await
+            .map_err(|e| c.err(e))?;
+    }
+    tracing::info!(
+        "flushed cache generation slot {slot} (databases {} and {}, FLUSHDB ASYNC) for deployment {deployment} in {:.2}s",
+        s.default_db,
+        s.page_cache_db,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// ApplicationStart and rollbacks: this node now serves `slot` (and no other).

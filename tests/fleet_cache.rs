@@ -266,3 +266,133 @@ fn a_serving_node_keeps_its_registration_fresh() {
         "registration not refreshed: {first} -> {later}"
     );
 }
+
+/// Keys per database for the large-slot test: enough that a blocking FLUSHDB of one database
+/// outlasts the Redis client's default 500 ms reply deadline on this kind of machine (400k
+/// keys took 0.6 s here), few enough that filling both takes a few seconds.
+const LARGE_SLOT_KEYS: &str = "600000";
+
+/// Issue 16, break 1: a slot holding the cache of two releases back (hundreds of thousands
+/// of keys per database) wedged the deployment. The blocking FLUSHDB outlasted the client's
+/// 500 ms reply timeout, the flusher failed with "timed out", its claim was never given back
+/// and every retry then waited for a flush that nobody would finish. Now the flush is
+/// FLUSHDB ASYNC under its own deadline (Redis frees the keys in the background and keeps
+/// answering the session database), and the deployment goes through on every node.
+#[test]
+fn a_large_slot_flush_does_not_time_out_or_block_the_session_database() {
+    let redis = support::Redis::start_with(&["--enable-debug-command", "yes"]);
+    let base = tempfile::tempdir().unwrap();
+    for db in [0, 1] {
+        assert_eq!(
+            redis_cli(
+                redis.port,
+                db,
+                &["DEBUG", "POPULATE", LARGE_SLOT_KEYS, "magento_cache", "64"]
+            ),
+            "OK"
+        );
+    }
+    redis_cli(redis.port, 2, &["SET", "PHPREDIS_SESSION:abc", "session"]);
+    // every command from now on, with its arguments, lands in the slow log
+    redis_cli(
+        redis.port,
+        0,
+        &["CONFIG", "SET", "slowlog-log-slower-than", "0"],
+    );
+    redis_cli(
+        redis.port,
+        0,
+        &["CONFIG", "SET", "slowlog-max-len", "100000"],
+    );
+    redis_cli(redis.port, 0, &["SLOWLOG", "RESET"]);
+    let agents: Vec<Agent> = (0..4)
+        .map(|i| Agent::start(base.path(), i, &redis.url()))
+        .collect();
+    revision(base.path(), "d-1");
+    let outs = fleet_deploy(&agents, "d-1", &EVENTS[..2]);
+    for o in outs.iter().flatten() {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    assert_eq!(
+        outs.iter()
+            .flatten()
+            .filter(|o| text(o).contains("flushed cache generation slot 0"))
+            .count(),
+        1,
+        "exactly one node flushes"
+    );
+    assert_eq!(redis_cli(redis.port, 0, &["DBSIZE"]), "0");
+    assert_eq!(redis_cli(redis.port, 1, &["DBSIZE"]), "0");
+    assert_eq!(
+        redis_cli(redis.port, 2, &["GET", "PHPREDIS_SESSION:abc"]),
+        "session"
+    );
+    let slowlog = redis_cli(redis.port, 0, &["SLOWLOG", "GET", "100000"]);
+    let flushes: Vec<&str> = slowlog
+        .lines()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|w| w[0].eq_ignore_ascii_case("flushdb"))
+        .map(|w| w[1])
+        .collect();
+    assert_eq!(
+        flushes,
+        ["ASYNC", "ASYNC"],
+        "each of the slot's two databases flushed once, without blocking Redis"
+    );
+}
+
+/// Issue 16, break 1: a flush that failed kept its claim for a week, so every retry on every
+/// node failed with "node X did not finish flushing slot 0". A failing FLUSHDB is made real
+/// here with a Redis ACL that denies it; once the operator grants it, a retry on another
+/// node takes the flush over and finishes the deployment.
+#[test]
+fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it() {
+    let redis = support::Redis::start();
+    redis_cli(
+        redis.port,
+        0,
+        &[
+            "ACL", "SETUSER", "bgagent", "on", ">s3cret", "~*", "&*", "+@all", "-flushdb",
+        ],
+    );
+    let url = format!("redis://bgagent:s3cret@127.0.0.1:{}", redis.port);
+    let base = tempfile::tempdir().unwrap();
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| Agent::start_with(base.path(), i, &url, ", flush_wait: 3s"))
+        .collect();
+    redis_cli(redis.port, 0, &["SET", "stale-cache-entry", "x"]);
+    revision(base.path(), "d-1");
+    for a in &agents {
+        assert!(Agent::hook(&a.dir, "BeforeInstall", "d-1").status.success());
+    }
+    let out = Agent::hook(&agents[0].dir, "AfterInstall", "d-1");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("Redis at redis://***@127.0.0.1")
+            && t.contains("no permissions to run the 'flushdb' command"),
+        "the failure names the server (never its password) and Redis's reason: {t}"
+    );
+    assert!(!t.contains("s3cret"), "{t}");
+    assert_eq!(
+        redis_cli(redis.port, 0, &["EXISTS", "stale-cache-entry"]),
+        "1"
+    );
+
+    // the operator fixes the cause; the retry goes to the other node
+    redis_cli(redis.port, 0, &["ACL", "SETUSER", "bgagent", "+flushdb"]);
+    let out = Agent::hook(&agents[1].dir, "AfterInstall", "d-1");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("flushed cache generation slot 0"), "{t}");
+    assert_eq!(
+        redis_cli(redis.port, 0, &["EXISTS", "stale-cache-entry"]),
+        "0"
+    );
+    // and the failed node's own retry goes through without flushing again
+    let out = Agent::hook(&agents[0].dir, "AfterInstall", "d-1");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(!t.contains("flushed cache generation"), "{t}");
+}

@@ -204,6 +204,11 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// With extra server options, e.g. `["--enable-debug-command", "yes"]` for DEBUG POPULATE.
+    pub fn start_with(extra: &[&str]) -> Redis {
         let bin = require("redis-server");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -226,6 +231,7 @@ impl Redis {
             .arg(dir.path().join("redis.pid"))
             .arg("--logfile")
             .arg(dir.path().join("redis.log"))
+            .args(extra)
             .status()
             .unwrap();
         assert!(st.success());
