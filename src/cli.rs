@@ -101,9 +101,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Switch back to the previous release, and record it.
+    /// Switch back to the last release that passed ValidateService (the rollback target
+    /// `bgagent status` names), and record it.
+    ///
+    /// Safe to repeat: the release being left is sent along (the current one, or --from), so
+    /// a repeat after a lost connection answers "already rolled back".
     #[command(after_help = AFTER_HELP)]
-    Rollback,
+    Rollback {
+        /// The release this rollback leaves (default: the current one). If another rollback
+        /// already left it, the answer is "already rolled back" and nothing switches.
+        #[arg(long, value_name = "RELEASE")]
+        from: Option<String>,
+    },
     /// List the releases on disk; `*` marks current, `-` previous.
     Releases {
         #[arg(long)]

@@ -307,7 +307,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             Request::Deploy { artifact } => {
                 info_span!("deploy", stream = stream_reg.id, artifact = %artifact.display())
             }
-            Request::Rollback => info_span!("rollback", stream = stream_reg.id),
+            Request::Rollback { .. } => info_span!("rollback", stream = stream_reg.id),
             Request::Status => info_span!("status", stream = stream_reg.id),
         };
         tokio::spawn(async move { serve(request, shared).await }.instrument(span))
@@ -398,7 +398,7 @@ async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
             },
         },
         Request::Deploy { artifact } => engine.deploy_artifact(&artifact).await,
-        Request::Rollback => engine.rollback().await,
+        Request::Rollback { from } => engine.rollback(from.as_deref()).await,
         // Answered above, without the work lock.
         Request::Status => Outcome::Failed("status is not a work request".into()),
     };

@@ -133,9 +133,18 @@ fn run(cli: &Cli) -> i32 {
                 Box::pin(async move { engine.deploy_artifact(&a2).await })
             })
         }
-        Command::Rollback => work(cli, Request::Rollback, |engine| {
-            Box::pin(async move { engine.rollback().await })
-        }),
+        Command::Rollback { from } => {
+            // The release being left goes with the request, so a repeat is harmless.
+            let from = from.clone().or_else(|| {
+                cli::load_config(&cli::config_path(cli))
+                    .ok()
+                    .and_then(|c| bgagent::release::Layout::new(&c.app_root).current())
+            });
+            let f2 = from.clone();
+            work(cli, Request::Rollback { from }, move |engine| {
+                Box::pin(async move { engine.rollback(f2.as_deref()).await })
+            })
+        }
         Command::Render { dry_run, check } => render(cli, *dry_run, *check),
         Command::Status { json } => status(cli, *json, false),
         Command::Releases { json } => status(cli, *json, true),
@@ -166,6 +175,11 @@ fn work(
         Err(e) if e.is_absent() => {}
         Err(e) => {
             eprintln!("error: {e}");
+            if let Request::Rollback { from: Some(from) } = &req {
+                eprintln!(
+                    "to retry safely: bgagent rollback --from {from} (if the rollback was done, it answers \"already rolled back\")"
+                );
+            }
             return exit::CONNECTION_LOST;
         }
     }

@@ -19,10 +19,13 @@ pub enum Request {
         env: BTreeMap<String, String>,
     },
     /// The whole in-place lifecycle for an artifact (directory or archive).
-    Deploy {
-        artifact: PathBuf,
+    Deploy { artifact: PathBuf },
+    /// Back to the rollback target. `from`: the release the client expects to leave; when
+    /// an earlier rollback already left it, the answer is "already rolled back".
+    Rollback {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
     },
-    Rollback,
     /// The node's status document (the same JSON as `bgagent status --json`).
     Status,
 }

@@ -204,10 +204,16 @@ impl Layout {
             .map_err(io_err("switch the current link", self.current_link()))
     }
 
-    /// Removes releases beyond `keep`, oldest first, never `protect`ed ones (current, previous).
-    pub fn prune(&self, keep: usize, protect: &[&str]) -> Result<Vec<String>, ReleaseError> {
+    /// Removes the releases that `failed` validation, then the others beyond `keep`, oldest
+    /// first; never `protect`ed ones (current, the rollback target).
+    pub fn prune(
+        &self,
+        keep: usize,
+        protect: &[&str],
+        failed: &[String],
+    ) -> Result<Vec<String>, ReleaseError> {
         let ids = self.list()?;
-        let plan = prune_plan(&ids, keep, protect);
+        let plan = cleanup_plan(&ids, failed, keep, protect);
         for id in &plan {
             let d = self.release_dir(id);
             // remove_dir_all does not follow symlinks (shared paths are links).
@@ -276,6 +282,27 @@ pub fn prune_plan(ids_oldest_first: &[String], keep: usize, protect: &[&str]) ->
         .take(excess)
         .cloned()
         .collect()
+}
+
+/// Which releases to delete: every release that failed validation (it is never a rollback
+/// target, and does not count toward `keep`), then the oldest of the others beyond `keep`;
+/// never a protected one. Pure.
+pub fn cleanup_plan(
+    ids_oldest_first: &[String],
+    failed: &[String],
+    keep: usize,
+    protect: &[&str],
+) -> Vec<String> {
+    let (bad, good): (Vec<String>, Vec<String>) = ids_oldest_first
+        .iter()
+        .cloned()
+        .partition(|id| failed.contains(id));
+    let mut plan: Vec<String> = bad
+        .into_iter()
+        .filter(|id| !protect.contains(&id.as_str()))
+        .collect();
+    plan.extend(prune_plan(&good, keep, protect));
+    plan
 }
 
 fn create_dirs_with_policy(base: &Path, rel: &Path, policy: &Policy) -> Result<(), ReleaseError> {
@@ -916,6 +943,20 @@ mod tests {
 
     fn ids(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    /// Issue 11 item 3: a release that failed validation is pruned first and does not
+    /// count toward `release.keep`.
+    fn cleanup_removes_failed_releases_first_and_does_not_count_them() {
+        let ids: Vec<String> = ["a", "b", "c", "d", "e"].map(String::from).to_vec();
+        let failed = vec!["d".to_string(), "b".to_string()];
+        // keep 3 good ones (a, c, e), and remove both failed
+        assert_eq!(cleanup_plan(&ids, &failed, 3, &["e"]), vec!["b", "d"]);
+        // keep 2: the oldest good one goes too
+        assert_eq!(cleanup_plan(&ids, &failed, 2, &["e"]), vec!["b", "d", "a"]);
+        // a failed release that is current (no switch-back) stays
+        assert_eq!(cleanup_plan(&ids, &failed, 3, &["d", "c"]), vec!["b"]);
     }
 
     #[test]

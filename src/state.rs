@@ -51,6 +51,21 @@ pub struct ReleaseRecord {
     /// The cache generation this release uses.
     #[serde(default)]
     pub cache: serde_json::Value,
+    /// What ValidateService said about it. Absent in records written before it was kept:
+    /// such a release counts as good (it was the rollback target then too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Validation>,
+}
+
+/// A release's standing: only a release that passed ValidateService is a rollback target;
+/// one that failed it is pruned first and never counted toward `release.keep`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Validation {
+    /// Built, not validated yet.
+    Pending,
+    Passed,
+    Failed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -84,6 +99,19 @@ pub enum Traffic {
 pub struct NodeState {
     pub traffic: Traffic,
     pub since: Option<String>,
+    /// Whether a drain (ApplicationStop, BeforeBlockTraffic) took the node out and nothing
+    /// has brought it back yet (ValidateService, the traffic-allowing events, a switch-back
+    /// to a healthy release). A restarted daemon makes a node that is not drained ready
+    /// again through its health checks. Absent in records written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<bool>,
+}
+
+impl NodeState {
+    /// Drained, or for older records that did not say: not recorded live.
+    pub fn is_drained(&self) -> bool {
+        self.drained.unwrap_or(self.traffic != Traffic::Live)
+    }
 }
 
 impl StateDoc {
@@ -103,15 +131,41 @@ impl StateDoc {
         self.switches.drain(..excess);
     }
 
-    /// The release `current` pointed at before the last switch to `current`, i.e. the
-    /// rollback target.
-    pub fn previous_release(&self, current: Option<&str>) -> Option<String> {
-        let current = current?;
+    /// The rollback target: of the releases on disk other than `current`, the one that
+    /// served most recently (by the switch history) and passed ValidateService. A release
+    /// that failed validation, or was never validated, is never a target.
+    pub fn rollback_target(&self, current: Option<&str>, on_disk: &[String]) -> Option<String> {
+        let good = |id: &str| {
+            Some(id) != current
+                && on_disk.iter().any(|d| d == id)
+                && self
+                    .releases
+                    .get(id)
+                    .is_none_or(|r| matches!(r.validation, None | Some(Validation::Passed)))
+        };
         self.switches
             .iter()
             .rev()
-            .find(|s| s.to == current)
-            .and_then(|s| s.from.clone())
+            .flat_map(|s| [Some(s.to.as_str()), s.from.as_deref()])
+            .flatten()
+            .find(|id| good(id))
+            .map(String::from)
+    }
+
+    /// Records ValidateService's verdict on a release.
+    pub fn set_validation(&mut self, id: &str, v: Validation) {
+        if let Some(r) = self.releases.get_mut(id) {
+            r.validation = Some(v);
+        }
+    }
+
+    /// Releases that failed validation.
+    pub fn failed_releases(&self) -> Vec<String> {
+        self.releases
+            .iter()
+            .filter(|(_, r)| r.validation == Some(Validation::Failed))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 }
 
@@ -263,20 +317,60 @@ mod tests {
         ));
     }
 
+    fn switched(doc: &mut StateDoc, from: Option<&str>, to: &str, reason: SwitchReason) {
+        doc.record_switch(Switch {
+            at: String::new(),
+            from: from.map(String::from),
+            to: to.into(),
+            reason,
+            deployment_id: None,
+            duration_ms: 0,
+        });
+    }
+
     #[test]
-    fn previous_release_follows_switches() {
+    fn rollback_target_follows_switches() {
         let mut doc = StateDoc::default();
+        let disk: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
         for (from, to) in [(None, "a"), (Some("a"), "b"), (Some("b"), "c")] {
-            doc.record_switch(Switch {
-                at: String::new(),
-                from: from.map(String::from),
-                to: to.into(),
-                reason: SwitchReason::Deploy,
-                deployment_id: None,
-                duration_ms: 0,
-            });
+            switched(&mut doc, from, to, SwitchReason::Deploy);
         }
-        assert_eq!(doc.previous_release(Some("c")).as_deref(), Some("b"));
-        assert_eq!(doc.previous_release(Some("a")), None);
+        assert_eq!(doc.rollback_target(Some("c"), &disk).as_deref(), Some("b"));
+        // after a rollback to b, the target is the release just left
+        switched(&mut doc, Some("c"), "b", SwitchReason::Rollback);
+        assert_eq!(doc.rollback_target(Some("b"), &disk).as_deref(), Some("c"));
+        // not on disk: the next one
+        assert_eq!(
+            doc.rollback_target(Some("b"), &disk[..2]).as_deref(),
+            Some("a")
+        );
+        assert_eq!(doc.rollback_target(Some("a"), &disk[..1]), None);
+    }
+
+    /// Issue 11 item 3: after an automatic switch-back, the "previous" was the `from` of the
+    /// last switch: the release that had just failed validation.
+    #[test]
+    fn rollback_target_after_an_auto_rollback_is_never_the_failed_release() {
+        let mut doc = StateDoc::default();
+        let disk: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        for id in ["a", "b", "c"] {
+            doc.releases.insert(
+                id.into(),
+                ReleaseRecord {
+                    validation: Some(Validation::Passed),
+                    ..Default::default()
+                },
+            );
+        }
+        switched(&mut doc, None, "a", SwitchReason::Deploy);
+        switched(&mut doc, Some("a"), "b", SwitchReason::Deploy);
+        switched(&mut doc, Some("b"), "c", SwitchReason::Deploy);
+        doc.set_validation("c", Validation::Failed);
+        switched(&mut doc, Some("c"), "b", SwitchReason::AutoRollback);
+        assert_eq!(doc.rollback_target(Some("b"), &disk).as_deref(), Some("a"));
+        // a release built but never validated is not a target either
+        doc.set_validation("a", Validation::Pending);
+        assert_eq!(doc.rollback_target(Some("b"), &disk), None);
+        assert_eq!(doc.failed_releases(), vec!["c".to_string()]);
     }
 }

@@ -22,7 +22,8 @@ pub fn build(
     daemon_running: bool,
 ) -> Value {
     let current = layout.current();
-    let previous = doc.previous_release(current.as_deref());
+    let on_disk = layout.list().unwrap_or_default();
+    let previous = doc.rollback_target(current.as_deref(), &on_disk);
     let release = |id: &Option<String>| -> Value {
         match id {
             None => Value::Null,
@@ -40,9 +41,7 @@ pub fn build(
             }
         }
     };
-    let releases: Vec<Value> = layout
-        .list()
-        .unwrap_or_default()
+    let releases: Vec<Value> = on_disk
         .into_iter()
         .map(|id| {
             json!({
@@ -51,6 +50,7 @@ pub fn build(
                 "previous": previous.as_deref() == Some(id.as_str()),
                 "created_at": doc.releases.get(&id).map(|r| r.created_at.clone()),
                 "deployment_id": doc.releases.get(&id).map(|r| r.deployment_id.clone()),
+                "validation": doc.releases.get(&id).and_then(|r| r.validation),
             })
         })
         .collect();
@@ -62,9 +62,11 @@ pub fn build(
             "traffic": doc.node.traffic,
             "traffic_since": doc.node.since,
             "readiness": readiness,
+            "drained": doc.node.drained,
         },
         "current_release": release(&current),
         "previous_release": release(&previous),
+        "rollback_target": previous,
         "last_deployment": doc.deployment,
         "last_switch": doc.switches.last(),
         "releases": releases,
@@ -86,7 +88,7 @@ pub fn render_text(s: &Value) -> String {
     let _ = writeln!(o, "traffic:    {}", str_of(&s["node"]["traffic"]));
     for (label, key) in [
         ("current:   ", "current_release"),
-        ("previous:  ", "previous_release"),
+        ("rollback:  ", "previous_release"),
     ] {
         let r = &s[key];
         if r.is_null() {
@@ -200,6 +202,6 @@ mod tests {
         assert!(!fleet.contains("not alternating"), "{fleet}");
         let none = render_text(&with_cache(Value::Null));
         assert!(!none.contains("cache generation"), "{none}");
-        assert!(none.contains("previous:   none"), "{none}");
+        assert!(none.contains("rollback:   none"), "{none}");
     }
 }

@@ -129,6 +129,24 @@ warmup:
         ));
     }
 
+    /// Stops the daemon as systemd does, then starts it again.
+    fn restart_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            support::stop_daemon(&mut c);
+        }
+        self.start_daemon();
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(self.p("bgagent.yaml"))
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+    }
+
     fn revision(&self, dep: &str, id: &str, broken: bool) {
         let root = self.p(&format!("cd-root/g-1/{dep}/deployment-archive"));
         copy_dir(&support::repo().join("tests/fixtures/app"), &root);
@@ -325,9 +343,13 @@ fn a_failing_config_test_keeps_the_old_release_serving() {
     assert!(e.web.get("/").1.contains("release=one"));
 }
 
+/// A health check that never passes fails ValidateService with its evidence and, with
+/// `validate.rollback_on_failure`, switches back. Issue 11 item 1: the healthy previous
+/// release then serves AND is ready (it stayed `starting`, /ready 503, even after a daemon
+/// restart, so the load balancer kept the node out).
 #[test]
-fn a_health_check_that_never_passes_fails_with_evidence_and_rolls_back() {
-    let e = Env::new("validate: { rollback_on_failure: true }");
+fn a_health_check_that_never_passes_fails_with_evidence_and_rolls_back_to_a_ready_node() {
+    let mut e = Env::new("validate: { rollback_on_failure: true }");
     e.revision("d-1", "one", false);
     all_ok(&e.deploy("d-1", &ALL[1..]));
     e.revision("d-2", "two", true);
@@ -348,7 +370,15 @@ fn a_health_check_that_never_passes_fails_with_evidence_and_rolls_back() {
         e.web.get("/").1.contains("release=one"),
         "the previous release serves again"
     );
-    assert_eq!(e.ready(), 503, "a failed node is not ready");
+    assert_eq!(
+        e.ready(),
+        200,
+        "the healthy previous release is ready again: {t}"
+    );
+    e.restart_daemon();
+    wait_until(20, "ready again after a daemon restart", || {
+        e.ready() == 200
+    });
 }
 
 #[test]
@@ -527,18 +557,31 @@ fn mysql_and_redis_checks_against_the_real_servers() {
     );
 }
 
-#[test]
-fn services_stopped_by_the_drain_come_back_at_application_start() {
+/// nginx marked `stop_on_drain`, stopped and started by the exec backend.
+fn stop_on_drain_nginx() -> String {
     let nginx = support::require("nginx").display().to_string();
     let ctl = |tail: &str| {
         format!("[{nginx}, -p, {{w}}, -c, {{w}}/nginx.conf, -e, {{w}}/logs/nginx.err{tail}]")
     };
-    let extra = format!(
+    format!(
         "      stop_on_drain: true\n      pid_file: {{w}}/run/nginx.pid\n      stop: {}\n      start: {}",
         ctl(", -s, quit"),
         ctl("")
-    );
-    let e = Env::with_nginx("", &extra);
+    )
+}
+
+/// Polls `what` until it holds; fails with `msg` after `secs` (a bound, not a speed claim).
+fn wait_until(secs: u64, msg: &str, mut what: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !what() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "{msg}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn services_stopped_by_the_drain_come_back_at_application_start() {
+    let e = Env::with_nginx("", &stop_on_drain_nginx());
     e.revision("d-1", "one", false);
     all_ok(&e.deploy("d-1", &ALL[1..]));
     e.revision("d-2", "two", false);
@@ -557,4 +600,252 @@ fn services_stopped_by_the_drain_come_back_at_application_start() {
         e.web.get("/").1.contains("release=two"),
         "nginx is back, serving the new release"
     );
+}
+
+/// Issue 11 item 1, sticky drain: in a blue/green rollback the ORIGINAL instances get
+/// BeforeAllowTraffic, [AllowTraffic], AfterAllowTraffic under the rollback's new
+/// DEPLOYMENT_ID and install nothing. The drain of the deployment that was rolled back had
+/// stopped nginx and turned /ready to 503: both must come back, through the health checks,
+/// so the load balancer takes the restored fleet in; and the node must stay ready across a
+/// daemon restart.
+#[test]
+fn sticky_drain_original_instance_of_a_blue_green_rollback_becomes_ready_again() {
+    let mut e = Env::with_nginx("", &stop_on_drain_nginx());
+    let lb = support::Haproxy::start(e.web.port, e.ready_port);
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    wait_until(10, "HAProxy should see the ready node UP", || {
+        lb.server_status() == "UP"
+    });
+    // d-2 moves traffic to the replacement fleet: this (original) node is blocked.
+    all_ok(&e.deploy("d-2", &["BeforeBlockTraffic", "AfterBlockTraffic"]));
+    assert_eq!(e.ready(), 503);
+    assert_eq!(
+        e.web.get("/").0,
+        0,
+        "the drain stopped nginx (stop_on_drain)"
+    );
+    wait_until(10, "HAProxy should take the drained node out", || {
+        lb.server_status() == "DOWN"
+    });
+    // d-3 is CodeDeploy's rollback: the original instance gets traffic back.
+    let out = e.hook("BeforeAllowTraffic", "d-3");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        e.ready(),
+        200,
+        "BeforeAllowTraffic must make the restored node ready: {}",
+        text(&out)
+    );
+    assert!(e.web.get("/").1.contains("release=one"), "nginx is back");
+    wait_until(10, "AllowTraffic: HAProxy should see the node UP", || {
+        lb.server_status() == "UP"
+    });
+    all_ok(&e.deploy("d-3", &["AfterAllowTraffic"]));
+    assert!(support::http_get(lb.port, "/").1.contains("release=one"));
+    let st = e.status();
+    assert_eq!(st["node"]["traffic"], "live", "{st}");
+    assert_eq!(st["node"]["readiness"]["state"], "ready", "{st}");
+    assert_eq!(st["last_deployment"]["status"], "succeeded", "{st}");
+    // A restarted daemon brings the live node back to ready through its checks.
+    e.restart_daemon();
+    wait_until(
+        20,
+        "a restarted daemon must make the live node ready",
+        || e.ready() == 200,
+    );
+}
+
+/// Issue 11 item 2: a failed `bgagent deploy` left the node drained (readiness 503, the
+/// `stop_on_drain` nginx stopped) although the old release was still current. An artifact
+/// that is not an archive is now refused before the drain; a later step that fails while the
+/// old release is current brings the node back.
+#[test]
+fn a_failed_deploy_does_not_leave_the_node_drained() {
+    // AfterInstall fails for a release that carries FAIL_AFTER_INSTALL (run in the release).
+    let e = Env::with_nginx(
+        "commands:\n  AfterInstall:\n    - { argv: [sh, -c, 'test ! -e FAIL_AFTER_INSTALL'], timeout: 10s }",
+        &stop_on_drain_nginx(),
+    );
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    assert_eq!(e.ready(), 200);
+    let deploy = |artifact: &Path| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(e.p("bgagent.yaml"))
+            .arg("deploy")
+            .arg(artifact)
+            .output()
+            .unwrap()
+    };
+
+    let junk = e.p("release.tar.gz");
+    std::fs::write(&junk, "this is not an archive\n").unwrap();
+    let out = deploy(&junk);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("is not a .tar, .tar.gz or .zip archive"), "{t}");
+    assert!(!t.contains("draining"), "refused before the drain: {t}");
+    assert_eq!(e.ready(), 200, "{t}");
+    assert!(e.web.get("/").1.contains("release=one"), "{t}");
+
+    let art = e.p("art-two");
+    copy_dir(&support::repo().join("tests/fixtures/app"), &art);
+    std::fs::write(art.join("RELEASE_ID"), "two").unwrap();
+    std::fs::write(art.join("FAIL_AFTER_INSTALL"), "").unwrap();
+    let out = deploy(&art);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("AfterInstall FAILED"), "{t}");
+    assert!(t.contains("stopped nginx"), "the drain did run: {t}");
+    assert_eq!(e.ready(), 200, "the old release is ready again: {t}");
+    assert!(
+        e.web.get("/").1.contains("release=one"),
+        "nginx was started again: {t}"
+    );
+    assert_eq!(e.status()["node"]["readiness"]["state"], "ready");
+}
+
+/// Issue 11 items 3 and 4: after an automatic switch-back, `bgagent rollback` switched to
+/// the release that had just FAILED validation (the `from` of the last switch). The target
+/// is the last release that passed ValidateService and is not current, `status` names it,
+/// and a repeated rollback (as after exit 5) answers "already rolled back" instead of
+/// switching back to the release it left.
+#[test]
+fn rollback_after_a_switch_back_skips_the_failed_release_and_a_repeat_is_harmless() {
+    let e = Env::new("validate: { rollback_on_failure: true }");
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    e.revision("d-2", "two", false);
+    all_ok(&e.deploy("d-2", &ALL));
+    e.revision("d-3", "three", true);
+    all_ok(&e.deploy("d-3", &ALL[..4]));
+    let out = e.hook("ValidateService", "d-3");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(e.web.get("/").1.contains("release=two"));
+    let st = e.status();
+    let id_of = |dep: &str| {
+        st["releases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["deployment_id"] == dep)
+            .unwrap_or_else(|| panic!("{st}"))["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (one, two) = (id_of("d-1"), id_of("d-2"));
+    assert_eq!(st["previous_release"]["id"], one.as_str(), "{st}");
+    assert_eq!(st["rollback_target"], one.as_str(), "{st}");
+    let rollback = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(e.p("bgagent.yaml"))
+            .arg("rollback")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = rollback(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("rolled back from {two} to {one}")),
+        "{}",
+        text(&out)
+    );
+    assert!(e.web.get("/").1.contains("release=one"));
+    // the operator retries (the first answer was lost): nothing switches
+    let out = rollback(&["--from", &two]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("already rolled back to {one}")),
+        "{}",
+        text(&out)
+    );
+    assert!(e.web.get("/").1.contains("release=one"));
+    // and a rollback from a release that is not current is refused, not guessed at
+    let out = rollback(&["--from", "20200101T000000Z-d-0"]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(e.web.get("/").1.contains("release=one"));
+}
+
+/// Issue 11 item 5: the daemon killed (SIGKILL) during ApplicationStart, after the switch,
+/// while php-fpm's reload runs. The retried event answered "release is already current" and
+/// succeeded without the reload, without starting nginx (stopped by the drain), without
+/// recording the previous release: the node stayed down while status said success. Each
+/// step after the switch is now repeated by the retry.
+#[test]
+fn application_start_retried_after_a_crash_completes_the_steps_after_the_switch() {
+    let mut e = Env::with_nginx("", &stop_on_drain_nginx());
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    let first = std::fs::read_link(e.p("app/current")).unwrap();
+    let first = first.file_name().unwrap().to_str().unwrap().to_string();
+    // php-fpm's reload blocks the first time (its shell writes its pid, then becomes sleep),
+    // and reloads at once afterwards.
+    let marker = e.p("reload-started");
+    let cfg = std::fs::read_to_string(e.p("bgagent.yaml")).unwrap();
+    let blocking = format!(
+        "reload: [sh, -c, 'test -e {m} || {{ echo $$ > {m}; exec sleep 27.5; }}; exec kill -USR2 \"$1\"', sh, \"{{pid}}\"]",
+        m = marker.display()
+    );
+    assert!(cfg.contains("reload: [kill, -USR2, \"{pid}\"]"));
+    std::fs::write(
+        e.p("bgagent.yaml"),
+        cfg.replace("reload: [kill, -USR2, \"{pid}\"]", &blocking),
+    )
+    .unwrap();
+    e.restart_daemon();
+    e.revision("d-2", "two", false);
+    all_ok(&e.deploy("d-2", &ALL[..3]));
+    assert_eq!(e.web.get("/").0, 0, "the drain stopped nginx");
+    let hook = Command::new(BIN)
+        .arg("--config")
+        .arg(e.p("bgagent.yaml"))
+        .args(["hook", "ApplicationStart"])
+        .env("DEPLOYMENT_ID", "d-2")
+        .env("DEPLOYMENT_GROUP_ID", "g-1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(20, "the reload should start", || {
+        std::fs::read_to_string(&marker).is_ok_and(|s| s.trim().parse::<u32>().is_ok())
+    });
+    let mut daemon = e.daemon.take().unwrap();
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let sleeper = std::fs::read_to_string(&marker).unwrap();
+    let _ = Command::new("kill").arg(sleeper.trim()).status();
+    let out = hook.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let switched = std::fs::read_link(e.p("app/current")).unwrap();
+    assert!(
+        switched.to_string_lossy().ends_with("-d-2"),
+        "the crash came after the switch: {switched:?}"
+    );
+
+    e.start_daemon();
+    let out = e.hook("ApplicationStart", "d-2");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("reloaded php-fpm") && text(&out).contains("started nginx"),
+        "the retry reloads and starts what the drain stopped: {}",
+        text(&out)
+    );
+    assert!(
+        e.web.get("/").1.contains("release=two"),
+        "nginx serves the new release: {}",
+        text(&out)
+    );
+    let st = e.status();
+    assert_eq!(
+        st["last_deployment"]["previous_release"],
+        first.as_str(),
+        "{st}"
+    );
+    all_ok(&e.deploy("d-2", &ALL[4..]));
+    assert_eq!(e.ready(), 200);
 }

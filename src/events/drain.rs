@@ -1,7 +1,9 @@
-//! ApplicationStop and BeforeBlockTraffic: take the node out of the load balancer.
+//! ApplicationStop and BeforeBlockTraffic take the node out of the load balancer; the
+//! traffic-allowing events (and a switch back to a healthy release) bring it back.
 
 use tracing::info;
 
+use crate::readiness::State;
 use crate::state::Traffic;
 
 use super::{Engine, EngineError};
@@ -12,9 +14,9 @@ impl Engine {
     pub(super) async fn drain(&mut self) -> Result<String, EngineError> {
         let was = self.readiness.state();
         let _ = self.readiness.start_draining();
+        self.doc.node.drained = Some(true);
         let delay = self.cfg.drain.deregistration_delay;
-        let serving =
-            was == crate::readiness::State::Ready || self.doc.node.traffic == Traffic::Live;
+        let serving = was == State::Ready || self.doc.node.traffic == Traffic::Live;
         if serving && !delay.is_zero() {
             info!(
                 "draining: /ready answers 503; waiting {} ms for in-flight requests",
@@ -32,5 +34,50 @@ impl Engine {
         } else {
             format!("drained; stopped {}", stopped.join(", "))
         })
+    }
+
+    /// The node back to ready on its current release, without installing anything: the
+    /// services a drain stopped are started, then the health checks must pass before
+    /// /ready answers 200. This is how the original instances of a blue/green rollback
+    /// (BeforeAllowTraffic under the rollback's new deployment id) and a node switched back
+    /// to its previous release return to the load balancer. Ready already: nothing to do.
+    pub(super) async fn restore_readiness(&mut self) -> Result<String, EngineError> {
+        let Some(current) = self.layout.current() else {
+            return Err(EngineError::Failed(format!(
+                "no release is current under {}: nothing can serve traffic here; deploy one first",
+                self.layout.root().display()
+            )));
+        };
+        if self.readiness.state() == State::Ready {
+            self.doc.node.drained = Some(false);
+            return Ok(format!("release {current} is serving and ready"));
+        }
+        let started =
+            crate::services::drain_control(&self.cfg.services, crate::services::Verb::Start)
+                .await
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+        let _ = self.readiness.set_starting();
+        let _ = self.readiness.set_warming();
+        match crate::health::wait_until_healthy(&self.cfg.health).await {
+            Ok(took) => {
+                let _ = self.readiness.set_ready();
+                self.doc.node.drained = Some(false);
+                let started = if started.is_empty() {
+                    String::new()
+                } else {
+                    format!("started {}; ", started.join(", "))
+                };
+                Ok(format!(
+                    "{started}release {current} passed its health checks in {} ms: ready",
+                    took.as_millis()
+                ))
+            }
+            Err(failure) => {
+                let _ = self.readiness.set_starting();
+                Err(EngineError::Failed(format!(
+                    "release {current} is current but not healthy, so the node stays out of the load balancer: {failure}"
+                )))
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::lifecycle;
 use crate::perms::Policy;
 use crate::release::{self};
-use crate::state::ReleaseRecord;
+use crate::state::{ReleaseRecord, Validation};
 
 use super::{Engine, EngineError};
 
@@ -24,7 +24,9 @@ impl Engine {
         // node rebooted) or failed may have left its release on disk without recording it.
         let tag = release::release_tag(&dep_id);
         let current = self.layout.current();
-        let previous = self.doc.previous_release(current.as_deref());
+        let previous = self
+            .doc
+            .rollback_target(current.as_deref(), &self.layout.list()?);
         let protect: Vec<&str> = [current.as_deref(), previous.as_deref()]
             .into_iter()
             .flatten()
@@ -145,6 +147,7 @@ impl Engine {
                 source: src.display().to_string(),
                 params,
                 cache,
+                validation: Some(Validation::Pending),
             },
         );
         if let Some(d) = self.doc.deployment.as_mut() {

@@ -167,10 +167,10 @@ impl Engine {
         self.readiness.clone()
     }
 
-    /// The node's readiness after a daemon start: a node already serving a current release
-    /// that was live comes up through the health checks, not blindly.
+    /// The node's readiness after a daemon start: a node serving a current release that no
+    /// drain took out comes up through the health checks, not blindly.
     pub async fn recover_readiness(&mut self) {
-        if self.layout.current().is_none() || self.doc.node.traffic != Traffic::Live {
+        if self.layout.current().is_none() || self.doc.node.is_drained() {
             return;
         }
         let _ = self.readiness.set_warming();
@@ -342,8 +342,20 @@ impl Engine {
                 self.set_traffic(Traffic::Idle);
                 Ok("node recorded as idle".into())
             }
-            Event::BeforeAllowTraffic => Ok(String::new()),
+            // Traffic is about to reach the node: it must be ready. After this deployment's
+            // ValidateService it is; on the original instances of a blue/green rollback
+            // (these events under a new deployment id, nothing installed) this brings back a
+            // node an earlier BeforeBlockTraffic drained.
+            Event::BeforeAllowTraffic => {
+                if self.layout.current().is_none() {
+                    return Ok(String::new());
+                }
+                self.restore_readiness().await
+            }
             Event::AfterAllowTraffic => {
+                if self.layout.current().is_some() {
+                    self.restore_readiness().await?;
+                }
                 if let Some(cur) = self.layout.current()
                     && let Some(slot) = self.release_slot(&cur)
                 {

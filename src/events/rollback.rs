@@ -1,4 +1,9 @@
-//! `bgagent rollback`: the operator switches this node back to the previous release.
+//! `bgagent rollback`: the operator switches this node back to the rollback target, the last
+//! release that passed ValidateService and is not current.
+//!
+//! Idempotent: the client sends the release it expects to leave, so a repeat of a rollback
+//! whose answer was lost (the connection broke after the switch) answers "already rolled
+//! back" instead of switching back to the release it left.
 
 use std::time::Instant;
 
@@ -9,20 +14,40 @@ use crate::state::SwitchReason;
 use super::{Engine, EngineError, Outcome};
 
 impl Engine {
-    /// `bgagent rollback`: switch back to the previous release.
-    pub async fn rollback(&mut self) -> Outcome {
+    /// `bgagent rollback`: switch back to the rollback target. `leaving`: the release the
+    /// caller saw current (None: whatever is current).
+    pub async fn rollback(&mut self, leaving: Option<&str>) -> Outcome {
         let t0 = Instant::now();
         let current = self.layout.current();
-        let Some(prev) = self.doc.previous_release(current.as_deref()) else {
-            let msg = "no previous release to roll back to".to_string();
+        if let Some(leaving) = leaving
+            && current.as_deref() != Some(leaving)
+        {
+            let done_before = self.doc.switches.last().is_some_and(|s| {
+                s.reason == SwitchReason::Rollback
+                    && s.from.as_deref() == Some(leaving)
+                    && current.as_deref() == Some(s.to.as_str())
+            });
+            let now = current.as_deref().unwrap_or("none");
+            if done_before {
+                let msg = format!("already rolled back to {now} (from {leaving}); nothing to do");
+                info!("{msg}");
+                return Outcome::AlreadyDone(msg);
+            }
+            let msg = format!(
+                "current is {now}, not {leaving} as this rollback expected: something else switched it; check `bgagent status`, then run `bgagent rollback` again to roll back from {now}"
+            );
+            error!("{msg}");
+            return Outcome::Refused(msg);
+        }
+        let on_disk = match self.layout.list() {
+            Ok(l) => l,
+            Err(e) => return Outcome::Failed(format!("rollback failed: {e}")),
+        };
+        let Some(prev) = self.doc.rollback_target(current.as_deref(), &on_disk) else {
+            let msg = "no release to roll back to: none on disk other than the current one passed ValidateService".to_string();
             error!("{msg}");
             return Outcome::Failed(msg);
         };
-        if !self.layout.release_dir(&prev).is_dir() {
-            let msg = format!("the previous release {prev} is no longer on disk");
-            error!("{msg}");
-            return Outcome::Failed(msg);
-        }
         // The previous generation becomes live again, without a flush.
         if let Some(slot) = self.release_slot(&prev) {
             let app = self.app_name();

@@ -14,20 +14,45 @@ impl Engine {
         let id = self.deployment()?.release_id.clone().ok_or_else(|| {
             EngineError::Failed("AfterInstall recorded no release for this deployment".into())
         })?;
-        let previous = self.layout.current();
-        if previous.as_deref() == Some(id.as_str()) {
-            return Ok(format!("release {id} is already current"));
-        }
-        // Config tests first: on failure nothing switches and the current release serves on.
-        crate::services::test_all(&self.cfg.services)
-            .await
-            .map_err(|e| EngineError::Failed(e.to_string()))?;
-        let _ = self.readiness.set_starting();
-        if let Some(slot) = self.release_slot(&id) {
-            // Registered before the switch, so the slot is never flushed under this node.
-            crate::cache::mark_serving(&self.cfg.cache, &self.app_name(), slot).await?;
-        }
-        self.switch(&id, SwitchReason::Deploy).await?;
+        let current = self.layout.current();
+        let previous = if current.as_deref() == Some(id.as_str()) {
+            // An earlier attempt switched, then was cut short (the daemon killed, the hook
+            // timed out): the steps after the switch may not have happened, and each of them
+            // is safe to repeat, so they all run again. The release left was recorded before
+            // that switch.
+            let dep = self.deployment()?;
+            let previous = dep.previous_release.clone().or_else(|| {
+                self.doc
+                    .switches
+                    .iter()
+                    .rev()
+                    .find(|s| s.to == id && s.deployment_id.as_deref() == Some(dep.id.as_str()))
+                    .and_then(|s| s.from.clone())
+            });
+            info!(
+                "release {id} is already current (an earlier attempt switched); completing the steps after the switch"
+            );
+            if let Some(slot) = self.release_slot(&id) {
+                crate::cache::mark_serving(&self.cfg.cache, &self.app_name(), slot).await?;
+            }
+            previous
+        } else {
+            // Config tests first: on failure nothing switches and the current release serves on.
+            crate::services::test_all(&self.cfg.services)
+                .await
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            let _ = self.readiness.set_starting();
+            if let Some(slot) = self.release_slot(&id) {
+                // Registered before the switch, so the slot is never flushed under this node.
+                crate::cache::mark_serving(&self.cfg.cache, &self.app_name(), slot).await?;
+            }
+            // Recorded before the switch, so a retry after a crash knows what was left.
+            if let Some(d) = self.doc.deployment.as_mut() {
+                d.previous_release = current.clone();
+            }
+            self.switch(&id, SwitchReason::Deploy).await?;
+            current
+        };
         if let Err(e) = crate::services::reload_after_switch(&self.cfg.services).await {
             if let Some(prev) = &previous {
                 error!("{e}; switching back to {prev}");
@@ -40,14 +65,15 @@ impl Engine {
         crate::services::drain_control(&self.cfg.services, crate::services::Verb::Start)
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?;
-        if let Some(d) = self.doc.deployment.as_mut() {
-            d.previous_release = previous.clone();
-        }
-        let protect: Vec<&str> = [Some(id.as_str()), previous.as_deref()]
+        let target = self
+            .doc
+            .rollback_target(Some(id.as_str()), &self.layout.list()?);
+        let protect: Vec<&str> = [Some(id.as_str()), target.as_deref()]
             .into_iter()
             .flatten()
             .collect();
-        match self.layout.prune(self.cfg.release.keep, &protect) {
+        let failed = self.doc.failed_releases();
+        match self.layout.prune(self.cfg.release.keep, &protect, &failed) {
             Ok(pruned) if !pruned.is_empty() => {
                 info!("pruned old releases: {}", pruned.join(", "));
                 for p in &pruned {

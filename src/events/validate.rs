@@ -1,6 +1,6 @@
 //! ValidateService: health checks and warm-up; readiness turns ready, or the node switches back.
 
-use crate::state::SwitchReason;
+use crate::state::{SwitchReason, Validation};
 
 use super::{Engine, EngineError};
 
@@ -29,6 +29,10 @@ impl Engine {
         match checked {
             Ok((took, warm)) => {
                 let _ = self.readiness.set_ready();
+                self.doc.node.drained = Some(false);
+                if let Some(id) = &id {
+                    self.doc.set_validation(id, Validation::Passed);
+                }
                 if let (Some(id), Some(dep)) =
                     (&id, self.doc.deployment.as_ref().map(|d| d.id.clone()))
                     && let Some(slot) = self.release_slot(id)
@@ -48,6 +52,10 @@ impl Engine {
             }
             Err(failure) => {
                 let _ = self.readiness.set_starting();
+                if let Some(id) = &id {
+                    // Never a rollback target; pruned first.
+                    self.doc.set_validation(id, Validation::Failed);
+                }
                 let mut msg = failure;
                 let prev = self
                     .doc
@@ -59,7 +67,13 @@ impl Engine {
                 {
                     self.switch(&prev, SwitchReason::AutoRollback).await?;
                     let _ = crate::services::reload_after_switch(&self.cfg.services).await;
-                    msg.push_str(&format!("rolled back to {prev}"));
+                    msg.push_str(&format!("; rolled back to {prev}"));
+                    // The previous release serves again: once healthy, the node is ready
+                    // for the load balancer (it was ready on it before this deployment).
+                    match self.restore_readiness().await {
+                        Ok(m) => msg.push_str(&format!(" ({m})")),
+                        Err(e) => msg.push_str(&format!(" ({e})")),
+                    }
                 }
                 Err(EngineError::Failed(msg))
             }
