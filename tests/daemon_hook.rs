@@ -418,3 +418,96 @@ fn daemon_killed_during_an_event_reports_it_interrupted_and_the_retry_succeeds()
         .collect();
     assert_eq!(ours.len(), 1, "{ours:?}");
 }
+
+/// A tmpfs of `kib` KiB mounted over `dir` (the test runs as root); unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, kib: u32) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mount tmpfs on {} (needs root)",
+            dir.display()
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Writes `name` until the file system is full.
+    fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join(name)).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Issue 11 item 6: a failed state write (state_dir full) left the event marked running in
+/// memory, and every later event was refused until a restart; and a result that could not
+/// be written still counted as done in memory while the hook had reported a failure.
+/// Memory now never runs ahead of disk.
+#[test]
+fn a_failed_state_write_does_not_leave_memory_ahead_of_disk() {
+    let mut node = Node::new();
+    // AfterInstall's command fills the state directory once, before the result is written.
+    let once = node.path("filled-once");
+    let cfg = std::fs::read_to_string(node.config()).unwrap()
+        + &format!(
+            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {o} || {{ touch {o}; head -c 4M /dev/zero > {s}/filler; true; }}'], timeout: 60s }}\n",
+            o = once.display(),
+            s = node.path("state").display()
+        );
+    std::fs::write(node.config(), cfg).unwrap();
+    let fs = Tmpfs::mount(&node.path("state"), 256);
+    node.start();
+    node.revision("g-1", "d-F", "one");
+
+    // 1. the state directory is full before the event starts
+    fs.fill("filler");
+    let out = node.hook("BeforeInstall", Some("d-F"), "g-1");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("could not start"), "{}", text(&out));
+    std::fs::remove_file(node.path("state/filler")).unwrap();
+    let out = node.hook("BeforeInstall", Some("d-F"), "g-1");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "not refused as still running: {}",
+        text(&out)
+    );
+
+    // 2. the state directory fills up while the event runs: the result is not recorded,
+    // so the event is not done, and the next event waits for its retry
+    let out = node.hook("AfterInstall", Some("d-F"), "g-1");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("the result could not be recorded"),
+        "{}",
+        text(&out)
+    );
+    std::fs::remove_file(node.path("state/filler")).unwrap();
+    let out = node.hook("ApplicationStart", Some("d-F"), "g-1");
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "AfterInstall's result never reached the disk: {}",
+        text(&out)
+    );
+    for ev in ["AfterInstall", "ApplicationStart", "ValidateService"] {
+        let out = node.hook(ev, Some("d-F"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    node.stop();
+    drop(fs);
+}

@@ -60,7 +60,7 @@ impl Engine {
                             msg.push_str(&format!("; {e}"));
                         }
                     }
-                    if let Err(e) = self.store.save(&self.doc) {
+                    if let Err(e) = self.persist() {
                         error!("{e}");
                     }
                 }

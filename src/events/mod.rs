@@ -130,6 +130,9 @@ pub struct Engine {
     cfg: Config,
     store: Store,
     doc: StateDoc,
+    /// The document as last written to disk: when a write fails, memory goes back to it
+    /// (never ahead of disk, or a restart would tell a different story).
+    saved: StateDoc,
     layout: Layout,
     readiness: crate::readiness::Readiness,
 }
@@ -156,6 +159,7 @@ impl Engine {
         Ok(Engine {
             cfg,
             store,
+            saved: doc.clone(),
             doc,
             layout,
             readiness: crate::readiness::Readiness::new(),
@@ -244,8 +248,9 @@ impl Engine {
                 if let Some(d) = self.doc.deployment.as_mut() {
                     d.begin(event, now);
                 }
-                if let Err(e) = self.store.save(&self.doc) {
+                if let Err(e) = self.persist() {
                     error!("{e}");
+                    self.doc = self.saved.clone();
                     return Outcome::Failed(format!("{event} could not start: {e}"));
                 }
                 info!("{event} starts for deployment {id}");
@@ -276,10 +281,21 @@ impl Engine {
                         ms,
                     );
                 }
-                if let Err(e) = self.store.save(&self.doc) {
+                if let Err(e) = self.persist() {
+                    // On disk the event is still running: what a restart would read is the
+                    // event interrupted, so that is what memory says too, and it may be retried.
                     error!("{e}");
+                    self.doc = self.saved.clone();
+                    if let Some(d) = self.doc.deployment.as_mut() {
+                        d.interrupt_running(SystemTime::now());
+                        if let Some(r) = d.events.iter_mut().rev().find(|r| r.event == event) {
+                            r.message = Some(format!(
+                                "its result could not be written to the state file ({e}); retry the event"
+                            ));
+                        }
+                    }
                     return Outcome::Failed(format!(
-                        "{event}: the result could not be recorded: {e}"
+                        "{event}: the result could not be recorded, so it counts as not done; free space in the state directory and retry the event: {e}"
                     ));
                 }
                 outcome
@@ -373,6 +389,13 @@ impl Engine {
             .deployment
             .as_ref()
             .ok_or_else(|| EngineError::Failed("no deployment in progress".into()))
+    }
+
+    /// Writes the state document, and remembers it as what is on disk.
+    pub(super) fn persist(&mut self) -> Result<(), state::StateError> {
+        self.store.save(&self.doc)?;
+        self.saved = self.doc.clone();
+        Ok(())
     }
 
     pub(super) fn set_traffic(&mut self, t: Traffic) {

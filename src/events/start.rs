@@ -108,7 +108,7 @@ impl Engine {
             deployment_id: self.doc.deployment.as_ref().map(|d| d.id.clone()),
             duration_ms: ms,
         });
-        self.store.save(&self.doc)?;
+        self.persist()?;
         Ok(())
     }
 }
