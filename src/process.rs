@@ -174,6 +174,18 @@ pub async fn run(
     default_cwd: Option<&std::path::Path>,
     extra_env: &BTreeMap<String, String>,
 ) -> Result<Finished, ProcessError> {
+    run_inheriting(spec, default_cwd, extra_env, None).await
+}
+
+/// Like [`run`], and the child (and whatever it starts) also holds `inherit`, an open file
+/// descriptor of ours: what that descriptor keeps alive (a socket, a lock) then lives at
+/// least as long as the command, even if bgagent itself is killed.
+pub async fn run_inheriting(
+    spec: &CommandSpec,
+    default_cwd: Option<&std::path::Path>,
+    extra_env: &BTreeMap<String, String>,
+    inherit: Option<std::os::fd::RawFd>,
+) -> Result<Finished, ProcessError> {
     let Some(prog) = spec.argv.first() else {
         return Err(ProcessError::Empty);
     };
@@ -200,11 +212,18 @@ pub async fn run(
         (None, None) => {}
     }
     let (uid, gid, groups) = (ids.uid, ids.gid, ids.groups);
-    // SAFETY: only async-signal-safe calls (setsid, setgroups, setgid, setuid) run between
-    // fork and exec; all data was prepared in the parent.
+    // SAFETY: only async-signal-safe calls (setsid, fcntl, setgroups, setgid, setuid) run
+    // between fork and exec; all data was prepared in the parent.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Clearing close-on-exec in the forked child only: the parent's descriptor
+            // keeps its flag, so no other command spawned meanwhile inherits it.
+            if let Some(fd) = inherit
+                && libc::fcntl(fd, libc::F_SETFD, 0) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if (gid.is_some() || uid.is_some())

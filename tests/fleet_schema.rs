@@ -210,28 +210,185 @@ fn the_migration_runs_exactly_once_and_no_node_passes_before_it_finished() {
     assert_eq!(slots.len(), 1, "{slots:?}");
 }
 
+/// Issue 16: after a failed migration every retry of the same deployment failed forever,
+/// even once the cause was fixed. The round that saw the failure still fails on every node,
+/// naming the node and the command and saying how to retry; a retry after the fix runs the
+/// migration again (a new attempt in the record) and the other nodes then skip it.
 #[test]
-fn a_failed_migration_fails_every_node_naming_where_it_failed() {
+fn a_failed_migration_fails_every_node_naming_where_it_failed_and_a_retry_after_the_fix_runs_it() {
+    let marker = tempfile::tempdir().unwrap();
+    let fixed = marker.path().join("fixed");
     let f = Fleet::new(
         4,
-        "  migration:\n    argv: [sh, -c, 'echo broken migration >&2; exit 3']\n",
+        &format!(
+            "  migration:\n    argv: [sh, -c, 'test -e {} || {{ echo broken migration >&2; exit 3; }}']\n",
+            fixed.display()
+        ),
     );
     f.revision("d-1", MODULES);
-    let outs = f.deploy("d-1", &["AfterInstall"]);
+    let outs = f.deploy("d-1", &["BeforeInstall", "AfterInstall"]);
     let mut ran_here = 0;
     for node in &outs {
-        let t = text(&node[0].0);
-        assert_eq!(node[0].0.status.code(), Some(1), "{t}");
+        let t = text(&node[1].0);
+        assert_eq!(node[1].0.status.code(), Some(1), "{t}");
         if t.contains("migration failed: `sh -c") {
             ran_here += 1;
         } else {
             assert!(
-                t.contains("the migration for deployment d-1 failed on node node"),
+                t.contains("the migration (`sh -c test -e")
+                    && t.contains("for deployment d-1 failed on node node")
+                    && t.contains("broken migration"),
                 "{t}"
             );
         }
+        assert!(
+            t.contains("DEPLOYMENT_ID=d-1 bgagent hook AfterInstall"),
+            "says how to retry: {t}"
+        );
     }
     assert_eq!(ran_here, 1);
+
+    std::fs::write(&fixed, "").unwrap();
+    let out = hook(&f.agents[1].dir, "AfterInstall", "d-1");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("running it again (attempt 2)"), "{t}");
+    for a in [&f.agents[0], &f.agents[2], &f.agents[3]] {
+        let out = hook(&a.dir, "AfterInstall", "d-1");
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{t}");
+        assert!(t.contains("already ran on node node1"), "{t}");
+    }
+    assert_eq!(
+        f.db.sql(
+            "SELECT attempt, result FROM app.bgagent_migrations WHERE deployment_id = 'd-1' ORDER BY attempt"
+        ),
+        "1\tfailed\n2\tsuccess\n",
+        "the record keeps every attempt"
+    );
+}
+
+/// Issue 16, break 2: MariaDB dropped the named lock when the killed daemon's connection
+/// closed, and another node ran the migration while the first migration process, in its own
+/// session, still ran (they overlapped for 1.9 s); the interrupted run's record was
+/// overwritten. The migration here takes an exclusive flock and notes an overlap if it
+/// cannot: the daemon running it is killed with SIGKILL mid-run, and the next node must
+/// start only once that run has ended.
+#[test]
+fn killing_the_lock_holder_mid_migration_never_runs_the_migration_twice_at_once() {
+    let marker = tempfile::tempdir().unwrap();
+    let m = marker.path().display().to_string();
+    let schema = format!(
+        "  migration:\n    argv: [sh, -c, 'exec 9>>{m}/flock; flock -n 9 || {{ echo \"overlap $BGAGENT_NODE\" >> {m}/log; exit 7; }}; \
+         echo \"start $BGAGENT_NODE\" >> {m}/log; touch {m}/started-$BGAGENT_NODE; sleep 3; echo \"end $BGAGENT_NODE\" >> {m}/log']\n"
+    );
+    let mut f = Fleet::new(4, &schema);
+    f.revision("d-1", MODULES);
+    let (outs, killed) = std::thread::scope(|s| {
+        let deploy = s.spawn(|| f.deploy("d-1", &["BeforeInstall", "AfterInstall"]));
+        let t0 = std::time::Instant::now();
+        let killed = loop {
+            let started = std::fs::read_dir(marker.path())
+                .unwrap()
+                .flatten()
+                .find_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("started-node")
+                        .and_then(|i| i.parse::<usize>().ok())
+                });
+            if let Some(i) = started {
+                break i;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(60),
+                "the migration never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let pid = f.agents[killed].daemon.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-KILL", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        (deploy.join().unwrap(), killed)
+    });
+    let _ = f.agents[killed].daemon.wait();
+    for (i, node) in outs.iter().enumerate() {
+        if i != killed {
+            assert_eq!(node[1].0.status.code(), Some(0), "{}", text(&node[1].0));
+        }
+    }
+    let log = std::fs::read_to_string(marker.path().join("log")).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        !log.contains("overlap"),
+        "the migration ran twice at once: {log}"
+    );
+    assert_eq!(lines.len(), 4, "{log}");
+    let k = format!("node{killed}");
+    assert_eq!(lines[0], format!("start {k}"), "{log}");
+    assert_eq!(
+        lines[1],
+        format!("end {k}"),
+        "the killed node's run went on to its end: {log}"
+    );
+    let other = lines[2].strip_prefix("start ").unwrap();
+    assert_ne!(other, k, "{log}");
+    assert_eq!(lines[3], format!("end {other}"), "{log}");
+    assert_eq!(
+        f.db.sql(
+            "SELECT attempt, node, result FROM app.bgagent_migrations WHERE deployment_id = 'd-1' ORDER BY attempt"
+        ),
+        format!("1\t{k}\tinterrupted\n2\t{other}\tsuccess\n"),
+        "the record keeps every attempt"
+    );
+
+    // the killed node, restarted, retries its interrupted AfterInstall and skips the migration
+    let a = &mut f.agents[killed];
+    a.daemon = support::spawn_daemon(
+        BIN,
+        &a.dir.join("bgagent.yaml"),
+        &a.dir.join("run/s.sock"),
+        &a.dir.join("daemon.log"),
+    );
+    let out = hook(&f.agents[killed].dir, "AfterInstall", "d-1");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains(&format!("already ran on node {other}")), "{t}");
+}
+
+/// Issue 16: the lock-timeout message said only "another node holds it". It names the node
+/// holding the lock, since when, and for which deployment.
+#[test]
+fn the_lock_timeout_names_the_node_holding_the_lock_and_since_when() {
+    let f = Fleet::new(
+        2,
+        "  lock_timeout: 1s\n  migration:\n    argv: [sh, -c, 'sleep 3']\n",
+    );
+    f.revision("d-1", MODULES);
+    let outs = f.deploy("d-1", &["BeforeInstall", "AfterInstall"]);
+    let (ok, failed): (Vec<_>, Vec<_>) = outs
+        .iter()
+        .map(|n| &n[1].0)
+        .partition(|o| o.status.success());
+    assert_eq!((ok.len(), failed.len()), (1, 1), "{outs:?}");
+    let t = text(failed[0]);
+    let holder = if t.contains("node node0 holds it") {
+        0
+    } else {
+        1
+    };
+    assert!(
+        t.contains("waited 1s (schema.lock_timeout) for the fleet's schema lock `bgagent:shop`")
+            && t.contains(&format!("node node{holder} holds it since 20"))
+            && t.contains("running the migration for deployment d-1"),
+        "{t}"
+    );
+    assert!(text(ok[0]).contains(&format!("on this node (node{holder})")));
 }
 
 #[test]

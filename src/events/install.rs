@@ -195,13 +195,23 @@ impl Engine {
             crate::params::load(&self.cfg.params, &self.cfg.base_dir).await?
         };
         let versions = self.render_with(&params, release_id, dir, cache).await?;
-        let dep = self.deployment()?.id.clone();
+        let d = self.deployment()?;
+        let dep = d.id.clone();
+        // A retried AfterInstall may run a fleet step again that failed before it started.
+        let retry = d
+            .record(crate::lifecycle::Event::AfterInstall)
+            .is_some_and(|r| r.attempts > 1);
         let node = crate::cache::node_name(&self.cfg.cache);
         let lookup = |key: &str| params.by_key.get(key).map(|p| p.value.expose().clone());
-        for line in
-            crate::schema::prepare(&self.cfg.schema, dir, &self.app_name(), &dep, &node, lookup)
-                .await
-                .map_err(|e| EngineError::Failed(e.to_string()))?
+        let at = crate::schema::Attempting {
+            app: &self.app_name(),
+            deployment: &dep,
+            node: &node,
+            retry,
+        };
+        for line in crate::schema::prepare(&self.cfg.schema, dir, &at, lookup)
+            .await
+            .map_err(|e| EngineError::Failed(e.to_string()))?
         {
             info!("{line}");
         }
