@@ -51,6 +51,8 @@ pub struct Config {
     pub schema: crate::schema::SchemaConfig,
     /// URLs fetched before the node declares itself ready.
     pub warmup: crate::warmup::WarmupConfig,
+    /// php-fpm's opcache across a switch: reload (today's) or precompile and switch warm.
+    pub opcache: crate::opcache::OpcacheConfig,
     /// The readiness listener for the load balancer.
     pub readiness: ReadinessConfig,
     pub drain: DrainConfig,
@@ -79,6 +81,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             readiness: ReadinessConfig::default(),
             warmup: Default::default(),
+            opcache: Default::default(),
             schema: Default::default(),
             drain: DrainConfig::default(),
             validate: ValidateConfig::default(),
@@ -312,6 +315,7 @@ impl Config {
         r(&mut self.state_dir);
         r(&mut self.socket.path);
         r(&mut self.codedeploy.deployment_root);
+        r(&mut self.opcache.snippet_dir);
         if let ParamsConfig::File { path } = &mut self.params {
             r(path);
         }
@@ -345,6 +349,22 @@ impl Config {
         out.extend(self.release.validate());
         out.extend(self.permissions.validate());
         out.extend(self.cache.validate());
+        out.extend(self.opcache.validate(&self.app_root));
+        for (i, s) in self.services.list.iter().enumerate() {
+            if let Some(a) = &s.fastcgi
+                && let Err(m) = crate::opcache::Addr::parse(a)
+            {
+                out.push((format!("services.list.{i}.fastcgi"), m));
+            }
+        }
+        if self.opcache.switch == crate::opcache::SwitchMode::Warm
+            && !self.services.list.iter().any(|s| s.fastcgi.is_some())
+        {
+            out.push((
+                "opcache.switch".into(),
+                "`warm` needs the php-fpm pool's FastCGI address: set `fastcgi` (php-fpm's `listen`, e.g. unix:/run/php/php8.2-fpm.sock) on the php-fpm service".into(),
+            ));
+        }
         for (i, t) in self.templates.iter().enumerate() {
             out.extend(t.validate(i));
         }

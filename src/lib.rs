@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod health;
 pub mod lifecycle;
 pub mod logstream;
+pub mod opcache;
 pub mod params;
 pub mod perms;
 pub mod process;

@@ -59,6 +59,9 @@ pub struct ServiceConfig {
     pub pid_file: Option<PathBuf>,
     /// php-fpm's main config, read to check process_control_timeout.
     pub config_file: Option<PathBuf>,
+    /// php-fpm: the pool's FastCGI address (its `listen`: `unix:/run/php/php8.2-fpm.sock` or
+    /// `127.0.0.1:9000`), for opcache control (`opcache.switch: warm`).
+    pub fastcgi: Option<String>,
     /// Stop this service when draining (ApplicationStop/BeforeBlockTraffic).
     pub stop_on_drain: bool,
     /// Reload after a switch. Default: yes for php-fpm and others (new workers, fresh

@@ -344,6 +344,11 @@ pub struct Web {
 
 impl Web {
     pub fn start(app_root: &Path) -> Web {
+        Web::start_with(app_root, &[])
+    }
+
+    /// The same, with more php-fpm arguments (`-d opcache.memory_consumption=8`, ...).
+    pub fn start_with(app_root: &Path, fpm_args: &[&str]) -> Web {
         let fpm_bin = ["php-fpm8.2", "php-fpm"]
             .iter()
             .find_map(|b| {
@@ -370,6 +375,7 @@ impl Web {
         let port = free_port();
         std::fs::write(d.join("nginx.conf"), nginx_conf(d, app_root, port)).unwrap();
         let out = Command::new(&fpm_bin)
+            .args(fpm_args)
             .arg("-R")
             .arg("-y")
             .arg(d.join("php-fpm.conf"))
@@ -401,6 +407,80 @@ impl Web {
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.port, path)
     }
+
+    /// php-fpm's socket, as a FastCGI address.
+    pub fn fpm_socket(&self) -> PathBuf {
+        self.dir.path().join("run/php-fpm.sock")
+    }
+
+    /// The php-fpm master's pid and its workers' pids, sorted: a reload (USR2) changes both.
+    pub fn fpm_pids(&self) -> (i32, Vec<i32>) {
+        let master = read_pid(&self.dir.path().join("run/php-fpm.pid")).unwrap_or(0);
+        let mut workers: Vec<i32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        let rest = &s[s.rfind(')')? + 2..];
+                        rest.split(' ').nth(1)?.parse::<i32>().ok()
+                    })
+                    == Some(master)
+            })
+            .collect();
+        workers.sort();
+        (master, workers)
+    }
+}
+
+/// An autoloaded PHP app in `root` (Composer's shape): `n` classes under vendor/acme/lib that
+/// extend and use each other, a class map in vendor/composer/autoload_classmap.php, and
+/// pub/index.php loading `per_request` of them and answering `release=<RELEASE_ID>`.
+/// `bulk` methods per class make each class take more opcache memory.
+pub fn autoload_app(root: &Path, id: &str, n: usize, per_request: usize, bulk: usize) {
+    let lib = root.join("vendor/acme/lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::create_dir_all(root.join("vendor/composer")).unwrap();
+    std::fs::create_dir_all(root.join("pub")).unwrap();
+    let mut map = String::from("<?php\nreturn [\n");
+    for i in 0..n {
+        let parent = if i % 10 == 0 {
+            String::new()
+        } else {
+            format!(" extends C{}", i - 1)
+        };
+        let mut body = format!(
+            "<?php\nnamespace Acme;\nclass C{i}{parent} {{\n    public function v{i}(int $x): int {{ return $x + {i}; }}\n"
+        );
+        for m in 0..bulk {
+            body.push_str(&format!(
+                "    public function m{m}(array $a): array {{ $o = []; foreach ($a as $k => $v) {{ $o[$k . '_{m}'] = is_int($v) ? $v * {m} : strrev((string) $v); }} return $o; }}\n"
+            ));
+        }
+        body.push_str("}\n");
+        std::fs::write(lib.join(format!("C{i}.php")), body).unwrap();
+        map.push_str(&format!(
+            "    'Acme\\\\C{i}' => __DIR__ . '/../acme/lib/C{i}.php',\n"
+        ));
+    }
+    map.push_str("];\n");
+    std::fs::write(root.join("vendor/composer/autoload_classmap.php"), map).unwrap();
+    std::fs::write(
+        root.join("vendor/autoload.php"),
+        "<?php\n$map = require __DIR__ . '/composer/autoload_classmap.php';\nspl_autoload_register(function ($c) use ($map) { if (isset($map[$c])) { require $map[$c]; } });\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("pub/index.php"),
+        format!(
+            "<?php\nrequire __DIR__ . '/../vendor/autoload.php';\nheader('Content-Type: text/plain');\n$s = 0;\nfor ($i = 0; $i < {per_request}; $i++) {{ $c = 'Acme\\\\C' . $i; $o = new $c(); $m = 'v' . $i; $s += $o->$m(1); }}\necho 'release=' . trim((string) @file_get_contents(__DIR__ . '/../RELEASE_ID')) . \"\\n\";\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(root.join("pub/health.php"), "<?php echo \"OK\\n\";\n").unwrap();
+    std::fs::write(root.join("RELEASE_ID"), id).unwrap();
 }
 
 pub fn nginx_conf(d: &Path, app_root: &Path, port: u16) -> String {
