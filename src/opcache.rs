@@ -763,6 +763,25 @@ impl Pool {
         self.parse(Snippet::Status, &body)
     }
 
+    /// After a reload: waits (until `within` passes) for the pool to answer from a new opcache
+    /// (its start time differs from `old_start`). A reload returns before the old workers have
+    /// finished their last requests; a precompile sent before this would fill the opcache
+    /// that is about to go away. Returns whether the new opcache answered.
+    pub async fn wait_fresh(&self, old_start: u64, within: Duration) -> bool {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(s) = self.status(false).await
+                && s.start_time != old_start
+            {
+                return true;
+            }
+            if t0.elapsed() >= within {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Invalidates `files` (forced); returns how many were cached and are now invalid.
     pub async fn invalidate(&self, files: &[PathBuf]) -> Result<u64, OpcacheError> {
         #[derive(Deserialize)]
@@ -1143,6 +1162,74 @@ pub fn reclaim_due(cfg: &OpcacheConfig, status: &OpcacheStatus) -> Option<String
 
 pub fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
+}
+
+// ---------------------------------------------------------------------------------------
+// What the state file keeps (status shows it)
+
+/// One pool's opcache as bgagent last saw it and last used it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct PoolRecord {
+    /// The FastCGI address.
+    pub fastcgi: String,
+    /// The last switch's choice for this pool.
+    #[serde(default)]
+    pub last_switch: Option<SwitchRecord>,
+    /// The opcache after the last step that read it.
+    #[serde(default)]
+    pub snapshot: Option<Snapshot>,
+    /// Why a reclaiming reload is due (wasted memory past the threshold); it runs in the
+    /// next deploy's pre-switch phase.
+    #[serde(default)]
+    pub reclaim_due: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct SwitchRecord {
+    pub at: String,
+    pub release: String,
+    pub plan: Option<Plan>,
+    /// Why this plan.
+    pub reason: String,
+    /// The precompile before the switch, when one ran.
+    #[serde(default)]
+    pub precompile: Option<CompileReport>,
+    /// php-fpm reloaded: `before_switch`, `after_switch`, or none.
+    #[serde(default)]
+    pub reloaded: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+pub struct Snapshot {
+    pub at: String,
+    pub used_memory: u64,
+    pub free_memory: u64,
+    pub wasted_memory: u64,
+    pub wasted_percent: f64,
+    pub cached_scripts: u64,
+    pub cached_keys: u64,
+    pub max_cached_keys: u64,
+    pub hit_rate: f64,
+    /// Cached scripts per release id (scripts outside the releases directory under "").
+    pub releases: BTreeMap<String, ReleaseCache>,
+}
+
+impl Snapshot {
+    /// `releases` counted only when the status listed the scripts.
+    pub fn of(s: &OpcacheStatus, releases_dirs: &[PathBuf], at: String) -> Snapshot {
+        Snapshot {
+            at,
+            used_memory: s.used_memory,
+            free_memory: s.free_memory,
+            wasted_memory: s.wasted_memory,
+            wasted_percent: (s.wasted_percent() * 10.0).round() / 10.0,
+            cached_scripts: s.cached_scripts,
+            cached_keys: s.cached_keys,
+            max_cached_keys: s.max_cached_keys,
+            hit_rate: (s.hit_rate() * 10.0).round() / 10.0,
+            releases: by_release(&s.scripts, releases_dirs),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

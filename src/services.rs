@@ -156,9 +156,35 @@ pub fn plan_reload(cfg: &ServicesConfig) -> Vec<Action> {
 /// The reloads after a switch (or a rollback), without the tests: those ran before the
 /// switch.
 pub async fn reload_after_switch(cfg: &ServicesConfig) -> Result<(), ServiceError> {
+    reload_after_switch_except(cfg, &[]).await
+}
+
+/// The same, leaving out the services named in `skip` (php-fpm pools already holding the
+/// new release in opcache: see `opcache`).
+pub async fn reload_after_switch_except(
+    cfg: &ServicesConfig,
+    skip: &[String],
+) -> Result<(), ServiceError> {
     let plan: Vec<_> = plan_reload(cfg)
         .into_iter()
-        .filter(|a| matches!(a, Action::Reload { .. }))
+        .filter(|a| matches!(a, Action::Reload { service, .. } if !skip.contains(service)))
+        .collect();
+    apply(&plan).await
+}
+
+/// Reloads the one service `name` (its configured reload, whatever `reload_on_switch` says).
+pub async fn reload_service(cfg: &ServicesConfig, name: &str) -> Result<(), ServiceError> {
+    let plan: Vec<_> = cfg
+        .list
+        .iter()
+        .filter(|s| s.name == name)
+        .filter_map(|s| {
+            Some(Action::Reload {
+                service: s.name.clone(),
+                argv: s.reload_argv(cfg.backend)?,
+                pid_file: s.pid_file.clone(),
+            })
+        })
         .collect();
     apply(&plan).await
 }

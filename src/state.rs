@@ -37,6 +37,9 @@ pub struct StateDoc {
     pub switches: Vec<Switch>,
     #[serde(default)]
     pub node: NodeState,
+    /// php-fpm pools whose opcache bgagent manages (`opcache.switch: warm`), by service name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub opcache: BTreeMap<String, crate::opcache::PoolRecord>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

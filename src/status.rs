@@ -70,6 +70,7 @@ pub fn build(
         "last_deployment": doc.deployment,
         "last_switch": doc.switches.last(),
         "releases": releases,
+        "opcache": doc.opcache,
     })
 }
 
@@ -112,6 +113,7 @@ pub fn render_text(s: &Value) -> String {
             }
         }
     }
+    render_opcache(&mut o, &s["opcache"]);
     let d = &s["last_deployment"];
     if d.is_null() {
         let _ = writeln!(o, "\nno deployment yet");
@@ -145,6 +147,73 @@ pub fn render_text(s: &Value) -> String {
         }
     }
     o
+}
+
+/// The php-fpm pools' opcache: memory, keys, hit rate, cached scripts per release, the last
+/// switch's choice and a pending reclaim.
+fn render_opcache(o: &mut String, pools: &Value) {
+    let Some(pools) = pools.as_object() else {
+        return;
+    };
+    let mib = |v: &Value| format!("{:.1} MiB", v.as_f64().unwrap_or(0.0) / 1048576.0);
+    for (name, p) in pools {
+        let _ = writeln!(
+            o,
+            "opcache {name} ({})",
+            p["fastcgi"].as_str().unwrap_or("-")
+        );
+        let s = &p["snapshot"];
+        if !s.is_null() {
+            let _ = writeln!(
+                o,
+                "            memory {} used, {} free, {} wasted ({}%); keys {} of {}; hit rate {}% (at {})",
+                mib(&s["used_memory"]),
+                mib(&s["free_memory"]),
+                mib(&s["wasted_memory"]),
+                s["wasted_percent"],
+                s["cached_keys"],
+                s["max_cached_keys"],
+                s["hit_rate"],
+                s["at"].as_str().unwrap_or("-")
+            );
+            if let Some(rs) = s["releases"].as_object() {
+                for (id, r) in rs {
+                    let label = if id.is_empty() {
+                        "(outside releases)"
+                    } else {
+                        id
+                    };
+                    let _ = writeln!(
+                        o,
+                        "            {label}: {} scripts, {}",
+                        r["scripts"],
+                        mib(&r["memory"])
+                    );
+                }
+            }
+        }
+        let l = &p["last_switch"];
+        if !l.is_null() {
+            let plan = l["plan"].as_str().unwrap_or("-").replace('_', " ");
+            let _ = writeln!(
+                o,
+                "            last switch to {}: {plan}: {}",
+                l["release"].as_str().unwrap_or("-"),
+                l["reason"].as_str().unwrap_or("-")
+            );
+            let c = &l["precompile"];
+            if !c.is_null() {
+                let _ = writeln!(
+                    o,
+                    "            precompile: {} compiled, {} already, {} failed, {} skipped in {} ms",
+                    c["compiled"], c["already"], c["failed"], c["skipped"], c["ms"]
+                );
+            }
+        }
+        if let Some(r) = p["reclaim_due"].as_str() {
+            let _ = writeln!(o, "            reclaim due at the next deploy: {r}");
+        }
+    }
 }
 
 /// `bgagent releases`: one line per release, current marked.

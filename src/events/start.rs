@@ -15,6 +15,8 @@ impl Engine {
             EngineError::Failed("AfterInstall recorded no release for this deployment".into())
         })?;
         let current = self.layout.current();
+        // php-fpm pools that hold the new release in opcache already: not reloaded.
+        let mut no_reload = Vec::new();
         let previous = if current.as_deref() == Some(id.as_str()) {
             // An earlier attempt switched, then was cut short (the daemon killed, the hook
             // timed out): the steps after the switch may not have happened, and each of them
@@ -50,10 +52,14 @@ impl Engine {
             if let Some(d) = self.doc.deployment.as_mut() {
                 d.previous_release = current.clone();
             }
+            // opcache.switch: warm: the new release goes into the pools' opcache first.
+            no_reload = self.opcache_before_switch(&id, current.as_deref()).await?;
             self.switch(&id, SwitchReason::Deploy).await?;
             current
         };
-        if let Err(e) = crate::services::reload_after_switch(&self.cfg.services).await {
+        if let Err(e) =
+            crate::services::reload_after_switch_except(&self.cfg.services, &no_reload).await
+        {
             if let Some(prev) = &previous {
                 error!("{e}; switching back to {prev}");
                 self.switch(prev, SwitchReason::AutoRollback).await?;

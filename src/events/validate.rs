@@ -39,6 +39,8 @@ impl Engine {
                 {
                     crate::cache::mark_live(&self.cfg.cache, &self.app_name(), slot, &dep).await?;
                 }
+                // Serving now: the older releases' scripts leave opcache.
+                self.opcache_after_ready().await;
                 let checks = if self.cfg.health.checks.is_empty() {
                     "no health checks configured".to_string()
                 } else {
