@@ -442,3 +442,46 @@ fn the_snippet_dir_cannot_be_reached_over_http_through_the_documented_nginx_conf
         );
     }
 }
+
+#[test]
+fn wasted_memory_past_the_threshold_schedules_a_reload_in_the_next_deploys_pre_switch_phase() {
+    let env = Env::new(&[], None, "  reclaim_wasted_percent: 0.5\n", 200, 2);
+    env.deploy("d-1", "r1", &ALL[1..]);
+    env.serve(3, "r1");
+    // d-2 switches warm; after ready r1's scripts are invalidated: wasted memory grows past
+    // 0.5% and a reclaim is noted for the next deploy.
+    let log = env.deploy("d-2", "r2", &ALL);
+    assert!(log.contains("switching without a php-fpm reload"), "{log}");
+    assert!(log.contains("a reclaiming reload is due"), "{log}");
+    let st = env.status_json();
+    let due = st["opcache"]["php-fpm"]["reclaim_due"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(due.contains("wasted opcache memory"), "{st:#}");
+    assert!(st["opcache"]["php-fpm"]["snapshot"]["wasted_memory"].as_u64() > Some(0));
+    env.serve(3, "r2");
+    let (master, workers) = env.web.fpm_pids();
+    // d-3: reload before the switch, precompile into the fresh opcache, switch.
+    let log = env.deploy("d-3", "r3", &ALL[..4]);
+    assert!(
+        log.contains(
+            "reloading php-fpm before the switch (a reclaim is due: wasted opcache memory"
+        ),
+        "{log}"
+    );
+    let rl = line_of(&log, "reloaded php-fpm");
+    let pre = line_of(&log, "precompiled releases/");
+    let sw = line_of(&log, "switched current to");
+    assert!(rl < pre && pre < sw, "{log}");
+    let (master2, workers2) = env.web.fpm_pids();
+    assert!(master2 != master || workers2.iter().all(|w| !workers.contains(w)));
+    let st = env.status_json();
+    let rec = &st["opcache"]["php-fpm"];
+    assert_eq!(rec["last_switch"]["reloaded"], "before_switch", "{st:#}");
+    assert_eq!(rec["reclaim_due"], serde_json::Value::Null, "{st:#}");
+    assert_eq!(rec["snapshot"]["wasted_memory"].as_u64(), Some(0), "{st:#}");
+    let r3 = env.release_dir("r3");
+    assert!(env.cached(&r3).0 >= 200);
+    env.serve(2, "r3");
+}
