@@ -20,6 +20,14 @@
 //!   the flush; the node named in a claim takes it back on its own retry. A slot that a node
 //!   still serves (`bgagent:{app}:serving:{slot}`, with a heartbeat fresher than
 //!   `stale_after`) is never flushed: the deployment fails instead.
+//! - `bgagent:{app}:epoch` names the Redis state the agreements were made in, and each
+//!   release records the epoch it was agreed under. Redis restarted without persistence has
+//!   none (or a newer one): a node whose current release knows an older epoch then knows the
+//!   fleet's agreement and registrations were lost. The first node to see it writes a new
+//!   epoch naming the deployment in progress, and that deployment is refused on every node
+//!   (AfterInstall and ApplicationStart): never re-derived silently. The next deployment
+//!   adopts the new epoch; its nodes re-register the slot they serve and take their own slot
+//!   as the live one when the live pointer is gone.
 //! - Every Redis call has a deadline from the config: `cache.timeout` for connecting and for
 //!   each coordination round trip, `cache.flush_timeout` for a flush.
 //! - ApplicationStart registers the node as serving the new slot and leaves the old one.
@@ -161,6 +169,14 @@ pub enum CacheError {
         deployment: String,
     },
     #[error(
+        "cache generations: Redis at {url} lost bgagent's fleet state ({what}; a restart without persistence?) before or during deployment {deployment}. Nodes that agreed on a slot before the loss may have chosen differently from the rest, so bgagent refuses deployment {deployment} on every node rather than re-derive the agreement; the current release keeps serving. Start a new deployment (CodeDeploy: deploy the revision again): its nodes re-register what they serve and agree anew"
+    )]
+    StateLost {
+        url: String,
+        what: String,
+        deployment: String,
+    },
+    #[error(
         "cache generations: node {flusher} claimed the flush of slot {slot} for deployment {deployment} and did not finish it within {waited:?} (cache.flush_wait). Its claim expires within {expires_in}s; retry this event after that and this node takes the flush over (or sooner, once {flusher}'s own retry finishes it)"
     )]
     FlushTimeout {
@@ -210,6 +226,36 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The Redis state that agreements are made in (see the module doc).
+#[derive(Debug, Serialize, Deserialize)]
+struct Epoch {
+    id: String,
+    created: u64,
+    by: String,
+    /// The deployment whose node wrote it: the one refused if it replaced a lost epoch.
+    during: String,
+    #[serde(default)]
+    after_loss_of: Option<String>,
+}
+
+/// What this node knows of the fleet from its current release.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Known<'a> {
+    /// The epoch its generation was agreed under (None: no release, or one from before
+    /// epochs were recorded).
+    pub epoch: Option<&'a str>,
+    /// The slot it serves.
+    pub slot: Option<usize>,
+}
+
+fn new_epoch_id(node: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}-{:x}-{}", std::process::id(), sanitize(node))
 }
 
 struct Fleet {
@@ -310,6 +356,65 @@ impl Fleet {
             .await
             .map_err(|e| self.err(e))
     }
+    /// The current epoch, written if Redis has none. Refuses `deployment` when this node's
+    /// known epoch was lost; adopts a newer epoch written during an earlier deployment.
+    async fn epoch(
+        &mut self,
+        node: &str,
+        deployment: &str,
+        known: Known<'_>,
+    ) -> Result<Epoch, CacheError> {
+        let k = self.key("epoch");
+        let read = |v: Option<String>| v.and_then(|v| serde_json::from_str::<Epoch>(&v).ok());
+        let mut current = read(self.get(&k).await?);
+        if current.is_none() {
+            let e = Epoch {
+                id: new_epoch_id(node),
+                created: now_secs(),
+                by: node.to_string(),
+                during: deployment.to_string(),
+                after_loss_of: known.epoch.map(str::to_string),
+            };
+            // no expiry: it must last as long as Redis keeps its data
+            let _: Option<String> = redis::cmd("SET")
+                .arg(&k)
+                .arg(serde_json::to_string(&e).unwrap_or_default())
+                .arg("NX")
+                .query_async(&mut self.conn)
+                .await
+                .map_err(|e| self.err(e))?;
+            current = read(self.get(&k).await?);
+        }
+        let Some(e) = current else {
+            return Err(CacheError::Redis {
+                url: shown(&self.url),
+                message: format!("{k} is unreadable or vanished as it was written"),
+            });
+        };
+        match known.epoch {
+            None => Ok(e),
+            Some(k) if k == e.id => Ok(e),
+            Some(k) if e.during == deployment => Err(CacheError::StateLost {
+                url: shown(&self.url),
+                what: format!(
+                    "this node's generation was agreed under epoch {k}; node {} found it gone and wrote epoch {}",
+                    e.by, e.id
+                ),
+                deployment: deployment.into(),
+            }),
+            Some(k) => {
+                tracing::warn!(
+                    "Redis at {} lost bgagent's fleet state (epoch {k}) before deployment {} (node {} wrote epoch {}); this deployment agrees anew",
+                    shown(&self.url),
+                    e.during,
+                    e.by,
+                    e.id
+                );
+                Ok(e)
+            }
+        }
+    }
+
     async fn live(&mut self) -> Result<Option<(usize, String)>, CacheError> {
         let k = self.key("live");
         Ok(self.get(&k).await?.and_then(|v| {
@@ -348,6 +453,7 @@ pub async fn choose(
     cfg: &CacheConfig,
     app: &str,
     deployment: &str,
+    known: Known<'_>,
 ) -> Result<serde_json::Value, CacheError> {
     let Some(url) = &cfg.redis else {
         let mut f = cfg.facts(0, app);
@@ -356,7 +462,22 @@ pub async fn choose(
     };
     let node = node_name(cfg);
     let mut fleet = Fleet::coordination(cfg, url, app).await?;
-    let live = fleet.live().await?;
+    let epoch = fleet.epoch(&node, deployment, known).await?;
+    let adopted = known.epoch.is_some_and(|k| k != epoch.id);
+    if adopted && let Some(s) = known.slot {
+        // the registrations went with the lost state: this node's comes back first
+        register(cfg, &mut fleet, &node, s).await?;
+    }
+    let mut live = fleet.live().await?;
+    if live.is_none()
+        && adopted
+        && let Some(s) = known.slot
+    {
+        tracing::warn!(
+            "the live generation went with Redis's lost state; taking this node's own slot {s} as live"
+        );
+        live = Some((s, String::new()));
+    }
     let candidate = next_slot(live.as_ref().map(|l| l.0), cfg.slots.len());
     let slot_key = fleet.key(&format!("deployment:{deployment}:slot"));
     fleet.set_nx(&slot_key, &candidate.to_string()).await?;
@@ -372,7 +493,40 @@ pub async fn choose(
     );
     let mut f = cfg.facts(slot, app);
     f["agreed"] = serde_json::Value::Bool(true);
+    f["epoch"] = serde_json::Value::String(epoch.id);
     Ok(f)
+}
+
+/// ApplicationStart, before this node serves a release agreed under `release_epoch`: the
+/// fleet's Redis state must be the one it was agreed in (else the deployment straddled a
+/// loss of that state and is refused, see the module doc).
+pub async fn check_agreement(
+    cfg: &CacheConfig,
+    app: &str,
+    deployment: &str,
+    release_epoch: Option<&str>,
+) -> Result<(), CacheError> {
+    let (Some(url), Some(k)) = (&cfg.redis, release_epoch) else {
+        return Ok(());
+    };
+    let node = node_name(cfg);
+    let mut fleet = Fleet::coordination(cfg, url, app).await?;
+    let known = Known {
+        epoch: Some(k),
+        slot: None,
+    };
+    let e = fleet.epoch(&node, deployment, known).await?;
+    if e.id != k {
+        return Err(CacheError::StateLost {
+            url: shown(url),
+            what: format!(
+                "this release was agreed under epoch {k}; node {} wrote epoch {} during deployment {}",
+                e.by, e.id, e.during
+            ),
+            deployment: deployment.into(),
+        });
+    }
+    Ok(())
 }
 
 /// Who holds the flush claim of one deployment.
@@ -497,6 +651,16 @@ pub async fn mark_serving(cfg: &CacheConfig, app: &str, slot: usize) -> Result<(
     let Some(url) = &cfg.redis else { return Ok(()) };
     let node = node_name(cfg);
     let mut fleet = Fleet::coordination(cfg, url, app).await?;
+    register(cfg, &mut fleet, &node, slot).await
+}
+
+/// `node` serves `slot` and no other.
+async fn register(
+    cfg: &CacheConfig,
+    fleet: &mut Fleet,
+    node: &str,
+    slot: usize,
+) -> Result<(), CacheError> {
     for other in 0..cfg.slots.len() {
         let k = fleet.key(&format!("serving:{other}"));
         if other == slot {

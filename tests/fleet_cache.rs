@@ -396,3 +396,70 @@ fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it()
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(!t.contains("flushed cache generation"), "{t}");
 }
+
+/// Issue 16, break 3: Redis restarted without persistence in the middle of a deployment.
+/// Nodes 0-1 had agreed on slot 1; nodes 2-3 found an empty Redis, re-derived slot 0 and
+/// flushed it while the whole fleet served it: one deployment split across two slots. Now
+/// the loss is detected (the release records the Redis state it was agreed in) and the
+/// deployment is refused on every node with the reason; the next deployment agrees anew
+/// without flushing the served slot.
+#[test]
+fn a_redis_restart_without_persistence_mid_deployment_is_refused_never_split() {
+    let redis = support::Redis::start();
+    let base = tempfile::tempdir().unwrap();
+    let agents: Vec<Agent> = (0..4)
+        .map(|i| Agent::start(base.path(), i, &redis.url()))
+        .collect();
+    revision(base.path(), "d-1");
+    for o in fleet_deploy(&agents, "d-1", &EVENTS).iter().flatten() {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    assert!(agents.iter().all(|a| a.slot() == 0));
+
+    revision(base.path(), "d-2");
+    for o in fleet_deploy(&agents[..2], "d-2", &EVENTS[..2])
+        .iter()
+        .flatten()
+    {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    redis.restart();
+    // the fleet goes on serving slot 0 and fills it again
+    redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
+    for o in fleet_deploy(&agents[2..], "d-2", &EVENTS[..2])
+        .iter()
+        .map(|n| &n[1])
+    {
+        let t = text(o);
+        assert_eq!(o.status.code(), Some(1), "{t}");
+        assert!(
+            t.contains("lost bgagent's fleet state")
+                && t.contains("refuses deployment d-2 on every node")
+                && t.contains("Start a new deployment"),
+            "{t}"
+        );
+    }
+    for a in &agents[..2] {
+        let o = Agent::hook(&a.dir, "ApplicationStart", "d-2");
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{t}");
+        assert!(t.contains("lost bgagent's fleet state"), "{t}");
+    }
+    assert!(
+        agents.iter().all(|a| a.slot() == 0),
+        "every node still serves d-1's generation"
+    );
+    assert_eq!(
+        redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]),
+        "1",
+        "the served slot was not flushed"
+    );
+
+    // a new deployment agrees anew: the other slot, on every node, the served one kept
+    revision(base.path(), "d-3");
+    for o in fleet_deploy(&agents, "d-3", &EVENTS).iter().flatten() {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    assert!(agents.iter().all(|a| a.slot() == 1));
+    assert_eq!(redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]), "1");
+}

@@ -124,13 +124,26 @@ impl Engine {
         let policy = Policy::resolve(&self.cfg.permissions)?;
         self.layout
             .link_shared(&id, &self.cfg.release.shared_paths, &policy)?;
-        let cache = match crate::cache::choose(&self.cfg.cache, &self.app_name(), &dep_id).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&final_dir);
-                return Err(e.into());
-            }
+        // What this node serves, and the fleet state it was agreed in: how a loss of
+        // Redis's data is told from a fresh Redis.
+        let serving = self
+            .layout
+            .current()
+            .and_then(|c| self.doc.releases.get(&c))
+            .map(|r| r.cache.clone())
+            .unwrap_or_default();
+        let known = crate::cache::Known {
+            epoch: serving["epoch"].as_str(),
+            slot: serving["slot"].as_u64().map(|s| s as usize),
         };
+        let cache =
+            match crate::cache::choose(&self.cfg.cache, &self.app_name(), &dep_id, known).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&final_dir);
+                    return Err(e.into());
+                }
+            };
         let params = match self.render_into(&id, &final_dir, &cache).await {
             Ok(p) => p,
             Err(e) => {

@@ -45,6 +45,15 @@ impl Engine {
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
             let _ = self.readiness.set_starting();
             if let Some(slot) = self.release_slot(&id) {
+                // Never serve a generation agreed in Redis state that has since been lost.
+                let epoch = self
+                    .doc
+                    .releases
+                    .get(&id)
+                    .and_then(|r| r.cache["epoch"].as_str());
+                let dep = &self.deployment()?.id;
+                crate::cache::check_agreement(&self.cfg.cache, &self.app_name(), dep, epoch)
+                    .await?;
                 // Registered before the switch, so the slot is never flushed under this node.
                 crate::cache::mark_serving(&self.cfg.cache, &self.app_name(), slot).await?;
             }

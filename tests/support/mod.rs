@@ -200,6 +200,7 @@ fn kill_pidfile(p: &Path) {
 pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl Redis {
@@ -208,14 +209,24 @@ impl Redis {
     }
 
     /// With extra server options, e.g. `["--enable-debug-command", "yes"]` for DEBUG POPULATE.
+    /// No persistence (like many production cache servers): a restart loses every key.
     pub fn start_with(extra: &[&str]) -> Redis {
+        let r = Redis {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        r.launch();
+        r
+    }
+
+    fn launch(&self) {
         let bin = require("redis-server");
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let dir = &self.dir;
         let st = Command::new(bin)
             .args([
                 "--port",
-                &port.to_string(),
+                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -231,13 +242,25 @@ impl Redis {
             .arg(dir.path().join("redis.pid"))
             .arg("--logfile")
             .arg(dir.path().join("redis.log"))
-            .args(extra)
+            .args(&self.extra)
             .status()
             .unwrap();
         assert!(st.success());
-        wait_port(port, "redis", &dir.path().join("redis.log"));
-        Redis { port, dir }
+        wait_port(self.port, "redis", &dir.path().join("redis.log"));
     }
+
+    /// Stops the server (its data goes with it: no persistence) and starts it again on the
+    /// same port.
+    pub fn restart(&self) {
+        kill_pidfile(&self.dir.path().join("redis.pid"));
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(t0.elapsed() < Duration::from_secs(10), "redis did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.launch();
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
