@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -145,14 +145,43 @@ pub fn extract(
     limits: &Limits,
     placement: &dyn Fn(&Path, Kind, u32) -> Placement,
 ) -> Result<Report, ArchiveError> {
-    let empty = std::fs::read_dir(dest)
-        .map(|mut d| d.next().is_none())
+    let root = rustix::fs::open(
+        dest,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|_| ArchiveError::DestNotEmpty(dest.to_path_buf()))?;
+    extract_at(archive, root.as_fd(), dest, limits, placement)
+}
+
+/// Extracts `archive` into the empty directory open as `dest` (`shown` names it in
+/// messages): every entry is created relative to that fd.
+pub fn extract_at(
+    archive: &Path,
+    dest: BorrowedFd<'_>,
+    shown: &Path,
+    limits: &Limits,
+    placement: &dyn Fn(&Path, Kind, u32) -> Placement,
+) -> Result<Report, ArchiveError> {
+    let empty = rustix::fs::Dir::read_from(dest)
+        .map(|mut d| {
+            std::iter::from_fn(|| d.read())
+                .flatten()
+                .all(|e| matches!(e.file_name().to_bytes(), b"." | b".."))
+        })
         .unwrap_or(false);
     if !empty {
-        return Err(ArchiveError::DestNotEmpty(dest.to_path_buf()));
+        return Err(ArchiveError::DestNotEmpty(shown.to_path_buf()));
     }
     let format = detect(archive)?;
-    let mut w = Writer::new(archive, dest, limits, placement)?;
+    let root = dest
+        .try_clone_to_owned()
+        .map_err(|source| ArchiveError::Write {
+            archive: archive.to_path_buf(),
+            entry: ".".into(),
+            source,
+        })?;
+    let mut w = Writer::new(archive, root, limits, placement)?;
     let res = match format {
         Format::Tar => File::open(archive)
             .map_err(|source| ArchiveError::Read {
@@ -218,7 +247,7 @@ pub fn extract(
     match res {
         Ok(()) => Ok(report),
         Err(e) => {
-            empty_dir(dest);
+            let _ = crate::appdir::empty_dir_fd(dest, shown);
             Err(e)
         }
     }
@@ -247,22 +276,6 @@ impl Read for ChannelReader {
         buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
-    }
-}
-
-fn empty_dir(dest: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dest) {
-        for e in rd.flatten() {
-            let p = e.path();
-            match e.file_type() {
-                Ok(t) if t.is_dir() => {
-                    let _ = std::fs::remove_dir_all(&p);
-                }
-                _ => {
-                    let _ = std::fs::remove_file(&p);
-                }
-            }
-        }
     }
 }
 
@@ -310,24 +323,14 @@ struct Writer<'a> {
 impl<'a> Writer<'a> {
     fn new(
         archive: &'a Path,
-        dest: &Path,
+        root: OwnedFd,
         limits: &'a Limits,
         placement: &'a dyn Fn(&Path, Kind, u32) -> Placement,
     ) -> Result<Writer<'a>, ArchiveError> {
-        let root = rustix::fs::open(
-            dest,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| ArchiveError::Write {
-            archive: archive.to_path_buf(),
-            entry: ".".into(),
-            source: e.into(),
-        })?;
         let root_mode = rustix::fs::fstat(&root)
             .map(|st| st.st_mode & 0o7777)
             .unwrap_or(0o2000); // unknown: treat as setgid, so every mode is set explicitly
-        let umask = if crate::release::has_default_acl(dest) {
+        let umask = if crate::release::has_default_acl_fd(root.as_fd()) {
             None
         } else {
             crate::fsutil::current_umask()

@@ -3,6 +3,7 @@
 //!
 //! See docs/ARCHITECTURE.md for the module map.
 
+pub mod appdir;
 pub mod archive;
 pub mod cache;
 pub mod cli;

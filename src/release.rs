@@ -16,7 +16,7 @@
 
 use std::ffi::{CStr, OsStr};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
@@ -25,6 +25,7 @@ use std::sync::{Condvar, Mutex};
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::appdir::{AppRoot, ReleaseDir};
 use crate::fsutil;
 use crate::perms::{Kind, Policy};
 
@@ -101,13 +102,15 @@ pub enum IntakeMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReleaseError {
-    #[error("failed to {action} {path}: {source}")]
+    #[error("failed to {action} {}: {source}", crate::text::path(.path))]
     Io {
         action: &'static str,
         path: PathBuf,
         source: io::Error,
     },
-    #[error("refusing to take {path} into the release: {reason}")]
+    #[error("refusing to write under {}: {reason}", crate::text::path(.path))]
+    Refused { path: PathBuf, reason: String },
+    #[error("refusing to take {} into the release: {reason}", crate::text::path(.path))]
     Unsafe { path: PathBuf, reason: String },
     #[error("release `{0}` does not exist under {1}")]
     NoSuchRelease(String, PathBuf),
@@ -155,121 +158,64 @@ impl Layout {
         self.root.join("current")
     }
 
+    /// Opens the app root as a handle (creating releases/ and shared/ if missing): every
+    /// change under the app root goes through it.
+    pub fn open(&self) -> Result<AppRoot, ReleaseError> {
+        AppRoot::open(&self.root)
+    }
+
     /// Creates releases/ and shared/ if missing.
     pub fn ensure(&self) -> Result<(), ReleaseError> {
-        for d in [self.releases_dir(), self.shared_dir()] {
-            std::fs::create_dir_all(&d).map_err(io_err("create", &d))?;
-        }
-        Ok(())
+        self.open().map(drop)
     }
 
     /// The release `current` points at, if any.
     pub fn current(&self) -> Option<String> {
         let target = std::fs::read_link(self.current_link()).ok()?;
-        target.file_name().map(|n| n.to_string_lossy().into_owned())
+        target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
     }
 
     /// Release ids on disk, oldest first (ids start with a UTC timestamp, so they sort).
+    /// Names that are not UTF-8 were not made by bgagent and are left out.
     pub fn list(&self) -> Result<Vec<String>, ReleaseError> {
-        let dir = self.releases_dir();
-        let mut ids = Vec::new();
-        match std::fs::read_dir(&dir) {
-            Ok(rd) => {
-                for e in rd {
-                    let e = e.map_err(io_err("read", &dir))?;
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if name.starts_with('.') {
-                        continue; // staging directories
-                    }
-                    if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                        ids.push(name);
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("read", &dir)(e)),
+        match AppRoot::open_existing(&self.root) {
+            Ok(Some(app)) => app.list(),
+            Ok(None) => Ok(Vec::new()),
+            Err(e) => Err(e),
         }
-        ids.sort();
-        Ok(ids)
     }
 
-    /// Points `current` at release `id`, atomically.
+    /// Points `current` at release `id`, atomically (through the app root handle).
     pub fn switch_to(&self, id: &str) -> Result<(), ReleaseError> {
-        let dir = self.release_dir(id);
-        if !dir.is_dir() {
-            return Err(ReleaseError::NoSuchRelease(id.into(), self.releases_dir()));
-        }
-        let target = Path::new("releases").join(id);
-        fsutil::replace_symlink(&target, &self.current_link())
-            .map_err(io_err("switch the current link", self.current_link()))
+        self.open()?.switch_to(id)
     }
 
     /// Removes the releases that `failed` validation, then the others beyond `keep`, oldest
-    /// first; never `protect`ed ones (current, the rollback target).
+    /// first; never `protect`ed ones (current, the rollback target). Through the app root
+    /// handle: no link inside a release is followed.
     pub fn prune(
         &self,
         keep: usize,
         protect: &[&str],
         failed: &[String],
     ) -> Result<Vec<String>, ReleaseError> {
-        let ids = self.list()?;
-        let plan = cleanup_plan(&ids, failed, keep, protect);
-        for id in &plan {
-            let d = self.release_dir(id);
-            // remove_dir_all does not follow symlinks (shared paths are links).
-            std::fs::remove_dir_all(&d).map_err(io_err("remove old release", &d))?;
-        }
-        Ok(plan)
+        self.open()?.prune(keep, protect, failed)
     }
 
-    /// Links each shared path of the release to `shared/<path>`, creating the shared side
-    /// with the policy's modes. Whatever the artifact had at that path is removed first.
+    /// Links each shared path of release `id` to `shared/<path>`: see
+    /// [`AppRoot::link_shared`].
     pub fn link_shared(
         &self,
         id: &str,
         shared_paths: &[PathBuf],
         policy: &Policy,
     ) -> Result<(), ReleaseError> {
-        let rel_root = self.release_dir(id);
-        for p in shared_paths {
-            let shared = self.shared_dir().join(p);
-            create_dirs_with_policy(&self.shared_dir(), p, policy)?;
-            let in_release = rel_root.join(p);
-            match std::fs::symlink_metadata(&in_release) {
-                Ok(m) if m.is_dir() => {
-                    let non_empty = std::fs::read_dir(&in_release)
-                        .map(|mut d| d.next().is_some())
-                        .unwrap_or(false);
-                    if non_empty {
-                        tracing::warn!(
-                            "the artifact ships content in shared path {}; it is replaced by the link to {}",
-                            p.display(),
-                            shared.display()
-                        );
-                    }
-                    std::fs::remove_dir_all(&in_release).map_err(io_err("remove", &in_release))?;
-                }
-                Ok(_) => {
-                    std::fs::remove_file(&in_release).map_err(io_err("remove", &in_release))?
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("inspect", &in_release)(e)),
-            }
-            if let Some(parent) = p.parent().filter(|x| !x.as_os_str().is_empty()) {
-                create_dirs_with_policy(&rel_root, parent, policy)?;
-            }
-            // Relative link: releases/<id>/<p> -> ../..(/..)*/shared/<p>
-            let depth = p.components().count() + 1; // +1 for <id> under releases/
-            let mut target = PathBuf::new();
-            for _ in 0..depth {
-                target.push("..");
-            }
-            target.push("shared");
-            target.push(p);
-            std::os::unix::fs::symlink(&target, &in_release)
-                .map_err(io_err("link shared path", &in_release))?;
-        }
-        Ok(())
+        let app = self.open()?;
+        let rel = app.open_release(id)?;
+        app.link_shared(&rel, shared_paths, policy)
     }
 }
 
@@ -303,44 +249,6 @@ pub fn cleanup_plan(
         .collect();
     plan.extend(prune_plan(&good, keep, protect));
     plan
-}
-
-fn create_dirs_with_policy(base: &Path, rel: &Path, policy: &Policy) -> Result<(), ReleaseError> {
-    let mut cur = base.to_path_buf();
-    let mut rel_so_far = PathBuf::new();
-    for c in rel.components() {
-        let Component::Normal(c) = c else { continue };
-        cur.push(c);
-        rel_so_far.push(c);
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => continue,
-            Ok(_) => {
-                return Err(ReleaseError::Unsafe {
-                    path: cur,
-                    reason: "expected a directory here".into(),
-                });
-            }
-            Err(_) => {
-                let pl = policy.placement(&rel_so_far, Kind::Dir, 0o755);
-                std::fs::create_dir(&cur).map_err(io_err("create", &cur))?;
-                apply_path(&cur, pl.mode, pl.uid, pl.gid)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn apply_path(p: &Path, mode: u32, uid: Option<u32>, gid: Option<u32>) -> Result<(), ReleaseError> {
-    rustix::fs::chmod(p, Mode::from_raw_mode(mode)).map_err(|e| io_err("chmod", p)(e.into()))?;
-    if uid.is_some() || gid.is_some() {
-        rustix::fs::chown(
-            p,
-            uid.map(rustix::fs::Uid::from_raw),
-            gid.map(rustix::fs::Gid::from_raw),
-        )
-        .map_err(|e| io_err("chown", p)(e.into()))?;
-    }
-    Ok(())
 }
 
 /// A new release id: UTC timestamp, then a tag (deployment id), safe as a directory name.
@@ -440,6 +348,8 @@ const MAX_QUEUED_FD_PAIRS: usize = 128;
 struct Shared<'a> {
     policy: &'a Policy,
     src_root: &'a Path,
+    src_fd: BorrowedFd<'a>,
+    dest_fd: BorrowedFd<'a>,
     strategy: AtomicU8,
     /// The process umask, when known and no default ACL applies: a new directory then has
     /// exactly the mode given to mkdirat unless the mode has bits the umask removes.
@@ -468,22 +378,49 @@ pub fn intake_dir(
     if !src.is_dir() {
         return Err(ReleaseError::NoSource(src.to_path_buf()));
     }
-    if dest.symlink_metadata().is_ok() {
-        return Err(ReleaseError::Exists(dest.to_path_buf()));
-    }
     let root_pl = policy.placement(Path::new(""), Kind::Dir, 0o755);
-    std::fs::create_dir(dest).map_err(io_err("create", dest))?;
+    let dir = ReleaseDir::create_at_path(dest, root_pl)?;
+    let result = intake_into(src, &dir, mode, policy);
+    if result.is_err() {
+        let _ = dir.empty();
+        let _ = std::fs::remove_dir(dest);
+    }
+    result
+}
+
+/// Builds the release in the new, empty directory `dest` (already given the policy's root
+/// placement) from the tree at `src`, applying `policy` to every entry as it is created.
+/// Every directory on both sides is reached from its parent's fd (or from the root's fd
+/// without following any link), never by a path from `/`. On error `dest` may hold a
+/// partial tree: the caller removes it.
+pub fn intake_into(
+    src: &Path,
+    dest_dir: &ReleaseDir,
+    mode: IntakeMode,
+    policy: &Policy,
+) -> Result<IntakeReport, ReleaseError> {
+    let src_root_fd = rustix::fs::open(
+        src,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|_| ReleaseError::NoSource(src.to_path_buf()))?;
+    let dest = dest_dir.path();
+    let root_mode = rustix::fs::fstat(dest_dir.fd())
+        .map(|st| st.st_mode & 0o7777)
+        .map_err(|e| io_err("inspect", dest)(e.into()))?;
     let result = (|| {
-        apply_path(dest, root_pl.mode, root_pl.uid, root_pl.gid)?;
         let shared = Shared {
             policy,
             src_root: src,
+            src_fd: src_root_fd.as_fd(),
+            dest_fd: dest_dir.fd(),
             strategy: AtomicU8::new(match mode {
                 IntakeMode::Auto | IntakeMode::AutoNoLink | IntakeMode::Reflink => STRAT_REFLINK,
                 IntakeMode::Hardlink => STRAT_HARDLINK,
                 IntakeMode::Copy => STRAT_COPY,
             }),
-            umask: if has_default_acl(dest) {
+            umask: if has_default_acl_fd(dest_dir.fd()) {
                 None
             } else {
                 fsutil::current_umask()
@@ -493,7 +430,7 @@ pub fn intake_dir(
                 vec![DirJob {
                     rel: PathBuf::new(),
                     fds: None,
-                    mode: root_pl.mode,
+                    mode: root_mode,
                 }],
                 0,
             )),
@@ -533,9 +470,6 @@ pub fn intake_dir(
             copied: shared.copied.into_inner(),
         })
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(dest);
-    }
     result
 }
 
@@ -579,14 +513,10 @@ fn worker(sh: &Shared<'_>, dest: &Path, strict: bool, no_link: bool) {
     }
 }
 
-fn open_dir(base: &Path, rel: &Path) -> Result<OwnedFd, ReleaseError> {
-    let p = base.join(rel);
-    rustix::fs::open(
-        &p,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io_err("open directory", p)(e.into()))
+/// Opens `rel` beneath the root fd `base` without following any link (a directory of a
+/// tree being built may have been swapped for a link by a writer of its group).
+fn open_dir(base: BorrowedFd<'_>, shown: &Path, rel: &Path) -> Result<OwnedFd, ReleaseError> {
+    crate::appdir::open_dir_beneath(base, rel).map_err(io_err("open directory", shown.join(rel)))
 }
 
 /// Creates the entries of one source directory in the destination; returns its
@@ -604,7 +534,10 @@ fn copy_dir_entries(
             sh.queued_fds.fetch_sub(1, Ordering::Relaxed);
             pair
         }
-        None => (open_dir(sh.src_root, rel)?, open_dir(dest_root, rel)?),
+        None => (
+            open_dir(sh.src_fd, sh.src_root, rel)?,
+            open_dir(sh.dest_fd, dest_root, rel)?,
+        ),
     };
     let parent_setgid = job.mode & 0o2000 != 0;
     let mut dir =
@@ -782,9 +715,9 @@ fn open_child_dir(
 }
 
 /// Whether new entries under `dir` get their modes from a default ACL rather than the umask.
-pub(crate) fn has_default_acl(dir: &Path) -> bool {
+pub(crate) fn has_default_acl_fd(dir: BorrowedFd<'_>) -> bool {
     !matches!(
-        rustix::fs::getxattr(dir, "system.posix_acl_default", &mut [0u8; 0][..]),
+        rustix::fs::fgetxattr(dir, "system.posix_acl_default", &mut [0u8; 0][..]),
         Err(rustix::io::Errno::NODATA) | Err(rustix::io::Errno::OPNOTSUPP)
     )
 }

@@ -11,8 +11,6 @@
 //! `.json` targets get JSON literals; other targets plain text. Values with a NUL byte are
 //! refused. Error messages name templates, lines and parameters, never values.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -131,6 +129,8 @@ pub enum RenderError {
     },
     #[error("templates: {0}")]
     Owner(String),
+    #[error(transparent)]
+    Release(#[from] crate::release::ReleaseError),
 }
 
 /// Renders every template with the real values. Pure: nothing is written.
@@ -359,24 +359,25 @@ fn json_literal(v: &Value) -> Result<String, String> {
 
 /// Writes every rendered file into the release, atomically, running each file's check on
 /// the temp file first. A failed check leaves the target untouched and no temp file behind.
-pub fn write_all(rendered: &[Rendered], release_dir: &Path) -> Result<(), RenderError> {
+/// Everything goes through the release handle: parents (app/, app/etc/) are made with the
+/// policy's modes and owners, and a symlink on the way (`app/etc -> ../pub/media`) is
+/// refused by name, never written through.
+pub fn write_all(
+    rendered: &[Rendered],
+    release: &crate::appdir::ReleaseDir,
+    policy: &crate::perms::Policy,
+) -> Result<(), RenderError> {
     for r in rendered {
-        write_one(r, release_dir)?;
+        write_one(r, release, policy)?;
     }
     Ok(())
 }
 
-fn write_one(r: &Rendered, release_dir: &Path) -> Result<(), RenderError> {
-    let target = release_dir.join(&r.target);
-    let werr = |source: std::io::Error| RenderError::Write {
-        path: target.clone(),
-        source,
-    };
-    let parent = target
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| release_dir.to_path_buf());
-    std::fs::create_dir_all(&parent).map_err(werr)?;
+fn write_one(
+    r: &Rendered,
+    release: &crate::appdir::ReleaseDir,
+    policy: &crate::perms::Policy,
+) -> Result<(), RenderError> {
     let uid = match &r.owner {
         Some(o) => Some(
             crate::perms::lookup_user(o)
@@ -392,37 +393,24 @@ fn write_one(r: &Rendered, release_dir: &Path) -> Result<(), RenderError> {
         ),
         None => None,
     };
-    let tmp = crate::fsutil::temp_sibling(&target);
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(r.mode & 0o700)
-            .open(&tmp)
-            .map_err(werr)?;
-        f.write_all(r.content.expose().as_bytes()).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-        if uid.is_some() || gid.is_some() {
-            rustix::fs::fchown(
-                &f,
-                uid.map(rustix::fs::Uid::from_raw),
-                gid.map(rustix::fs::Gid::from_raw),
-            )
-            .map_err(|e| werr(std::io::Error::from(e)))?;
-        }
-        rustix::fs::fchmod(&f, rustix::fs::Mode::from_raw_mode(r.mode))
-            .map_err(|e| werr(e.into()))?;
-        drop(f);
-        if !r.check.is_empty() {
-            run_check(&r.check, &tmp, &r.target)?;
-        }
-        std::fs::rename(&tmp, &target).map_err(werr)?;
-        crate::fsutil::sync_dir(&parent).map_err(werr)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    let pl = crate::perms::Placement {
+        mode: r.mode,
+        uid,
+        gid,
+    };
+    release.write_atomic(
+        &r.target,
+        r.content.expose().as_bytes(),
+        pl,
+        policy,
+        |tmp| {
+            if r.check.is_empty() {
+                Ok(())
+            } else {
+                run_check(&r.check, tmp, &r.target)
+            }
+        },
+    )?
 }
 
 /// Runs the check by argv on the temp file. Its output may quote the file (and so a

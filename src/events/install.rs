@@ -18,46 +18,41 @@ impl Engine {
     pub(super) async fn install(&mut self) -> Result<String, EngineError> {
         let src = self.source()?;
         let dep_id = self.deployment()?.id.clone();
-        self.layout.ensure()?;
+        // The app root, opened once: everything below is done relative to it.
+        let app = self.layout.open()?;
         let policy = Policy::resolve(&self.cfg.permissions)?;
         // An earlier attempt of this deployment that was interrupted (the daemon killed, the
         // node rebooted) or failed may have left its release on disk without recording it.
         let tag = release::release_tag(&dep_id);
-        let current = self.layout.current();
-        let previous = self
-            .doc
-            .rollback_target(current.as_deref(), &self.layout.list()?);
+        let current = app.current();
+        let previous = self.doc.rollback_target(current.as_deref(), &app.list()?);
         let protect: Vec<&str> = [current.as_deref(), previous.as_deref()]
             .into_iter()
             .flatten()
             .collect();
         let recorded = |id: &str| self.doc.releases.contains_key(id);
-        for old in release::leftover_plan(&self.layout.list()?, &recorded, &tag, &protect) {
-            let d = self.layout.release_dir(&old);
+        for old in release::leftover_plan(&app.list()?, &recorded, &tag, &protect) {
             info!(
                 "removing release {old}, left unfinished by an earlier attempt of this deployment"
             );
-            std::fs::remove_dir_all(&d).map_err(|e| {
-                EngineError::Failed(format!("failed to remove {}: {e}", d.display()))
-            })?;
+            app.remove_release(&old)?;
         }
-        if let Ok(rd) = std::fs::read_dir(self.layout.releases_dir()) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') && name.ends_with(&format!("-{tag}.partial")) {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
+        for name in app.list_all()? {
+            if name.starts_with('.') && name.ends_with(&format!("-{tag}.partial")) {
+                let _ = app.remove_release(&name);
             }
         }
         let id = release::unused_release_id(
             &release::new_release_id(SystemTime::now(), &dep_id),
-            &self.layout.list()?,
+            &app.list()?,
         );
-        let staging = self.layout.releases_dir().join(format!(".{id}.partial"));
-        let final_dir = self.layout.release_dir(&id);
-        if staging.exists() {
-            let _ = std::fs::remove_dir_all(&staging);
-        }
+        let staging_name = format!(".{id}.partial");
+        let _ = app.remove_release(&staging_name);
+        // The release root gets the policy's root placement, from a directory or an archive.
+        let staging = app.create_release(
+            &staging_name,
+            policy.placement(Path::new(""), crate::perms::Kind::Dir, 0o755),
+        )?;
         let t0 = Instant::now();
         let cfg = self.cfg.release.clone();
         // CodeDeploy's deployment-archive is a scratch copy: its files may be hard-linked (and
@@ -67,10 +62,10 @@ impl Engine {
             (release::IntakeMode::Auto, true) => release::IntakeMode::AutoNoLink,
             (m, _) => m,
         };
-        let (src2, staging2) = (src.clone(), staging.clone());
+        let src2 = src.clone();
         let report = tokio::task::spawn_blocking(move || -> Result<String, EngineError> {
             if src2.is_dir() {
-                let r = release::intake_dir(&src2, &staging2, intake, &policy)?;
+                let r = release::intake_into(&src2, &staging, intake, &policy)?;
                 Ok(format!(
                     "{} files, {} dirs, {} MiB ({} reflinked, {} hard-linked, {} copied)",
                     r.files,
@@ -85,49 +80,45 @@ impl Engine {
                     max_bytes: cfg.max_bytes,
                     max_entries: cfg.max_entries,
                 };
-                std::fs::create_dir(&staging2).map_err(|e| {
-                    EngineError::Failed(format!("failed to create {}: {e}", staging2.display()))
-                })?;
-                let r = crate::archive::extract(
+                let r = crate::archive::extract_at(
                     &src2,
-                    &staging2,
+                    staging.fd(),
+                    staging.path(),
                     &limits,
                     &|rel: &Path, kind, mode| policy.placement(rel, kind, mode),
-                );
-                match r {
-                    Ok(r) => Ok(format!(
-                        "{} files, {} dirs, {} MiB extracted",
-                        r.files,
-                        r.dirs,
-                        r.bytes >> 20
-                    )),
-                    Err(e) => {
-                        let _ = std::fs::remove_dir_all(&staging2);
-                        Err(e.into())
-                    }
-                }
+                )?;
+                Ok(format!(
+                    "{} files, {} dirs, {} MiB extracted",
+                    r.files,
+                    r.dirs,
+                    r.bytes >> 20
+                ))
             }
         })
         .await
-        .map_err(|e| EngineError::Failed(format!("intake task failed: {e}")))??;
-        std::fs::rename(&staging, &final_dir).map_err(|e| {
-            EngineError::Failed(format!(
-                "failed to move {} into place: {e}",
-                staging.display()
-            ))
-        })?;
+        .map_err(|e| EngineError::Failed(format!("intake task failed: {e}")))
+        .and_then(|r| r);
+        let report = match report.and_then(|r| Ok((r, app.rename_release(&staging_name, &id)?))) {
+            Ok((r, ())) => r,
+            Err(e) => {
+                let _ = app.remove_release(&staging_name);
+                return Err(e);
+            }
+        };
+        let release = app.open_release(&id)?;
         info!(
             "release {id} built from {} in {:.2}s: {report}",
-            src.display(),
+            crate::text::escape(&src.display().to_string()),
             t0.elapsed().as_secs_f64()
         );
         let policy = Policy::resolve(&self.cfg.permissions)?;
-        self.layout
-            .link_shared(&id, &self.cfg.release.shared_paths, &policy)?;
+        if let Err(e) = app.link_shared(&release, &self.cfg.release.shared_paths, &policy) {
+            let _ = app.remove_release(&id);
+            return Err(e.into());
+        }
         // What this node serves, and the fleet state it was agreed in: how a loss of
         // Redis's data is told from a fresh Redis.
-        let serving = self
-            .layout
+        let serving = app
             .current()
             .and_then(|c| self.doc.releases.get(&c))
             .map(|r| r.cache.clone())
@@ -140,15 +131,16 @@ impl Engine {
             match crate::cache::choose(&self.cfg.cache, &self.app_name(), &dep_id, known).await {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = std::fs::remove_dir_all(&final_dir);
+                    let _ = app.remove_release(&id);
                     return Err(e.into());
                 }
             };
-        let params = match self.render_into(&id, &final_dir, &cache).await {
+        let final_dir = release.path().to_path_buf();
+        let params = match self.render_into(&id, release, &policy, &cache).await {
             Ok(p) => p,
             Err(e) => {
                 // Never switched to, and never to be: remove it so only good releases exist.
-                let _ = std::fs::remove_dir_all(&final_dir);
+                let _ = app.remove_release(&id);
                 return Err(e);
             }
         };
@@ -197,7 +189,8 @@ impl Engine {
     pub(super) async fn render_into(
         &self,
         release_id: &str,
-        dir: &Path,
+        release: crate::appdir::ReleaseDir,
+        policy: &Policy,
         cache: &serde_json::Value,
     ) -> Result<serde_json::Value, EngineError> {
         let params = if self.cfg.templates.is_empty()
@@ -207,7 +200,10 @@ impl Engine {
         } else {
             crate::params::load(&self.cfg.params, &self.cfg.base_dir).await?
         };
-        let versions = self.render_with(&params, release_id, dir, cache).await?;
+        let dir = release.path().to_path_buf();
+        let versions = self
+            .render_with(&params, release_id, release, policy, cache)
+            .await?;
         let d = self.deployment()?;
         let dep = d.id.clone();
         // A retried AfterInstall may run a fleet step again that failed before it started.
@@ -222,7 +218,7 @@ impl Engine {
             node: &node,
             retry,
         };
-        for line in crate::schema::prepare(&self.cfg.schema, dir, &at, lookup)
+        for line in crate::schema::prepare(&self.cfg.schema, &dir, &at, lookup)
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?
         {
@@ -235,7 +231,8 @@ impl Engine {
         &self,
         params: &crate::params::ParamSet,
         release_id: &str,
-        dir: &Path,
+        release: crate::appdir::ReleaseDir,
+        policy: &Policy,
         cache: &serde_json::Value,
     ) -> Result<serde_json::Value, EngineError> {
         if self.cfg.templates.is_empty() {
@@ -252,9 +249,9 @@ impl Engine {
         );
         let rendered =
             crate::render::render_all(&self.cfg.templates, &self.cfg.base_dir, params, &facts)?;
-        let dir = dir.to_path_buf();
         let n = rendered.len();
-        tokio::task::spawn_blocking(move || crate::render::write_all(&rendered, &dir))
+        let policy = policy.clone();
+        tokio::task::spawn_blocking(move || crate::render::write_all(&rendered, &release, &policy))
             .await
             .map_err(|e| EngineError::Failed(format!("render task failed: {e}")))??;
         info!(
