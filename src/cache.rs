@@ -18,8 +18,9 @@
 //!   `...:{id}:flushed`; the others wait for that mark. The claim is given back on any error
 //!   and expires by itself if its node dies, so a retry on any node takes over and finishes
 //!   the flush; the node named in a claim takes it back on its own retry. A slot that a node
-//!   still serves (`bgagent:{app}:serving:{slot}`, with a heartbeat fresher than
-//!   `stale_after`) is never flushed: the deployment fails instead.
+//!   still serves (`bgagent:{app}:serving:{slot}`) is never flushed: the deployment fails
+//!   instead, naming the nodes; one whose heartbeat is older than `stale_after` is named as
+//!   silent (its daemon is down, its web server may not be), never taken for gone.
 //! - `bgagent:{app}:epoch` names the Redis state the agreements were made in, and each
 //!   release records the epoch it was agreed under. Redis restarted without persistence has
 //!   none (or a newer one): a node whose current release knows an older epoch then knows the
@@ -48,7 +49,8 @@ pub struct CacheConfig {
     pub id_prefix: Option<String>,
     /// This node's name in the serving registry. Default: the host name.
     pub node: Option<String>,
-    /// A serving registration older than this is ignored (a node that died).
+    /// A serving registration older than this is reported as silent: it still keeps its slot
+    /// from being flushed (the node's web server may serve on while its daemon is down).
     #[serde(with = "crate::config::duration")]
     pub stale_after: std::time::Duration,
     /// How long nodes wait for the one that flushes a new generation.
@@ -161,12 +163,14 @@ pub enum CacheError {
     #[error("cache generations: Redis at {url}: {message}")]
     Redis { url: String, message: String },
     #[error(
-        "cache generations: slot {slot} is still served by {nodes}; it cannot be flushed for deployment {deployment}. Finish or roll back the previous deployment first"
+        "cache generations: slot {slot} is still served by {nodes}; it cannot be flushed for deployment {deployment}. Finish or roll back the previous deployment first. A node listed here that no longer serves slot {slot} (terminated, replaced) is removed with: redis-cli -n {db} HDEL {key} <node>"
     )]
     StillServed {
         slot: usize,
         nodes: String,
         deployment: String,
+        db: u32,
+        key: String,
     },
     #[error(
         "cache generations: Redis at {url} lost bgagent's fleet state ({what}; a restart without persistence?) before or during deployment {deployment}. Nodes that agreed on a slot before the loss may have chosen differently from the rest, so bgagent refuses deployment {deployment} on every node rather than re-derive the agreement; the current release keeps serving. Start a new deployment (CodeDeploy: deploy the revision again): its nodes re-register what they serve and agree anew"
@@ -425,6 +429,9 @@ impl Fleet {
             ))
         }))
     }
+    /// Every node registered as serving `slot`, described for an operator: a registration
+    /// older than `stale_after` is a node whose daemon went silent, which still counts (its
+    /// web server may well serve on).
     async fn servers(
         &mut self,
         slot: usize,
@@ -436,15 +443,33 @@ impl Fleet {
             .query_async(&mut self.conn)
             .await
             .map_err(|e| self.err(e))?;
-        let now = now_secs();
-        let mut v: Vec<String> = all
-            .into_iter()
-            .filter(|(_, t)| now.saturating_sub(*t) < stale_after.as_secs())
-            .map(|(n, _)| n)
-            .collect();
-        v.sort();
-        Ok(v)
+        Ok(describe_servers(all, now_secs(), stale_after))
     }
+}
+
+/// Registrations as an operator reads them, sorted: fresh ones by name, silent ones with
+/// how long they have been silent. Pure.
+fn describe_servers(
+    all: std::collections::HashMap<String, u64>,
+    now: u64,
+    stale_after: std::time::Duration,
+) -> Vec<String> {
+    let mut v: Vec<String> = all
+        .into_iter()
+        .map(|(n, t)| {
+            let age = now.saturating_sub(t);
+            if age < stale_after.as_secs() {
+                n
+            } else {
+                format!(
+                    "{n} (silent for {}: its bgagent has not refreshed the registration, but its web server may still serve)",
+                    humantime::format_duration(std::time::Duration::from_secs(age))
+                )
+            }
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// AfterInstall: agrees with the fleet on this deployment's slot, flushes it once, and
@@ -486,6 +511,13 @@ pub async fn choose(
         .await?
         .and_then(|v| v.parse().ok())
         .unwrap_or(candidate);
+    let _: i64 = redis::Script::new(SEQ_SCRIPT)
+        .key(fleet.key(&format!("deployment:{deployment}:seq")))
+        .key(fleet.key("deployments"))
+        .arg(7 * 24 * 3600)
+        .invoke_async(&mut fleet.conn)
+        .await
+        .map_err(|e| fleet.err(e))?;
     flush_once(cfg, url, app, &mut fleet, &node, slot, deployment).await?;
     tracing::info!(
         "cache generation for deployment {deployment}: slot {slot} (agreed through Redis; live slot {:?})",
@@ -620,6 +652,8 @@ async fn flush_claimed(
             slot,
             nodes: servers.join(", "),
             deployment: deployment.into(),
+            db: cfg.session_db,
+            key: fleet.key(&format!("serving:{slot}")),
         });
     }
     let s = cfg.slots.get(slot).copied().unwrap_or(Slot {
@@ -683,7 +717,28 @@ async fn register(
     Ok(())
 }
 
-/// AfterAllowTraffic (and rollbacks): `slot` is the live generation. No flush.
+/// Moves the live pointer to `deployment`'s generation unless a newer deployment already
+/// moved it (deployments are numbered in the order they first agreed on a slot; one from
+/// before numbering counts as 0). Returns 1 when moved, 0 when superseded.
+const LIVE_SCRIPT: &str = r"
+local s = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+if s < cur then return 0 end
+redis.call('SET', KEYS[3], ARGV[1])
+if s > 0 then redis.call('SET', KEYS[2], s) end
+return 1
+";
+
+/// Numbers a deployment the first time it agrees on a slot (the same number ever after).
+const SEQ_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], redis.call('INCR', KEYS[2]), 'EX', ARGV[1])
+end
+return tonumber(redis.call('GET', KEYS[1]))
+";
+
+/// ValidateService and AfterAllowTraffic: `slot` is the live generation. No flush. A late
+/// event of a deployment that a newer one superseded leaves the fleet's pointer alone.
 pub async fn mark_live(
     cfg: &CacheConfig,
     app: &str,
@@ -692,14 +747,55 @@ pub async fn mark_live(
 ) -> Result<(), CacheError> {
     let Some(url) = &cfg.redis else { return Ok(()) };
     let mut fleet = Fleet::coordination(cfg, url, app).await?;
-    let k = fleet.key("live");
     let v = serde_json::json!({ "slot": slot, "deployment": deployment }).to_string();
-    let _: () = redis::cmd("SET")
-        .arg(&k)
+    let moved: i64 = redis::Script::new(LIVE_SCRIPT)
+        .key(fleet.key(&format!("deployment:{deployment}:seq")))
+        .key(fleet.key("live_seq"))
+        .key(fleet.key("live"))
         .arg(v)
-        .query_async(&mut fleet.conn)
+        .invoke_async(&mut fleet.conn)
         .await
         .map_err(|e| fleet.err(e))?;
+    if moved == 0 {
+        let (live_slot, live_dep) = match fleet.live().await? {
+            Some((s, d)) => (s.to_string(), d),
+            None => ("?".into(), "?".into()),
+        };
+        tracing::warn!(
+            "deployment {deployment} was superseded: the fleet's live generation belongs to deployment {live_dep} (slot {live_slot}) and stays so"
+        );
+    }
+    Ok(())
+}
+
+/// `bgagent rollback` on this node: it serves `slot` again. The fleet's live pointer is the
+/// fleet's: it moves back only once no node is registered on the live slot any more.
+pub async fn rolled_back(cfg: &CacheConfig, app: &str, slot: usize) -> Result<(), CacheError> {
+    let Some(url) = &cfg.redis else { return Ok(()) };
+    let node = node_name(cfg);
+    let mut fleet = Fleet::coordination(cfg, url, app).await?;
+    register(cfg, &mut fleet, &node, slot).await?;
+    let Some((live, dep)) = fleet.live().await? else {
+        return Ok(());
+    };
+    if live == slot {
+        return Ok(());
+    }
+    let left = fleet.servers(live, cfg.stale_after).await?;
+    if left.is_empty() {
+        let v = serde_json::json!({ "slot": slot, "deployment": "rollback" }).to_string();
+        fleet
+            .set_ex(&fleet.key("live"), &v, 10 * 365 * 24 * 3600)
+            .await?;
+        tracing::info!(
+            "no node serves slot {live} (deployment {dep}) any more: the fleet's live generation is slot {slot} again"
+        );
+    } else {
+        tracing::info!(
+            "this node serves slot {slot} again; the fleet's live generation stays slot {live} (deployment {dep}) while {} serve it",
+            left.join(", ")
+        );
+    }
     Ok(())
 }
 

@@ -463,3 +463,124 @@ fn a_redis_restart_without_persistence_mid_deployment_is_refused_never_split() {
     assert!(agents.iter().all(|a| a.slot() == 1));
     assert_eq!(redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]), "1");
 }
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Issue 16: a node whose daemon was down longer than `cache.stale_after` (its nginx still
+/// serving) had its slot flushed and reused under it. A silent registration now blocks the
+/// flush; the refusal names the node, says it is silent, and gives the command that removes
+/// it once the operator knows the node is gone; after that the retry goes through.
+#[test]
+fn a_silent_node_past_stale_after_still_blocks_the_flush_and_is_named() {
+    let redis = support::Redis::start();
+    let base = tempfile::tempdir().unwrap();
+    let a = Agent::start(base.path(), 0, &redis.url());
+    revision(base.path(), "d-1");
+    for ev in EVENTS {
+        assert!(Agent::hook(&a.dir, ev, "d-1").status.success());
+    }
+    // web9 registered on slot 1 two hours ago (stale_after: 1h) and went silent
+    let then = (now_secs() - 7200).to_string();
+    redis_cli(
+        redis.port,
+        2,
+        &["HSET", "bgagent:shop:serving:1", "web9", &then],
+    );
+    redis_cli(redis.port, 3, &["SET", "served-entry", "x"]);
+    revision(base.path(), "d-2");
+    assert!(Agent::hook(&a.dir, "BeforeInstall", "d-2").status.success());
+    let out = Agent::hook(&a.dir, "AfterInstall", "d-2");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("slot 1 is still served by web9 (silent for 2h")
+            && t.contains("redis-cli -n 2 HDEL bgagent:shop:serving:1 <node>"),
+        "{t}"
+    );
+    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "1");
+    // the operator confirms web9 is gone and removes it as told; the retry flushes
+    redis_cli(redis.port, 2, &["HDEL", "bgagent:shop:serving:1", "web9"]);
+    let out = Agent::hook(&a.dir, "AfterInstall", "d-2");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "0");
+}
+
+/// Issue 16: a late AfterAllowTraffic of a deployment that a newer one had superseded moved
+/// the fleet's live pointer back to the old generation. Events of a superseded deployment
+/// leave fleet state alone (the node's own event still succeeds).
+#[test]
+fn a_late_event_of_a_superseded_deployment_leaves_the_live_pointer_alone() {
+    let redis = support::Redis::start();
+    let base = tempfile::tempdir().unwrap();
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| Agent::start(base.path(), i, &redis.url()))
+        .collect();
+    revision(base.path(), "d-1");
+    // node0 lags: it stops before d-1's AfterAllowTraffic
+    for ev in &EVENTS[..5] {
+        assert!(Agent::hook(&agents[0].dir, ev, "d-1").status.success());
+    }
+    revision(base.path(), "d-2");
+    for ev in EVENTS {
+        let o = Agent::hook(&agents[1].dir, ev, "d-2");
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let live = redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]);
+    assert!(live.contains("\"deployment\":\"d-2\""), "{live}");
+    let o = Agent::hook(&agents[0].dir, "AfterAllowTraffic", "d-1");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("deployment d-1 was superseded"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]),
+        live,
+        "the late event moved the fleet's live pointer"
+    );
+}
+
+/// Issue 16: `bgagent rollback` on one node rewrote the fleet-wide live pointer. A one-node
+/// rollback is that node's decision; the pointer moves back only once no node serves the
+/// live generation any more.
+#[test]
+fn a_rollback_on_one_node_leaves_the_fleet_live_pointer_alone() {
+    let redis = support::Redis::start();
+    let base = tempfile::tempdir().unwrap();
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| Agent::start(base.path(), i, &redis.url()))
+        .collect();
+    for dep in ["d-1", "d-2"] {
+        revision(base.path(), dep);
+        for o in fleet_deploy(&agents, dep, &EVENTS).iter().flatten() {
+            assert_eq!(o.status.code(), Some(0), "{}", text(o));
+        }
+    }
+    let rollback = |a: &Agent| {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(a.dir.join("bgagent.yaml"))
+            .arg("rollback")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let live = || redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]);
+    assert!(live().contains("\"slot\":1"), "{}", live());
+    let t = rollback(&agents[0]);
+    assert_eq!(agents[0].slot(), 0);
+    assert!(
+        live().contains("\"slot\":1"),
+        "one node's rollback moved the fleet's pointer: {} ({t})",
+        live()
+    );
+    rollback(&agents[1]);
+    assert!(live().contains("\"slot\":0"), "{}", live());
+}

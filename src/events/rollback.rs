@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::state::SwitchReason;
 
@@ -48,16 +48,14 @@ impl Engine {
             error!("{msg}");
             return Outcome::Failed(msg);
         };
-        // The previous generation becomes live again, without a flush.
+        // This node serves the previous generation again, without a flush; the fleet's live
+        // pointer follows once no node serves the generation left.
         if let Some(slot) = self.release_slot(&prev) {
             let app = self.app_name();
-            if let Err(e) = crate::cache::mark_serving(&self.cfg.cache, &app, slot).await {
+            if let Err(e) = crate::cache::rolled_back(&self.cfg.cache, &app, slot).await {
                 let msg = format!("rollback failed: {e}");
                 error!("{msg}");
                 return Outcome::Failed(msg);
-            }
-            if let Err(e) = crate::cache::mark_live(&self.cfg.cache, &app, slot, "rollback").await {
-                warn!("{e}");
             }
         }
         let switched = self.switch(&prev, SwitchReason::Rollback).await;
