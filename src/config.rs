@@ -365,6 +365,7 @@ impl Config {
                 "`warm` needs the php-fpm pool's FastCGI address: set `fastcgi` (php-fpm's `listen`, e.g. unix:/run/php/php8.2-fpm.sock) on the php-fpm service".into(),
             ));
         }
+        out.extend(self.services.validate());
         for (i, t) in self.templates.iter().enumerate() {
             out.extend(t.validate(i));
         }

@@ -129,6 +129,40 @@ impl ServiceConfig {
     }
 }
 
+impl ServicesConfig {
+    /// Cross-field rules, as (dotted key, message) pairs. Pure.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (i, s) in self.list.iter().enumerate() {
+            for (verb, argv) in [("reload", &s.reload), ("stop", &s.stop)] {
+                if argv.as_ref().is_some_and(|a| uses_pid(a)) && s.pid_file.is_none() {
+                    out.push((
+                        format!("services.list.{i}.{verb}"),
+                        format!(
+                            "uses {{pid}} but service `{}` has no pid_file: set pid_file to the file holding its main process id",
+                            s.name
+                        ),
+                    ));
+                }
+            }
+            if s.start.as_ref().is_some_and(|a| uses_pid(a)) {
+                out.push((
+                    format!("services.list.{i}.start"),
+                    format!(
+                        "uses {{pid}}, but `start` runs when service `{}` is not running, so there is no pid to put there; remove it",
+                        s.name
+                    ),
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn uses_pid(argv: &[String]) -> bool {
+    argv.iter().any(|a| a.contains("{pid}"))
+}
+
 /// The reload plan: every config test first, then the reloads, in the configured order.
 /// Pure.
 pub fn plan_reload(cfg: &ServicesConfig) -> Vec<Action> {
@@ -221,16 +255,29 @@ pub fn control_argv(cfg: &ServicesConfig, s: &ServiceConfig, verb: Verb) -> Opti
 pub async fn drain_control(cfg: &ServicesConfig, verb: Verb) -> Result<Vec<String>, ServiceError> {
     let mut done = Vec::new();
     for s in cfg.list.iter().filter(|s| s.stop_on_drain) {
-        if verb == Verb::Start
-            && s.backend(cfg.backend) == Backend::Exec
-            && pid_alive(s.pid_file.as_deref())
-        {
+        let exec = s.backend(cfg.backend) == Backend::Exec;
+        if exec && verb == Verb::Start && pid_alive(s.pid_file.as_deref()) {
+            continue;
+        }
+        // ApplicationStop after BeforeBlockTraffic drains a second time: a service the first
+        // drain stopped is not stopped again (its stop command would fail on it).
+        if exec && verb == Verb::Stop && s.pid_file.is_some() && !pid_alive(s.pid_file.as_deref()) {
+            info!("{} is already stopped", s.name);
             continue;
         }
         let Some(argv) = control_argv(cfg, s, verb) else {
             continue;
         };
-        run_argv(&argv, None)
+        let pid = match (&s.pid_file, verb) {
+            (Some(p), Verb::Stop) if exec && uses_pid(&argv) => {
+                Some(read_pid(p).map_err(|message| ServiceError::Other {
+                    service: s.name.clone(),
+                    message,
+                })?)
+            }
+            _ => None,
+        };
+        run_argv(&argv, pid)
             .await
             .map_err(|source| ServiceError::Reload {
                 service: s.name.clone(),
@@ -250,10 +297,18 @@ pub async fn drain_control(cfg: &ServicesConfig, verb: Verb) -> Result<Vec<Strin
     Ok(done)
 }
 
+/// Whether the pid file names a running process (a zombie, exited but not yet reaped, is
+/// not running).
 fn pid_alive(pid_file: Option<&Path>) -> bool {
     pid_file
         .and_then(|p| read_pid(p).ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .and_then(|stat| {
+            // "pid (comm) S ...": the state follows the last ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s != "Z"))
+        })
+        .unwrap_or(false)
 }
 
 /// Runs only the config tests.
@@ -286,7 +341,7 @@ pub async fn apply(plan: &[Action]) -> Result<(), ServiceError> {
                 pid_file,
             } => {
                 let pid = match pid_file {
-                    Some(p) if argv.iter().any(|a| a == "{pid}") => {
+                    Some(p) if uses_pid(argv) => {
                         Some(read_pid(p).map_err(|message| ServiceError::Other {
                             service: service.clone(),
                             message,
@@ -312,14 +367,13 @@ pub async fn apply(plan: &[Action]) -> Result<(), ServiceError> {
 }
 
 async fn run_argv(argv: &[String], pid: Option<u32>) -> Result<(), process::ProcessError> {
+    // Config validation guarantees a pid file wherever `{pid}` is used; the pid was read
+    // from it by the caller.
     let argv: Vec<String> = argv
         .iter()
-        .map(|a| {
-            if a == "{pid}" {
-                pid.map(|p| p.to_string()).unwrap_or_default()
-            } else {
-                a.clone()
-            }
+        .map(|a| match pid {
+            Some(p) => a.replace("{pid}", &p.to_string()),
+            None => a.clone(),
         })
         .collect();
     let mut spec = CommandSpec::new(&argv.iter().map(String::as_str).collect::<Vec<_>>());
@@ -447,6 +501,65 @@ mod tests {
             control_argv(&c, &exec, Verb::Start),
             Some(vec!["nginx".to_string()])
         );
+    }
+
+    /// Issue 11 item 8: `{pid}` was substituted only in `reload`; in `stop` it became an
+    /// empty argument and in `start` it can have no value, and `config check` said OK.
+    #[test]
+    fn pid_placeholder_needs_a_pid_file_and_is_refused_in_start() {
+        let mut c = cfg();
+        c.backend = Backend::Exec;
+        c.list[1].stop = Some(vec!["kill".into(), "-QUIT".into(), "{pid}".into()]);
+        c.list[1].start = Some(vec!["nginx".into(), "--pid={pid}".into()]);
+        let errs = c.validate();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(errs[0].0, "services.list.1.stop");
+        assert!(errs[0].1.contains("no pid_file"), "{errs:?}");
+        assert_eq!(errs[1].0, "services.list.1.start");
+        c.list[1].pid_file = Some("/run/nginx.pid".into());
+        c.list[1].start = Some(vec!["nginx".into()]);
+        assert!(c.validate().is_empty());
+    }
+
+    #[tokio::test]
+    async fn stop_gets_the_pid_and_a_stopped_service_is_not_stopped_again() {
+        let d = tempfile::tempdir().unwrap();
+        let pid_file = d.path().join("svc.pid");
+        let log = d.path().join("stops");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(&pid_file, child.id().to_string()).unwrap();
+        let c = ServicesConfig {
+            backend: Backend::Exec,
+            list: vec![ServiceConfig {
+                name: "svc".into(),
+                stop_on_drain: true,
+                pid_file: Some(pid_file.clone()),
+                stop: Some(vec![
+                    "sh".into(),
+                    "-c".into(),
+                    "echo \"$1\" >> \"$2\" && kill \"$1\"".into(),
+                    "sh".into(),
+                    "{pid}".into(),
+                    log.display().to_string(),
+                ]),
+                ..Default::default()
+            }],
+        };
+        assert_eq!(
+            drain_control(&c, Verb::Stop).await.unwrap(),
+            vec!["svc".to_string()]
+        );
+        child.wait().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap().trim(),
+            child.id().to_string()
+        );
+        // the second drain (ApplicationStop after BeforeBlockTraffic) leaves it alone
+        assert!(drain_control(&c, Verb::Stop).await.unwrap().is_empty());
+        assert_eq!(std::fs::read_to_string(&log).unwrap().lines().count(), 1);
     }
 
     #[test]

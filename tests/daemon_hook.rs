@@ -511,3 +511,69 @@ fn a_failed_state_write_does_not_leave_memory_ahead_of_disk() {
     node.stop();
     drop(fs);
 }
+
+/// Issue 11 item 8: with the exec backend, ApplicationStop after BeforeBlockTraffic ran the
+/// stop command again on the service the first drain had stopped, and failed the deployment;
+/// `{pid}` in `stop` became an empty argument; `config check` said OK to `{pid}` in `start`.
+#[test]
+fn exec_backend_stops_once_with_the_pid_and_config_check_refuses_pid_in_start() {
+    let mut node = Node::new();
+    let pid_file = node.path("svc.pid");
+    let stops = node.path("stops.log");
+    let svc = format!(
+        "services:\n  backend: exec\n  list:\n    - name: worker\n      stop_on_drain: true\n      pid_file: {p}\n      stop: [sh, -c, 'echo \"$1\" >> {l} && kill \"$1\"', sh, \"{{pid}}\"]\n      start: [sh, -c, 'setsid sleep 300 </dev/null >/dev/null 2>&1 & echo $! > {p}']\n",
+        p = pid_file.display(),
+        l = stops.display()
+    );
+    let base = std::fs::read_to_string(node.config()).unwrap();
+    std::fs::write(node.config(), base.clone() + &svc).unwrap();
+    let out = node.cli(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // the service runs before the deployment
+    let sleeper = Command::new("setsid")
+        .args(["sleep", "300"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(&pid_file, sleeper.id().to_string()).unwrap();
+    node.start();
+    node.revision("g-1", "d-1", "one");
+    let outs: Vec<Output> = IN_PLACE
+        .iter()
+        .map(|ev| node.hook(ev, Some("d-1"), "g-1"))
+        .collect();
+    let kill_started = || {
+        if let Ok(p) = std::fs::read_to_string(&pid_file) {
+            let _ = Command::new("kill").arg(p.trim()).status();
+        }
+    };
+    for (ev, out) in IN_PLACE.iter().zip(&outs) {
+        if out.status.code() != Some(0) {
+            kill_started();
+            panic!("{ev}: {}", text(out));
+        }
+    }
+    kill_started();
+    let mut sleeper = sleeper;
+    let _ = sleeper.wait();
+    let log = std::fs::read_to_string(&stops).unwrap();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        vec![sleeper.id().to_string()],
+        "stopped once, with its pid"
+    );
+    node.stop();
+
+    std::fs::write(
+        node.config(),
+        base + &svc.replace("echo $! > ", "echo {pid} $! > "),
+    )
+    .unwrap();
+    let out = node.cli(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(
+        text(&out).contains("services.list.0.start"),
+        "{}",
+        text(&out)
+    );
+}
