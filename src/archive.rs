@@ -47,7 +47,7 @@ pub enum Format {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
-    #[error("refusing to extract {archive}: entry `{entry}` {reason}")]
+    #[error("refusing to extract {}: entry `{entry}` {reason}", crate::text::path(.archive))]
     Rejected {
         archive: PathBuf,
         entry: String,
@@ -59,6 +59,8 @@ pub enum ArchiveError {
         "{0} is not a .tar, .tar.gz or .zip archive (checked its first bytes); give a directory or one of those"
     )]
     UnknownFormat(PathBuf),
+    #[error("the artifact {path} is {what}; give a directory or a .tar, .tar.gz or .zip file")]
+    NotAFile { path: PathBuf, what: &'static str },
     #[error("the release directory {0} must exist and be empty before extraction")]
     DestNotEmpty(PathBuf),
     #[error("failed to read {archive}: {source}")]
@@ -71,12 +73,68 @@ pub enum ArchiveError {
     },
 }
 
-/// Detects the format from the first bytes, not the name.
-pub fn detect(path: &Path) -> Result<Format, ArchiveError> {
-    let mut f = File::open(path).map_err(|source| ArchiveError::Read {
+/// What an artifact path is, checked without blocking: a FIFO, socket or device given as
+/// the artifact would block a plain open or read forever (holding the work lock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactKind {
+    Dir,
+    File,
+}
+
+/// Refuses anything but a directory or a regular file, naming what it is: stat first (no
+/// open of a device, whose open may act), then an `O_NONBLOCK` open and `fstat` of what
+/// was opened (a FIFO swapped in after the stat is caught there, without blocking).
+pub fn artifact_kind(path: &Path) -> Result<ArtifactKind, ArchiveError> {
+    open_artifact(path).map(|(_, k)| k)
+}
+
+fn open_artifact(path: &Path) -> Result<(File, ArtifactKind), ArchiveError> {
+    let read = |source: io::Error| ArchiveError::Read {
         archive: path.to_path_buf(),
         source,
-    })?;
+    };
+    let kind_of = |mode: u32| -> Result<ArtifactKind, ArchiveError> {
+        match rustix::fs::FileType::from_raw_mode(mode) {
+            rustix::fs::FileType::Directory => Ok(ArtifactKind::Dir),
+            rustix::fs::FileType::RegularFile => Ok(ArtifactKind::File),
+            other => Err(ArchiveError::NotAFile {
+                path: path.to_path_buf(),
+                what: match other {
+                    rustix::fs::FileType::Fifo => "a FIFO",
+                    rustix::fs::FileType::Socket => "a socket",
+                    rustix::fs::FileType::CharacterDevice => "a character device",
+                    rustix::fs::FileType::BlockDevice => "a block device",
+                    _ => "not a regular file",
+                },
+            }),
+        }
+    };
+    let st = rustix::fs::stat(path).map_err(|e| read(e.into()))?;
+    kind_of(st.st_mode)?;
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| read(e.into()))?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| read(e.into()))?;
+    let kind = kind_of(st.st_mode)?;
+    // A regular file ignores O_NONBLOCK; clear it all the same for the readers below.
+    let _ = rustix::fs::fcntl_setfl(&fd, OFlags::empty());
+    Ok((File::from(fd), kind))
+}
+
+/// Opens an archive: a regular file, or an error naming what it is.
+fn open_archive(path: &Path) -> Result<File, ArchiveError> {
+    match open_artifact(path)? {
+        (f, ArtifactKind::File) => Ok(f),
+        (_, ArtifactKind::Dir) => Err(ArchiveError::UnknownFormat(path.to_path_buf())),
+    }
+}
+
+/// Detects the format from the first bytes, not the name.
+pub fn detect(path: &Path) -> Result<Format, ArchiveError> {
+    let mut f = open_archive(path)?;
     let mut head = [0u8; 512];
     let mut n = 0;
     while n < head.len() {
@@ -183,63 +241,54 @@ pub fn extract_at(
         })?;
     let mut w = Writer::new(archive, root, limits, placement)?;
     let res = match format {
-        Format::Tar => File::open(archive)
-            .map_err(|source| ArchiveError::Read {
-                archive: archive.to_path_buf(),
-                source,
-            })
-            .and_then(|f| w.tar(f)),
-        Format::TarGz => File::open(archive)
-            .map_err(|source| ArchiveError::Read {
-                archive: archive.to_path_buf(),
-                source,
-            })
-            .and_then(|f| {
-                // Decompress on a second thread while this one writes files, as `tar -xzf`
-                // does with its gzip child: the two halves take about as long as each other.
-                std::thread::scope(|s| {
-                    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
-                    s.spawn(move || {
-                        let mut gz = flate2::read::MultiGzDecoder::new(
-                            io::BufReader::with_capacity(256 << 10, f),
-                        );
-                        loop {
-                            let mut chunk = vec![0u8; 1 << 20];
-                            let mut filled = 0;
-                            let res = loop {
-                                match gz.read(&mut chunk[filled..]) {
-                                    Ok(0) => break Ok(()),
-                                    Ok(n) => {
-                                        filled += n;
-                                        if filled == chunk.len() {
-                                            break Ok(());
-                                        }
+        Format::Tar => open_archive(archive).and_then(|f| w.tar(f)),
+        Format::TarGz => open_archive(archive).and_then(|f| {
+            // Decompress on a second thread while this one writes files, as `tar -xzf`
+            // does with its gzip child: the two halves take about as long as each other.
+            std::thread::scope(|s| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
+                s.spawn(move || {
+                    let mut gz = flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(
+                        256 << 10,
+                        f,
+                    ));
+                    loop {
+                        let mut chunk = vec![0u8; 1 << 20];
+                        let mut filled = 0;
+                        let res = loop {
+                            match gz.read(&mut chunk[filled..]) {
+                                Ok(0) => break Ok(()),
+                                Ok(n) => {
+                                    filled += n;
+                                    if filled == chunk.len() {
+                                        break Ok(());
                                     }
-                                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                    Err(e) => break Err(e),
                                 }
-                            };
-                            let done = filled < chunk.len();
-                            chunk.truncate(filled);
-                            if filled > 0 && tx.send(Ok(chunk)).is_err() {
-                                return; // the writer stopped (an entry was refused)
+                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                                Err(e) => break Err(e),
                             }
-                            if let Err(e) = res {
-                                let _ = tx.send(Err(e));
-                                return;
-                            }
-                            if done {
-                                return;
-                            }
+                        };
+                        let done = filled < chunk.len();
+                        chunk.truncate(filled);
+                        if filled > 0 && tx.send(Ok(chunk)).is_err() {
+                            return; // the writer stopped (an entry was refused)
                         }
-                    });
-                    w.tar(ChannelReader {
-                        rx,
-                        chunk: Vec::new(),
-                        pos: 0,
-                    })
+                        if let Err(e) = res {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                        if done {
+                            return;
+                        }
+                    }
+                });
+                w.tar(ChannelReader {
+                    rx,
+                    chunk: Vec::new(),
+                    pos: 0,
                 })
-            }),
+            })
+        }),
         Format::Zip => w.zip(),
     };
     let report = w.report;
@@ -250,6 +299,22 @@ pub fn extract_at(
             let _ = crate::appdir::empty_dir_fd(dest, shown);
             Err(e)
         }
+    }
+}
+
+/// The archive side of a copy: remembers whether a read failed.
+struct ReadSide<'r> {
+    inner: &'r mut dyn Read,
+    failed: bool,
+}
+
+impl Read for ReadSide<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = self.inner.read(buf);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
     }
 }
 
@@ -279,10 +344,71 @@ impl Read for ChannelReader {
     }
 }
 
+/// The entry names in a zip's central directory, in order, duplicates kept (read from the
+/// end-of-central-directory record, zip64 included). At most `max` + 1 names are read.
+fn zip_central_names(path: &Path, max: u64) -> io::Result<Vec<Vec<u8>>> {
+    use std::io::{Seek, SeekFrom};
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut f = open_archive(path).map_err(|e| io::Error::other(e.to_string()))?;
+    let len = f.seek(SeekFrom::End(0))?;
+    let tail_len = len.min(65_557 + 20);
+    f.seek(SeekFrom::Start(len - tail_len))?;
+    let mut tail = vec![0u8; tail_len as usize];
+    f.read_exact(&mut tail)?;
+    let pos = (0..tail.len().saturating_sub(21))
+        .rev()
+        .find(|&i| tail[i..].starts_with(b"PK\x05\x06"))
+        .ok_or_else(|| bad("no end of central directory record"))?;
+    let u16at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as u64;
+    let u32at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as u64;
+    let u64at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    let mut count = u16at(&tail, pos + 10);
+    let mut cd = u32at(&tail, pos + 16);
+    if (count == 0xffff || cd == 0xffff_ffff)
+        && pos >= 20
+        && tail[pos - 20..].starts_with(b"PK\x06\x07")
+    {
+        let z64 = u64at(&tail, pos - 20 + 8);
+        f.seek(SeekFrom::Start(z64))?;
+        let mut rec = [0u8; 56];
+        f.read_exact(&mut rec)?;
+        if !rec.starts_with(b"PK\x06\x06") {
+            return Err(bad("bad zip64 end of central directory record"));
+        }
+        count = u64at(&rec, 32);
+        cd = u64at(&rec, 48);
+    }
+    f.seek(SeekFrom::Start(cd))?;
+    let mut r = io::BufReader::new(f);
+    let mut names = Vec::new();
+    for _ in 0..count.min(max.saturating_add(1)) {
+        let mut h = [0u8; 46];
+        r.read_exact(&mut h)?;
+        if !h.starts_with(b"PK\x01\x02") {
+            return Err(bad("bad central directory entry"));
+        }
+        let (n, x, c) = (u16at(&h, 28), u16at(&h, 30), u16at(&h, 32));
+        let mut name = vec![0u8; n as usize];
+        r.read_exact(&mut name)?;
+        io::copy(&mut (&mut r).take(x + c), &mut io::sink())?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
 /// Validates an entry name: relative, no `..`, no NUL; `./` prefixes dropped.
 fn clean_name(raw: &[u8]) -> Result<PathBuf, String> {
     if raw.contains(&0) {
         return Err("contains a NUL byte".into());
+    }
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return Err("is not valid UTF-8 (shown with \\x escapes)".into());
+    };
+    if text.chars().any(char::is_control) {
+        return Err(
+            "contains a control character such as a newline (shown escaped); such a name can forge log lines"
+                .into(),
+        );
     }
     let p = Path::new(OsStr::from_bytes(raw));
     if p.is_absolute() {
@@ -378,7 +504,25 @@ impl<'a> Writer<'a> {
                 source,
             })?;
             let raw = entry.path_bytes().into_owned();
-            let shown = String::from_utf8_lossy(&raw).into_owned();
+            let shown = crate::text::escape_bytes(&raw);
+            // PAX-format sparse files (GNU.sparse.* keys) would otherwise come out as a
+            // `GNUSparseFile.NNN/...` file holding the sparse map: refused like GNU sparse.
+            let pax_sparse = entry
+                .pax_extensions()
+                .map_err(|source| ArchiveError::Read {
+                    archive: self.archive.to_path_buf(),
+                    source,
+                })?
+                .is_some_and(|exts| {
+                    exts.flatten()
+                        .any(|x| x.key_bytes().starts_with(b"GNU.sparse."))
+                });
+            if pax_sparse {
+                return Err(self.reject(
+                    &shown,
+                    "is a sparse file (PAX format); bgagent does not extract sparse files: build the artifact without --sparse",
+                ));
+            }
             let mode = entry.header().mode().unwrap_or(0o644);
             use tar::EntryType as T;
             let item = match entry.header().entry_type() {
@@ -414,22 +558,36 @@ impl<'a> Writer<'a> {
     }
 
     fn zip(&mut self) -> Result<(), ArchiveError> {
-        let f = File::open(self.archive).map_err(|source| ArchiveError::Read {
-            archive: self.archive.to_path_buf(),
-            source,
-        })?;
+        let f = open_archive(self.archive)?;
         let mut z =
             zip::ZipArchive::new(io::BufReader::new(f)).map_err(|e| ArchiveError::Read {
                 archive: self.archive.to_path_buf(),
                 source: io::Error::other(e),
             })?;
+        // The zip reader keys entries by name: of two entries with one name the last wins,
+        // unseen. Read the central directory's names ourselves and refuse a repeat.
+        let raw = zip_central_names(self.archive, self.limits.max_entries).map_err(|source| {
+            ArchiveError::Read {
+                archive: self.archive.to_path_buf(),
+                source,
+            }
+        })?;
+        let mut names = std::collections::HashSet::new();
+        for n in &raw {
+            if !names.insert(n.as_slice()) {
+                return Err(self.reject(
+                    &crate::text::escape_bytes(n),
+                    "appears twice in the archive (a zip reader would silently take the last)",
+                ));
+            }
+        }
         for i in 0..z.len() {
             let mut file = z.by_index(i).map_err(|e| ArchiveError::Read {
                 archive: self.archive.to_path_buf(),
                 source: io::Error::other(e),
             })?;
             let raw = file.name_raw().to_vec();
-            let shown = String::from_utf8_lossy(&raw).into_owned();
+            let shown = crate::text::escape_bytes(&raw);
             // zip-slip: enclosed_name() refuses names that leave the directory; our own
             // clean_name() below says why.
             if file.enclosed_name().is_none() {
@@ -574,8 +732,28 @@ impl<'a> Writer<'a> {
                 .map_err(|e| self.werr(&rel, e.into()))?;
                 let mut out = File::from(fd);
                 let remaining = self.limits.max_bytes.saturating_sub(self.report.bytes);
-                let n = io::copy(&mut data.take(remaining.saturating_add(1)), &mut out)
-                    .map_err(|e| self.werr(&rel, e))?;
+                // A failure to read the archive (a truncated gzip stream) is a read error of
+                // the archive, not a failure to write the entry.
+                let mut src = ReadSide {
+                    inner: data,
+                    failed: false,
+                };
+                let copied = io::copy(&mut (&mut src).take(remaining.saturating_add(1)), &mut out);
+                let n = match copied {
+                    Ok(n) => n,
+                    Err(source) if src.failed => {
+                        return Err(ArchiveError::Read {
+                            archive: self.archive.to_path_buf(),
+                            source: io::Error::new(
+                                source.kind(),
+                                format!(
+                                    "{source} (while reading entry `{shown}`: the archive is truncated or corrupt)"
+                                ),
+                            ),
+                        });
+                    }
+                    Err(e) => return Err(self.werr(&rel, e)),
+                };
                 if n > remaining {
                     return Err(ArchiveError::TooLarge {
                         archive: self.archive.to_path_buf(),

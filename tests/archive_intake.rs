@@ -543,3 +543,194 @@ fn hostile_artifact_through_the_binary_leaves_the_live_release_serving() {
         1
     );
 }
+
+/// A zip written byte by byte (stored entries), so it can hold what zip writers refuse:
+/// two entries with one name.
+fn zip_raw(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for (name, data) in entries {
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let crc = crc.sum();
+        let offset = out.len() as u32;
+        out.extend_from_slice(b"PK\x03\x04");
+        out.extend_from_slice(&[20, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // version, flags, stored, time, date
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(data);
+        central.extend_from_slice(b"PK\x01\x02");
+        central.extend_from_slice(&[20, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // made by unix
+        central.extend_from_slice(&crc.to_le_bytes());
+        central.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        central.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        central.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        central.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0]); // extra, comment, disk, int attr
+        central.extend_from_slice(&((0o100644u32) << 16).to_le_bytes());
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(name);
+    }
+    let cd_offset = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(b"PK\x05\x06\0\0\0\0");
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_offset.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+#[test]
+fn zip_duplicate_entries_where_the_last_silently_won() {
+    let z = zip_raw(&[
+        (b"pub/index.php", b"<?php echo 'reviewed';"),
+        (b"pub/index.php", b"<?php system($_GET['c']);"),
+    ]);
+    let c = Case::new();
+    let e = c.extract("dup.zip", &z).unwrap_err().to_string();
+    assert!(e.contains("`pub/index.php`") && e.contains("twice"), "{e}");
+    c.assert_clean();
+    // the same archive without the repeat extracts (the hand-made zip is valid)
+    let c = Case::new();
+    c.extract("one.zip", &zip_raw(&[(b"pub/index.php", b"<?php")]))
+        .unwrap();
+    assert!(c.dest().join("pub/index.php").is_file());
+}
+
+/// A tar entry with a name of raw bytes (a GNU long-name entry carries any bytes).
+fn tar_raw_name(name: &[u8]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(T::Regular);
+    h.set_mode(0o644);
+    h.set_size(1);
+    let name = <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(name);
+    b.append_data(&mut h, Path::new(name), &b"x"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn names_with_control_characters_or_invalid_utf8_are_refused_and_shown_escaped() {
+    for (name, shown) in [
+        (
+            &b"pub/a\nINFO forged line.php"[..],
+            "pub/a\\nINFO forged line.php",
+        ),
+        (&b"pub/\x1b[31mred.php"[..], "pub/\\u{1b}[31mred.php"),
+        (&b"pub/caf\xe9.php"[..], "pub/caf\\xe9.php"),
+    ] {
+        let c = Case::new();
+        let e = c
+            .extract("n.tar", &tar_raw_name(name))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("`{shown}`")), "{e}");
+        assert!(
+            !e.contains('\n') && !e.contains('\x1b'),
+            "printed raw: {e:?}"
+        );
+        c.assert_clean();
+    }
+}
+
+#[test]
+fn pax_sparse_entries_are_refused_like_gnu_sparse() {
+    // What `tar --sparse --format=pax` writes: a PAX header with GNU.sparse.* keys, then a
+    // regular entry named GNUSparseFile.<pid>/<name> whose data starts with the sparse map.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut pax = Vec::new();
+    for (k, v) in [
+        ("GNU.sparse.major", "1"),
+        ("GNU.sparse.minor", "0"),
+        ("GNU.sparse.name", "var/big.db"),
+        ("GNU.sparse.realsize", "1048576"),
+    ] {
+        let rec = format!(" {k}={v}\n");
+        let mut len = rec.len() + 1;
+        if format!("{len}{rec}").len() != len {
+            len += 1;
+        }
+        pax.extend_from_slice(format!("{len}{rec}").as_bytes());
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(T::XHeader);
+    h.set_size(pax.len() as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "PaxHeaders/big.db", &pax[..])
+        .unwrap();
+    let data = b"1\n0\n512\n";
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(T::Regular);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "var/GNUSparseFile.0/big.db", &data[..])
+        .unwrap();
+    let t = b.into_inner().unwrap();
+    let c = Case::new();
+    let e = c.extract("sparse.tar", &t).unwrap_err().to_string();
+    assert!(e.contains("sparse"), "{e}");
+    assert!(!c.dest().join("var/GNUSparseFile.0").exists());
+    c.assert_clean();
+}
+
+#[test]
+fn truncated_gzip_is_a_read_error_not_a_write_failure() {
+    let t = tar_of(&[("pub/big.js", T::Regular, 0o644, &[b'x'; 200_000][..], None)]);
+    // Random-ish data so the compressed stream is long enough to cut in the middle.
+    let data: Vec<u8> = (0..200_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let t2 = tar_of(&[("pub/big.js", T::Regular, 0o644, &data, None)]);
+    for t in [t, t2] {
+        let mut z = gz(&t);
+        z.truncate(z.len() / 2);
+        let c = Case::new();
+        let e = c.extract("cut.tar.gz", &z).unwrap_err();
+        assert!(matches!(e, ArchiveError::Read { .. }), "{e}");
+        assert!(e.to_string().starts_with("failed to read"), "{e}");
+        c.assert_clean();
+    }
+}
+
+#[test]
+fn fifo_given_as_the_artifact_is_refused_instead_of_blocking_deploy() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("bgagent.yaml");
+    std::fs::write(&cfg, "app_root: app\nstate_dir: state\nsocket: { path: run/s.sock, group: null }\napp: { kind: php }\n").unwrap();
+    let fifo = d.path().join("artifact.tar.gz");
+    let st = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(st.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bgagent"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("deploy")
+        .arg(&fifo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A bound on a hang, not a timing assertion: the refusal needs no I/O at all.
+    let t0 = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`bgagent deploy FIFO` blocked (killed after 60 s)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("is a FIFO"), "{text}");
+    assert!(!d.path().join("app/current").exists());
+}

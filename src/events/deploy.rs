@@ -86,7 +86,7 @@ fn check_artifact(artifact: &Path) -> Result<(), String> {
     let meta = std::fs::metadata(artifact).map_err(|e| {
         format!(
             "the artifact {} cannot be used: {e}; give a directory or a .tar, .tar.gz or .zip archive",
-            artifact.display()
+            crate::text::path(artifact)
         )
     })?;
     if meta.is_dir() {
