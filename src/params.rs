@@ -49,6 +49,10 @@ struct ParamsRaw {
     initial_backoff: Option<Duration>,
     #[serde(default, with = "crate::config::opt_duration")]
     max_backoff: Option<Duration>,
+    #[serde(default, with = "crate::config::opt_duration")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "crate::config::opt_duration")]
+    timeout: Option<Duration>,
 }
 
 impl TryFrom<ParamsRaw> for ParamsConfig {
@@ -62,6 +66,8 @@ impl TryFrom<ParamsRaw> for ParamsConfig {
             ("max_attempts", r.max_attempts.is_some()),
             ("initial_backoff", r.initial_backoff.is_some()),
             ("max_backoff", r.max_backoff.is_some()),
+            ("connect_timeout", r.connect_timeout.is_some()),
+            ("timeout", r.timeout.is_some()),
         ];
         let only = |source: &str, allowed: &[&str]| -> Result<(), String> {
             let mut given: Vec<&str> = ssm_keys
@@ -106,6 +112,8 @@ impl TryFrom<ParamsRaw> for ParamsConfig {
                         "max_attempts",
                         "initial_backoff",
                         "max_backoff",
+                        "connect_timeout",
+                        "timeout",
                     ],
                 )?;
                 let d = SsmConfig::default();
@@ -116,6 +124,8 @@ impl TryFrom<ParamsRaw> for ParamsConfig {
                     max_attempts: r.max_attempts.unwrap_or(d.max_attempts),
                     initial_backoff: r.initial_backoff.unwrap_or(d.initial_backoff),
                     max_backoff: r.max_backoff.unwrap_or(d.max_backoff),
+                    connect_timeout: r.connect_timeout.unwrap_or(d.connect_timeout),
+                    timeout: r.timeout.unwrap_or(d.timeout),
                 }))
             }
             Some(other) => Err(format!(
@@ -140,6 +150,13 @@ pub struct SsmConfig {
     pub initial_backoff: Duration,
     #[serde(with = "crate::config::duration")]
     pub max_backoff: Duration,
+    /// Deadline for the TCP and TLS connection to the endpoint, per attempt.
+    #[serde(with = "crate::config::duration")]
+    pub connect_timeout: Duration,
+    /// Deadline for one request, from sending to the whole answer read, per attempt: an
+    /// endpoint that accepts and never answers fails the attempt after this long.
+    #[serde(with = "crate::config::duration")]
+    pub timeout: Duration,
 }
 
 impl Default for SsmConfig {
@@ -151,7 +168,19 @@ impl Default for SsmConfig {
             max_attempts: 6,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            timeout: Duration::from_secs(10),
         }
+    }
+}
+
+impl SsmConfig {
+    /// The longest reading one page may take: every attempt at its timeout plus the
+    /// backoffs between them. The whole read is bounded by this per page as well, so not
+    /// even a stall the SDK's own timeouts miss (credentials, region lookup) holds a hook.
+    pub fn page_budget(&self) -> Duration {
+        let n = self.max_attempts.max(1);
+        (self.timeout + self.connect_timeout) * n + self.max_backoff * n.saturating_sub(1)
     }
 }
 
@@ -309,30 +338,21 @@ fn load_file(path: &Path) -> Result<ParamSet, ParamsError> {
         })
         .unwrap_or_default();
     let mut set = ParamSet::default();
-    let Some(map) = doc.as_object() else {
+    if !doc.is_object() {
+        return Err(err("the file must hold a map of values".into()));
+    }
+    // Values again, as written: YAML would read `0123` as 123, `1e3` as 1000.0 and `~` as
+    // nothing, silently changing a password or a key. Numbers and booleans keep the exact
+    // text of the file; null and lists are refused at their line and column.
+    let tree: YamlNode =
+        serde_saphyr::from_str(&text).map_err(|e| err(e.without_snippet().to_string()))?;
+    let YamlNode::Map(top) = tree else {
         return Err(err("the file must hold a map of values".into()));
     };
-    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
-        match v {
-            serde_json::Value::Object(m) => {
-                for (k, v) in m {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    walk(&key, v, out);
-                }
-            }
-            serde_json::Value::String(s) => out.push((prefix.to_string(), s.clone())),
-            serde_json::Value::Null => out.push((prefix.to_string(), String::new())),
-            other => out.push((prefix.to_string(), other.to_string())),
-        }
-    }
     let mut flat = Vec::new();
-    for (k, v) in map {
+    for (k, v) in top {
         if k != "secure" {
-            walk(k, v, &mut flat);
+            flatten(&text, &k, v, &mut flat).map_err(err)?;
         }
     }
     for (key, value) in flat {
@@ -355,6 +375,118 @@ fn load_file(path: &Path) -> Result<ParamSet, ParamsError> {
         );
     }
     Ok(set)
+}
+
+/// A parameters file as written, every value with where it is.
+enum YamlNode {
+    Map(Vec<(String, serde_saphyr::Spanned<YamlNode>)>),
+    Str(String),
+    /// A number or boolean: its text is taken from the file.
+    Plain,
+    Null,
+    List,
+}
+
+impl<'de> Deserialize<'de> for YamlNode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = YamlNode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of values")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<YamlNode, E> {
+                Ok(YamlNode::Str(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<YamlNode, E> {
+                Ok(YamlNode::Str(v))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<YamlNode, E> {
+                Ok(YamlNode::Plain)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<YamlNode, E> {
+                Ok(YamlNode::Plain)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<YamlNode, E> {
+                Ok(YamlNode::Plain)
+            }
+            fn visit_i128<E>(self, _: i128) -> Result<YamlNode, E> {
+                Ok(YamlNode::Plain)
+            }
+            fn visit_u128<E>(self, _: u128) -> Result<YamlNode, E> {
+                Ok(YamlNode::Plain)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<YamlNode, E> {
+                Ok(YamlNode::Plain)
+            }
+            fn visit_unit<E>(self) -> Result<YamlNode, E> {
+                Ok(YamlNode::Null)
+            }
+            fn visit_none<E>(self) -> Result<YamlNode, E> {
+                Ok(YamlNode::Null)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<YamlNode, A::Error> {
+                while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(YamlNode::List)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<YamlNode, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = a.next_key::<String>()? {
+                    out.push((k, a.next_value::<serde_saphyr::Spanned<YamlNode>>()?));
+                }
+                Ok(YamlNode::Map(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Flattens `node` under `key` into (dotted key, value) pairs. Errors name the key, line
+/// and column, never a value.
+fn flatten(
+    text: &str,
+    key: &str,
+    node: serde_saphyr::Spanned<YamlNode>,
+    out: &mut Vec<(String, String)>,
+) -> Result<(), String> {
+    let at = &node.defined;
+    let here = format!("line {}, column {}: `{key}`", at.line(), at.column());
+    match node.value {
+        YamlNode::Map(m) => {
+            for (k, v) in m {
+                flatten(text, &format!("{key}.{k}"), v, out)?;
+            }
+        }
+        YamlNode::Str(s) => out.push((key.to_string(), s)),
+        YamlNode::Plain => {
+            let span = at.span();
+            let raw = span
+                .byte_offset()
+                .zip(span.byte_len())
+                .and_then(|(o, l)| text.get(o as usize..(o + l) as usize))
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .ok_or_else(|| format!("{here} is not a quoted string and its text could not be read back; quote it"))?;
+            out.push((key.to_string(), raw.to_string()));
+        }
+        YamlNode::Null => {
+            return Err(format!(
+                "{here} has no value (YAML null: empty, `~` or `null`); write \"\" for an empty string, or quote the text"
+            ));
+        }
+        YamlNode::List => {
+            return Err(format!(
+                "{here} is a list; parameters are strings (or maps of them): quote it, or give one key per item"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `/magento/prod/db/host` under `/magento/prod` -> `db.host`.
@@ -383,7 +515,15 @@ pub fn backoff(n: u32, initial: Duration, max: Duration, jitter: f64) -> Duratio
 async fn client(cfg: &SsmConfig) -> aws_sdk_ssm::Client {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
         // Retries are ours (below), so a refused connection is retried like throttling.
-        .retry_config(aws_config::retry::RetryConfig::disabled());
+        .retry_config(aws_config::retry::RetryConfig::disabled())
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(cfg.connect_timeout)
+                .read_timeout(cfg.timeout)
+                .operation_attempt_timeout(cfg.timeout)
+                .operation_timeout(cfg.timeout)
+                .build(),
+        );
     if let Some(r) = &cfg.region {
         loader = loader.region(aws_config::Region::new(r.clone()));
     }
@@ -398,13 +538,40 @@ async fn load_ssm(cfg: &SsmConfig) -> Result<ParamSet, ParamsError> {
     if cfg.paths.is_empty() {
         return Err(ParamsError::NoPaths);
     }
-    let client = client(cfg).await;
+    let endpoint = cfg.endpoint_url.clone().unwrap_or_else(|| "SSM".into());
+    let client = tokio::time::timeout(cfg.page_budget(), client(cfg))
+        .await
+        .map_err(|_| ParamsError::Ssm {
+            path: cfg.paths[0].clone(),
+            attempts: 1,
+            message: format!(
+                "setting up the SSM client (region, credentials) for {endpoint} stalled for {} s",
+                cfg.page_budget().as_secs()
+            ),
+        })?;
     let mut set = ParamSet::default();
     for prefix in &cfg.paths {
         let mut token: Option<String> = None;
         let mut pages = 0;
         loop {
-            let page = fetch_page(&client, cfg, prefix, token.clone()).await?;
+            let page = match tokio::time::timeout(
+                cfg.page_budget(),
+                fetch_page(&client, cfg, prefix, token.clone()),
+            )
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(ParamsError::Ssm {
+                        path: prefix.clone(),
+                        attempts: cfg.max_attempts,
+                        message: format!(
+                            "{endpoint} did not answer within {} s (stalled)",
+                            cfg.page_budget().as_secs()
+                        ),
+                    });
+                }
+            };
             pages += 1;
             for p in page.parameters() {
                 let name = p.name().unwrap_or_default().to_string();
@@ -465,7 +632,15 @@ async fn fetch_page(
             Ok(out) => return Ok(out),
             Err(e) => {
                 let (retryable, msg) = classify(&e);
-                last = msg;
+                // Name what stalled or failed: the endpoint, and the deadline that ran out.
+                last = format!(
+                    "{}: {}",
+                    cfg.endpoint_url.as_deref().unwrap_or("the SSM endpoint"),
+                    msg.replace(
+                        "params.timeout",
+                        &format!("params.timeout ({} ms)", cfg.timeout.as_millis())
+                    )
+                );
                 if !retryable || attempt == attempts {
                     return Err(ParamsError::Ssm {
                         path: prefix.to_string(),
@@ -517,7 +692,10 @@ where
                 (true, format!("the request was not sent: {}", causes(e)))
             }
         }
-        SdkError::TimeoutError(_) => (true, "the request timed out".into()),
+        SdkError::TimeoutError(_) => (
+            true,
+            "the endpoint did not answer within params.timeout (stalled)".into(),
+        ),
         SdkError::ResponseError(_) => (true, "the response could not be read".into()),
         SdkError::ServiceError(s) => {
             let err = s.err();

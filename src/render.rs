@@ -191,6 +191,9 @@ fn render_with(
     Ok(out)
 }
 
+/// Marks an error detail written by bgagent (which never holds a value), so it is shown.
+const OWN_DETAIL: &str = "bgagent: ";
+
 /// Renders one template source for `target` (whose extension picks the value syntax).
 pub fn render_one(
     template: &Path,
@@ -218,8 +221,9 @@ pub fn render_one(
             } else {
                 json_literal(value)
             };
-            let lit =
-                lit.map_err(|what| minijinja::Error::new(ErrorKind::InvalidOperation, what))?;
+            let lit = lit.map_err(|what| {
+                minijinja::Error::new(ErrorKind::InvalidOperation, format!("{OWN_DETAIL}{what}"))
+            })?;
             out.write_str(&lit)
                 .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "write failed"))
         });
@@ -251,10 +255,22 @@ pub fn render_one(
                 expr,
             }
         } else {
-            // kind and detail only: never the context
-            let what = match e.detail() {
-                Some(d) => format!("{}: {d}", e.kind()),
-                None => e.kind().to_string(),
+            // Never the context, and a detail only where it cannot hold a value: minijinja
+            // puts values into details (the name given to include/import/extends, the
+            // operands of a failed operation), and a parameter value is a secret.
+            let what = match (e.kind(), e.detail()) {
+                (ErrorKind::SyntaxError, Some(d)) => format!("{}: {d}", e.kind()),
+                (_, Some(d)) if d.starts_with(OWN_DETAIL) => {
+                    format!("{}: {}", e.kind(), &d[OWN_DETAIL.len()..])
+                }
+                (ErrorKind::TemplateNotFound, _) => format!(
+                    "{} (include, import and extends are not supported: rendered files are built from one template; the name is not shown, it may be a parameter value)",
+                    e.kind()
+                ),
+                (k, Some(_)) => {
+                    format!("{k} (details not shown: they may quote a parameter value)")
+                }
+                (k, None) => k.to_string(),
             };
             RenderError::Template {
                 template: template.to_path_buf(),
