@@ -200,6 +200,18 @@ pub fn hook(cli: &Cli, event_arg: Option<&str>) -> i32 {
         );
         return exit::NO_DEPLOYMENT_ID;
     };
+    // A malformed id is a usage error, said before anything is sent.
+    for key in ["DEPLOYMENT_ID", "DEPLOYMENT_GROUP_ID"] {
+        if let Some(v) = env.get(key).filter(|v| !v.is_empty())
+            && let Err(e) = crate::events::check_id(key, v)
+        {
+            println!(
+                "bgagent: {event_name} FAILED (exit {})\nerror: {e}",
+                exit::USAGE
+            );
+            return exit::USAGE;
+        }
+    }
     let cfg = match load_config(&config_path(cli)) {
         Ok(c) => c,
         Err(code) => return code,
@@ -225,7 +237,9 @@ pub fn hook(cli: &Cli, event_arg: Option<&str>) -> i32 {
         }
         Err(e) => {
             let code = match e {
-                ClientError::Unreachable { .. } => exit::UNREACHABLE,
+                ClientError::Unreachable { .. } | ClientError::PermissionDenied { .. } => {
+                    exit::UNREACHABLE
+                }
                 ClientError::ConnectionLost(_) => exit::CONNECTION_LOST,
             };
             println!("bgagent: {event_name} FAILED for deployment {deployment} (exit {code})\n{e}");

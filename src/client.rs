@@ -20,6 +20,10 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error(
+        "permission denied on the bgagent socket {path}: is this user in group {group}? (add it with `usermod -aG {group} USER`, then log in again; root may always connect)"
+    )]
+    PermissionDenied { path: PathBuf, group: String },
+    #[error(
         "lost the connection to the bgagent daemon before it reported a result ({0}); the event may still be running or may have been interrupted: see `bgagent status`"
     )]
     ConnectionLost(String),
@@ -42,9 +46,24 @@ pub struct Finished {
 }
 
 pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
-    UnixStream::connect(path).map_err(|source| ClientError::Unreachable {
-        path: path.to_path_buf(),
-        source,
+    UnixStream::connect(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            // The socket's group (or, if its directory is what denied, the directory's).
+            let gid = std::fs::metadata(path)
+                .or_else(|_| std::fs::metadata(path.parent().unwrap_or(Path::new("/"))))
+                .map(|m| std::os::unix::fs::MetadataExt::gid(&m))
+                .ok();
+            return ClientError::PermissionDenied {
+                path: path.to_path_buf(),
+                group: gid
+                    .map(crate::perms::group_name)
+                    .unwrap_or_else(|| "of the socket".into()),
+            };
+        }
+        ClientError::Unreachable {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -59,13 +78,18 @@ pub fn request(
     let mut line =
         serde_json::to_vec(req).map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+    // A daemon that refuses this peer answers without reading the request: a failed write
+    // (broken pipe) is then not the story, the reply already sent is.
+    let write_err = stream.write_all(&line).err();
+    let _ = stream.set_read_timeout(write_err.as_ref().map(|_| Duration::from_secs(5)));
     let mut problems = Vec::new();
     let reader = BufReader::new(stream);
     for l in reader.lines() {
-        let l = l.map_err(|e| ClientError::ConnectionLost(e.to_string()))?;
+        let l = match (l, &write_err) {
+            (Ok(l), _) => l,
+            (Err(_), Some(w)) => return Err(ClientError::ConnectionLost(w.to_string())),
+            (Err(e), None) => return Err(ClientError::ConnectionLost(e.to_string())),
+        };
         match serde_json::from_str::<Reply>(&l) {
             Ok(Reply::Log { ts, level, message }) => {
                 let time = ts.get(11..23).unwrap_or(&ts);
@@ -94,9 +118,10 @@ pub fn request(
             }
         }
     }
-    Err(ClientError::ConnectionLost(
-        "the daemon closed the connection".into(),
-    ))
+    Err(ClientError::ConnectionLost(match write_err {
+        Some(w) => w.to_string(),
+        None => "the daemon closed the connection".into(),
+    }))
 }
 
 /// The hook's closing block. CodeDeploy shows only the last 2048 characters of a hook's

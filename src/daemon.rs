@@ -158,14 +158,44 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             path: socket_path.clone(),
             source,
         })?;
+    let conns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let root_conns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_log = RateLimited::default();
+    let mut busy_log = RateLimited::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let shared = shared.clone();
-                    tokio::spawn(async move { handle(stream, shared).await });
+                    // Root has its own pool: a socket-group member holding every connection
+                    // open cannot lock the operator (or CodeDeploy's agent) out.
+                    let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
+                    let pool = if root { &root_conns } else { &conns };
+                    match pool.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                handle(stream, shared).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            busy_log.note(|n| warn!(
+                                "refused {n} connection(s) on {}: {MAX_CONNECTIONS} already open (from {})",
+                                socket_path.display(),
+                                if root { "root" } else { "socket-group members" }
+                            ));
+                            tokio::spawn(refuse_busy(stream));
+                        }
+                    }
                 }
-                Err(e) => warn!("accept failed on {}: {e}", socket_path.display()),
+                Err(e) => {
+                    accept_log.note(|n| warn!("accept failed on {} ({n} time(s) in the last {} s): {e}", socket_path.display(), LOG_EVERY.as_secs()));
+                    // Out of file descriptors: accept would fail again at once; give the
+                    // read deadlines a moment to free some instead of spinning.
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
             },
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
@@ -242,13 +272,55 @@ fn peer_allowed(uid: u32, gid: u32, pid: Option<i32>, allowed_gid: Option<u32>) 
         .unwrap_or(false)
 }
 
+/// Connections served at once, per pool (root, everyone else). Each holds one fd.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client has to send its request line after connecting.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one warning per this long for a repeated connection problem.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs a repeated event at most once per [`LOG_EVERY`], with how often it happened.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl RateLimited {
+    fn note(&mut self, log: impl FnOnce(u64)) {
+        self.count += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+            log(self.count);
+            self.count = 0;
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+}
+
+/// Answers a connection over the cap, briefly, without reading it.
+async fn refuse_busy(stream: UnixStream) {
+    let (_r, mut w) = stream.into_split();
+    let reply = Reply::Done {
+        outcome: protocol::Outcome::Refused,
+        summary: format!(
+            "the bgagent daemon is serving {MAX_CONNECTIONS} connections already; try again shortly"
+        ),
+        data: None,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut w, &reply)).await;
+}
+
 async fn send(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> bool {
     let mut line = match serde_json::to_vec(reply) {
         Ok(l) => l,
         Err(_) => return false,
     };
     line.push(b'\n');
-    w.write_all(&line).await.is_ok()
+    // A client that stops reading must not hold its connection (and the log stream) open.
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), w.write_all(&line)).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn handle(stream: UnixStream, shared: Arc<Shared>) {
@@ -262,6 +334,11 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             "refused a connection from uid {:?}: only root and members of the socket group may use bgagent",
             cred.map(|c| c.uid())
         );
+        // Take the request off the wire first (bounded in size and time), so the peer can
+        // read the reason instead of failing its write with a broken pipe.
+        let mut reader = BufReader::new(r.take(protocol::MAX_REQUEST_BYTES as u64));
+        let mut sink = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut sink)).await;
         let _ = send(
             &mut w,
             &Reply::Done {
@@ -275,8 +352,27 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
     }
     let mut reader = BufReader::new(r.take(protocol::MAX_REQUEST_BYTES as u64));
     let mut line = String::new();
-    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-        return;
+    match tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line)).await {
+        Ok(Ok(n)) if n > 0 => {}
+        Ok(_) => return,
+        Err(_) => {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                send(
+                    &mut w,
+                    &Reply::Done {
+                        outcome: protocol::Outcome::Refused,
+                        summary: format!(
+                            "no request within {} s of connecting; connection closed",
+                            REQUEST_READ_TIMEOUT.as_secs()
+                        ),
+                        data: None,
+                    },
+                ),
+            )
+            .await;
+            return;
+        }
     }
     let request: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
@@ -301,11 +397,11 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             Request::Hook { event, env } => info_span!(
                 "hook",
                 stream = stream_reg.id,
-                lifecycle_event = %event,
-                deployment_id = %env.get("DEPLOYMENT_ID").map(String::as_str).unwrap_or("-")
+                lifecycle_event = %crate::text::escape(event),
+                deployment_id = %crate::text::escape(env.get("DEPLOYMENT_ID").map(String::as_str).unwrap_or("-"))
             ),
             Request::Deploy { artifact } => {
-                info_span!("deploy", stream = stream_reg.id, artifact = %artifact.display())
+                info_span!("deploy", stream = stream_reg.id, artifact = %crate::text::path(artifact))
             }
             Request::Rollback { .. } => info_span!("rollback", stream = stream_reg.id),
             Request::Status => info_span!("status", stream = stream_reg.id),

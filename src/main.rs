@@ -173,6 +173,10 @@ fn work(
             return cli::exit_code_of(f.outcome);
         }
         Err(e) if e.is_absent() => {}
+        Err(e @ client::ClientError::PermissionDenied { .. }) => {
+            eprintln!("error: {e}");
+            return exit::UNREACHABLE;
+        }
         Err(e) => {
             eprintln!("error: {e}");
             if let Request::Rollback { from: Some(from) } = &req {
@@ -281,9 +285,15 @@ fn status(cli: &Cli, json: bool, releases_only: bool) -> i32 {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let from_daemon = client::request(&cfg.socket.path, &Request::Status, |_, _| {})
-        .ok()
-        .and_then(|f| f.data);
+    let from_daemon = match client::request(&cfg.socket.path, &Request::Status, |_, _| {}) {
+        Ok(f) => f.data,
+        // Not allowed on the socket: say so, rather than a state.json error that hides it.
+        Err(e @ client::ClientError::PermissionDenied { .. }) => {
+            eprintln!("error: {e}");
+            return exit::UNREACHABLE;
+        }
+        Err(_) => None,
+    };
     let doc = match from_daemon {
         Some(d) => d,
         None => match bgagent::state::read(&cfg.state_dir) {

@@ -287,6 +287,25 @@ pub fn lookup_group(name: &str) -> Option<u32> {
     Some(grp.gr_gid)
 }
 
+/// The name of group `gid`, or the number when it has none.
+pub fn group_name(gid: u32) -> String {
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    // SAFETY: as in lookup_user; gr_name points into the buffer, read before it is freed.
+    let mut name = None;
+    with_nss_buffer(|buf, result: &mut *mut libc::group| unsafe {
+        let r = libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr().cast(), buf.len(), result);
+        if r == 0 && !result.is_null() && !grp.gr_name.is_null() {
+            name = Some(
+                std::ffi::CStr::from_ptr(grp.gr_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        r
+    });
+    name.unwrap_or_else(|| gid.to_string())
+}
+
 /// Runs a `get*nam_r` call with a buffer that doubles while the entry does not fit (ERANGE:
 /// a group with thousands of members from LDAP), up to 16 MiB. `Some` when an entry was found.
 fn with_nss_buffer<T>(mut call: impl FnMut(&mut [u8], &mut *mut T) -> libc::c_int) -> Option<()> {

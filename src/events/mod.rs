@@ -53,9 +53,12 @@ pub fn check_id(what: &str, v: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
+        // The reason first and the value escaped and cut: a 10 kB id must not push the
+        // reason out of the 2048 characters CodeDeploy shows, nor forge a log line.
         Err(format!(
-            "{what} `{}` is not a CodeDeploy id (letters, digits, `-` and `_` only)",
-            v.escape_debug()
+            "{what} is not a CodeDeploy id (letters, digits, `-` and `_` only, at most 128): `{}` ({} bytes)",
+            crate::text::truncate(&crate::text::escape(v), 80),
+            v.len()
         ))
     }
 }
