@@ -143,6 +143,27 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             shared.readiness.set_status(engine.status(None, true));
         });
     }
+    {
+        // opcache.reclaim_at: window: a due reclaim runs when the window comes.
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                t.tick().await;
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let minute = ((secs % 86400) / 60) as u32;
+                shared
+                    .engine
+                    .lock()
+                    .await
+                    .opcache_reclaim_in_window(minute)
+                    .await;
+            }
+        });
+    }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tokio::spawn(async move {
             let mut t = tokio::time::interval(interval / 2);

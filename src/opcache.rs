@@ -58,7 +58,10 @@ pub enum ReclaimAt {
     /// In the next deploy's pre-switch phase: reload, precompile, then switch.
     #[default]
     NextDeploy,
-    /// Never by bgagent (the operator reloads in their own window).
+    /// In the daily `reclaim_window` (UTC), when no deployment is in progress: reload, then
+    /// precompile the current release's hot set into the fresh opcache.
+    Window,
+    /// Never by bgagent (the operator reloads in their own way).
     Never,
 }
 
@@ -93,6 +96,8 @@ pub struct OpcacheConfig {
     /// Wasted memory (percent of the total) at which a reclaiming reload is scheduled.
     pub reclaim_wasted_percent: f64,
     pub reclaim_at: ReclaimAt,
+    /// `HH:MM-HH:MM`, UTC, for `reclaim_at: window` (may pass midnight: `23:00-01:00`).
+    pub reclaim_window: Option<String>,
 }
 
 impl Default for OpcacheConfig {
@@ -111,6 +116,7 @@ impl Default for OpcacheConfig {
             min_free_keys: 1000,
             reclaim_wasted_percent: 10.0,
             reclaim_at: ReclaimAt::NextDeploy,
+            reclaim_window: None,
         }
     }
 }
@@ -146,6 +152,18 @@ impl OpcacheConfig {
                 "opcache.reclaim_wasted_percent".into(),
                 "must be between 0 and 100".into(),
             ));
+        }
+        match (&self.reclaim_at, &self.reclaim_window) {
+            (ReclaimAt::Window, None) => out.push((
+                "opcache.reclaim_window".into(),
+                "`reclaim_at: window` needs a window, e.g. \"02:00-04:00\" (UTC)".into(),
+            )),
+            (_, Some(w)) => {
+                if let Err(m) = parse_window(w) {
+                    out.push(("opcache.reclaim_window".into(), m));
+                }
+            }
+            _ => {}
         }
         for (i, g) in self.globs.iter().enumerate() {
             if g.starts_with('/') || g.split('/').any(|s| s == "..") {
@@ -1085,7 +1103,7 @@ pub fn decide(
     if cfg.reload == ReloadPolicy::Always {
         return d(Plan::ReloadThenWarm, "opcache.reload is `always`".into());
     }
-    if let Some(r) = reclaim {
+    if let Some(r) = reclaim.filter(|_| cfg.reclaim_at == ReclaimAt::NextDeploy) {
         return d(Plan::ReloadThenWarm, format!("a reclaim is due: {r}"));
     }
     let free_after = s.free_memory.saturating_sub(need.memory);
@@ -1158,6 +1176,31 @@ pub fn reclaim_due(cfg: &OpcacheConfig, status: &OpcacheStatus) -> Option<String
             cfg.reclaim_wasted_percent
         )
     })
+}
+
+/// `HH:MM-HH:MM` as (start, end) minutes of the day. Pure.
+pub fn parse_window(s: &str) -> Result<(u32, u32), String> {
+    let bad = || format!("`{s}` is not a window such as \"02:00-04:00\" (UTC, HH:MM-HH:MM)");
+    let minutes = |t: &str| -> Option<u32> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m) = (h.parse::<u32>().ok()?, m.parse::<u32>().ok()?);
+        (h <= 24 && m < 60 && h * 60 + m <= 1440).then_some(h * 60 + m)
+    };
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b) = (minutes(a).ok_or_else(bad)?, minutes(b).ok_or_else(bad)?);
+    if a == b {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+/// Whether `minute` (of the day) lies in the window; a window may pass midnight. Pure.
+pub fn in_window((start, end): (u32, u32), minute: u32) -> bool {
+    if start < end {
+        (start..end).contains(&minute)
+    } else {
+        minute >= start || minute < end
+    }
 }
 
 pub fn mib(b: u64) -> String {
@@ -1439,6 +1482,36 @@ mod tests {
         let fatal = "{\"start\":4}\n{\"i\":0,\"r\":\"compiled\"}\nPHP Fatal error";
         let (r, died) = read_compile_lines(&files, fatal);
         assert_eq!((r.compiled, died), (1, Some(1)));
+    }
+
+    #[test]
+    fn reclaim_windows_parse_and_may_pass_midnight() {
+        assert_eq!(parse_window("02:00-04:30"), Ok((120, 270)));
+        assert!(parse_window("2-4").unwrap_err().contains("HH:MM-HH:MM"));
+        assert!(parse_window("03:00-03:00").is_err());
+        assert!(parse_window("25:00-03:00").is_err());
+        assert!(in_window((120, 270), 120) && !in_window((120, 270), 270));
+        assert!(in_window((1380, 60), 1439) && in_window((1380, 60), 0));
+        assert!(!in_window((1380, 60), 61));
+        assert!(in_window((0, 1440), 0) && in_window((0, 1440), 1439));
+        let mut c = OpcacheConfig {
+            reclaim_at: ReclaimAt::Window,
+            ..Default::default()
+        };
+        assert!(!c.validate(Path::new("/app")).is_empty());
+        c.reclaim_window = Some("01:00-02:00".into());
+        assert!(c.validate(Path::new("/app")).is_empty());
+    }
+
+    #[test]
+    fn a_due_reclaim_reloads_in_the_deploy_only_with_next_deploy() {
+        let mut cfg = warm();
+        let s = st(64 << 20, 0, 1000);
+        cfg.reclaim_at = ReclaimAt::Window;
+        assert_eq!(
+            decide(&cfg, Ok(&s), Need::default(), Some("wasted 20%")).plan,
+            Plan::Warm
+        );
     }
 
     #[test]

@@ -485,3 +485,54 @@ fn wasted_memory_past_the_threshold_schedules_a_reload_in_the_next_deploys_pre_s
     assert!(env.cached(&r3).0 >= 200);
     env.serve(2, "r3");
 }
+
+#[test]
+fn a_due_reclaim_with_a_maintenance_window_reloads_in_the_window_and_precompiles_the_current_release()
+ {
+    let env = Env::new(
+        &[],
+        None,
+        "  reclaim_wasted_percent: 0.5\n  reclaim_at: window\n  reclaim_window: \"00:00-24:00\"\n",
+        200,
+        2,
+    );
+    env.deploy("d-1", "r1", &ALL[1..]);
+    env.serve(3, "r1");
+    let log = env.deploy("d-2", "r2", &ALL);
+    assert!(log.contains("switching without a php-fpm reload"), "{log}");
+    assert!(
+        log.contains("a reclaiming reload is due, in the maintenance window"),
+        "{log}"
+    );
+    let (master, workers) = env.web.fpm_pids();
+    // The daemon looks every 30 s; the window is all day.
+    let mut st = env.status_json();
+    for _ in 0..100 {
+        if st["opcache"]["php-fpm"]["reclaim_due"].is_null() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        st = env.status_json();
+    }
+    assert!(st["opcache"]["php-fpm"]["reclaim_due"].is_null(), "{st:#}");
+    let daemon_log = std::fs::read_to_string(env.p("daemon.log")).unwrap();
+    assert!(
+        daemon_log.contains("reclaiming opcache in the maintenance window"),
+        "{daemon_log}"
+    );
+    let (master2, workers2) = env.web.fpm_pids();
+    assert!(master2 != master || workers2.iter().all(|w| !workers.contains(w)));
+    // The fresh opcache holds the current release's hot set, compiled before any request.
+    let r2 = env.release_dir("r2");
+    let (n, _) = env.cached(&r2);
+    assert!(n >= 200, "{n}\n{daemon_log}");
+    // (the daemon's health monitor requests health.php meanwhile; no request loads a class)
+    assert_eq!(env.cached(&r2.join("vendor")).1, 0);
+    assert_eq!(env.cached(&env.release_dir("r1")).0, 0);
+    assert_eq!(
+        st["opcache"]["php-fpm"]["snapshot"]["wasted_memory"].as_u64(),
+        Some(0),
+        "{st:#}"
+    );
+    env.serve(2, "r2");
+}

@@ -235,9 +235,11 @@ impl Engine {
                 Ok(s) => {
                     rec.reclaim_due = opcache::reclaim_due(&self.cfg.opcache, &s);
                     if let Some(r) = &rec.reclaim_due {
-                        info!(
-                            "{name}: a reclaiming reload is due, in the next deploy before its switch: {r}"
-                        );
+                        let when = match self.cfg.opcache.reclaim_at {
+                            opcache::ReclaimAt::Window => "in the maintenance window",
+                            _ => "in the next deploy before its switch",
+                        };
+                        info!("{name}: a reclaiming reload is due, {when}: {r}");
                     }
                     rec.snapshot = Some(Snapshot::of(&s, &dirs, now()));
                 }
@@ -246,6 +248,94 @@ impl Engine {
             self.doc.opcache.insert(name, rec);
         }
         if let Err(e) = self.persist() {
+            warn!("could not record the opcache state: {e}");
+        }
+    }
+}
+
+impl Engine {
+    /// `opcache.reclaim_at: window`: inside the window and with no deployment in progress,
+    /// each pool with a reclaim due is reloaded, then the current release's hot set (what it
+    /// had cached) is precompiled into the fresh opcache at once, so the new workers start
+    /// warm. The daemon calls this periodically.
+    pub async fn opcache_reclaim_in_window(&mut self, minute_of_day: u32) {
+        let ocfg = self.cfg.opcache.clone();
+        if ocfg.switch != opcache::SwitchMode::Warm || ocfg.reclaim_at != opcache::ReclaimAt::Window
+        {
+            return;
+        }
+        let Some(window) = ocfg
+            .reclaim_window
+            .as_deref()
+            .and_then(|w| opcache::parse_window(w).ok())
+        else {
+            return;
+        };
+        if !opcache::in_window(window, minute_of_day) {
+            return;
+        }
+        if self
+            .doc
+            .deployment
+            .as_ref()
+            .is_some_and(|d| d.status == lifecycle::DeploymentStatus::InProgress)
+        {
+            return;
+        }
+        let Some(current) = self.layout.current() else {
+            return;
+        };
+        let dirs = self.releases_dirs();
+        let roots: Vec<PathBuf> = dirs.iter().map(|d| d.join(&current)).collect();
+        let mut changed = false;
+        for (svc, pool) in self.fastcgi_pools() {
+            let name = svc.name.clone();
+            let Some(mut rec) = self.doc.opcache.get(&name).cloned() else {
+                continue;
+            };
+            let Some(why) = rec.reclaim_due.clone() else {
+                continue;
+            };
+            let s = match pool.status(true).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!("{name}: the reclaim waits: opcache could not be read ({e})");
+                    continue;
+                }
+            };
+            let hot: Vec<PathBuf> = opcache::hot_set(&s.scripts, &roots, roots.last().unwrap())
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
+            info!(
+                "{name}: reclaiming opcache in the maintenance window ({why}): reloading php-fpm"
+            );
+            if let Err(e) = crate::services::reload_service(&self.cfg.services, &name).await {
+                warn!("{name}: the reclaiming reload failed: {e}");
+                continue;
+            }
+            if !pool.wait_fresh(s.start_time, ocfg.timeout).await {
+                warn!(
+                    "{name}: php-fpm did not answer from a fresh opcache within {:?}",
+                    ocfg.timeout
+                );
+            }
+            match opcache::precompile(&pool, &hot, ocfg.budget, ocfg.batch, ocfg.concurrency).await
+            {
+                Ok(rep) => info!(
+                    "{name}: precompiled releases/{current} again: {}",
+                    rep.summary()
+                ),
+                Err(e) => warn!("{name}: the precompile after the reclaiming reload failed: {e}"),
+            }
+            rec.reclaim_due = None;
+            if let Ok(a) = pool.status(true).await {
+                rec.snapshot = Some(Snapshot::of(&a, &dirs, now()));
+            }
+            self.doc.opcache.insert(name, rec);
+            changed = true;
+        }
+        if changed && let Err(e) = self.persist() {
             warn!("could not record the opcache state: {e}");
         }
     }
