@@ -588,6 +588,9 @@ async fn flush_once(
     // The claim outlives one flush reply by a round trip; a node that dies lets it lapse.
     let claim_ttl = (cfg.flush_timeout + cfg.timeout).as_secs().max(1);
     let t0 = std::time::Instant::now();
+    // Waiting nodes poll with a growing pause: 500 nodes polling every 50 ms would send
+    // Redis (the session server) 30k commands a second for as long as a flush takes.
+    let mut pause = std::time::Duration::from_millis(20);
     loop {
         if fleet.get(&flushed_key).await?.is_some() {
             return Ok(());
@@ -631,7 +634,8 @@ async fn flush_once(
                         expires_in,
                     });
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
             }
         }
     }
