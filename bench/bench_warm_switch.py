@@ -142,7 +142,7 @@ EVENTS = ["ApplicationStop", "BeforeInstall", "AfterInstall", "ApplicationStart"
 def bgagent_config(root: Path, web: Web, mode: str, globs=None):
     ready = zd.free_port()
     fpm = web.fpm
-    opc = ""
+    opc = "opcache: { switch: reload }\n"
     if mode == "warm":
         opc = (f"opcache:\n  switch: warm\n  snippet_dir: {web.snippets}\n  budget: 60s\n  timeout: 60s\n"
                f"  globs: {json.dumps(globs or [])}\n")
@@ -384,8 +384,9 @@ def main():
         if a.big:
             print(f"precompiling a {a.big}-file release ...", file=sys.stderr, flush=True)
             results["big"] = big_precompile(a, work, a.big)
-    finally:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        raise
     (out / "warm_switch.json").write_text(json.dumps(results, indent=2))
     with open(out / "warm_switch_series.csv", "w") as f:
         f.write("t_seconds,p99_ms,max_ms,errors,label\n")
@@ -398,6 +399,8 @@ def main():
     # Debian's matplotlib, outside any virtualenv or pyenv the caller may have.
     subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "/usr/bin/python3", str(HERE / "plot_warm_switch.py"), str(out / "warm_switch_series.csv"),
                     str(out / "warm_switch_switches.csv"), str(out / "warm_switch.png")], check=False)
+    if a.smoke:
+        print("(smoke run: a tiny app at a low rate proves the harness works; its figures are not results)\n")
     print(f"## Warm switch: {a.deploys} deploys per contender, {a.rate} req/s, {a.classes} classes, "
           f"{a.per_request} loaded per request\n")
     print("| contender | requests | failed | stale | steady p50 / p99 / max ms | switch window p50 / p99 / max ms "
@@ -417,6 +420,8 @@ def main():
               f"{p['failed']} failed, {p['skipped']} skipped in {p['ms']} ms; ApplicationStart {b['application_start_ms']} ms; "
               f"the release takes {b['release_opcache_bytes'] / 1048576:.1f} MiB of opcache for {b['release_scripts']} scripts")
     print(f"\nPlot: {out / 'warm_switch.png'}")
+    sys.stdout.flush()
+    shutil.rmtree(work, ignore_errors=True)  # after the results: deleting ~100k files is slow
 
 
 if __name__ == "__main__":

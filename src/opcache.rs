@@ -32,11 +32,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum SwitchMode {
-    /// Today's behaviour: switch, then reload php-fpm (USR2). No FastCGI at all.
+    /// `warm` for every php-fpm service with a `fastcgi` address, `reload` for the others.
+    /// The default since BENCHMARKS.md ("Warm switches") showed the warm switch meets its
+    /// targets under load where the reload does not.
     #[default]
+    Auto,
+    /// The behaviour before warm switches: switch, then reload php-fpm (USR2). No FastCGI.
     Reload,
     /// Precompile the new release into the running pool, then switch without a reload when
-    /// opcache has room for both releases.
+    /// opcache has room for both releases. Needs `fastcgi` on the php-fpm service.
     Warm,
 }
 
@@ -103,7 +107,7 @@ pub struct OpcacheConfig {
 impl Default for OpcacheConfig {
     fn default() -> Self {
         OpcacheConfig {
-            switch: SwitchMode::Reload,
+            switch: SwitchMode::Auto,
             reload: ReloadPolicy::WhenNeeded,
             snippet_dir: PathBuf::from("/run/bgagent-fcgi"),
             connect_timeout: Duration::from_secs(1),
@@ -1384,8 +1388,22 @@ mod tests {
     }
 
     #[test]
+    fn decide_auto_is_warm_for_a_pool_with_an_address() {
+        let d = decide(
+            &OpcacheConfig::default(),
+            Ok(&st(64 << 20, 0, 1000)),
+            Need::default(),
+            None,
+        );
+        assert_eq!(d.plan, Plan::Warm, "{}", d.reason);
+    }
+
+    #[test]
     fn decide_reload_mode_never_talks_of_room() {
-        let cfg = OpcacheConfig::default();
+        let cfg = OpcacheConfig {
+            switch: SwitchMode::Reload,
+            ..Default::default()
+        };
         let d = decide(&cfg, Err("x"), Need::default(), None);
         assert_eq!(d.plan, Plan::ReloadAfterSwitch);
         assert!(d.reason.contains("`reload`"));

@@ -98,9 +98,15 @@ fn render_error_from_include_never_quotes_the_secret_in_its_name() {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("env.php.j2"), "{t}");
-    assert!(!t.contains("s3cret-canary"), "the secret reached the error:\n{t}");
+    assert!(
+        !t.contains("s3cret-canary"),
+        "the secret reached the error:\n{t}"
+    );
     let state = std::fs::read_to_string(n.p("state/state.json")).unwrap_or_default();
-    assert!(!state.contains("s3cret-canary"), "the secret reached state.json");
+    assert!(
+        !state.contains("s3cret-canary"),
+        "the secret reached state.json"
+    );
 }
 
 #[test]

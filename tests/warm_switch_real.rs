@@ -1,4 +1,4 @@
-//! Warm switches (`opcache.switch: warm`) through the daemon and `bgagent hook`, against
+//! Warm switches (the default `opcache.switch: auto` with a `fastcgi` address) through the daemon and `bgagent hook`, against
 //! Debian's real php-fpm 8.2 and nginx started privately: the new release is precompiled into
 //! the pool's opcache before the rename, php-fpm is not reloaded when opcache has room for
 //! both releases, is reloaded (before the switch) when memory is short, and a pool that does
@@ -87,7 +87,6 @@ health:
   deadline: 20s
 readiness: {{ listen: "127.0.0.1:{rp}" }}
 opcache:
-  switch: warm
   snippet_dir: {snip}
   timeout: 20s
   min_free_keys: 100

@@ -260,7 +260,8 @@ impl Engine {
     /// warm. The daemon calls this periodically.
     pub async fn opcache_reclaim_in_window(&mut self, minute_of_day: u32) {
         let ocfg = self.cfg.opcache.clone();
-        if ocfg.switch != opcache::SwitchMode::Warm || ocfg.reclaim_at != opcache::ReclaimAt::Window
+        if ocfg.switch == opcache::SwitchMode::Reload
+            || ocfg.reclaim_at != opcache::ReclaimAt::Window
         {
             return;
         }
