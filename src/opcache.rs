@@ -1594,6 +1594,32 @@ mod tests {
     }
 
     #[test]
+    fn config_errors_name_the_key_and_what_to_write() {
+        let load = |text: &str| {
+            crate::config::from_str(text, Path::new("/etc/b.yaml"), Path::new("/etc"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let e = load("app_root: /srv/app\nopcache: { switch: warm }\n");
+        assert!(
+            e.contains("`opcache.switch`") && e.contains("set `fastcgi`"),
+            "{e}"
+        );
+        let e = load(
+            "app_root: /srv/app\nservices: { list: [ { name: fpm, kind: php-fpm, fastcgi: fpm-sock } ] }\n",
+        );
+        assert!(
+            e.contains("services.list.0.fastcgi") && e.contains("unix:"),
+            "{e}"
+        );
+        let e = load("app_root: /srv/app\nopcache: { snippet_dir: /srv/app/shared/fcgi }\n");
+        assert!(e.contains("reachable over HTTP"), "{e}");
+        // auto without any fastcgi address: valid, and today's reload.
+        assert_eq!(load("app_root: /srv/app\n"), "");
+    }
+
+    #[test]
     fn globs_match_segments_and_any_depth() {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
