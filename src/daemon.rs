@@ -47,6 +47,8 @@ struct Shared {
     state_dir: PathBuf,
     layout: crate::release::Layout,
     readiness: crate::readiness::Readiness,
+    /// What holds the engine now, and since when: named to requests that wait for it.
+    holder: std::sync::Mutex<Option<(String, std::time::Instant)>>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -83,6 +85,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             })?;
         info!("readiness listener on http://{bound} (/ready, /live, /status, /metrics)");
     }
+    // A cleanup of old releases cut short by a stop goes on (at idle I/O priority).
+    if !crate::cleanup::pending(&layout).is_empty() {
+        crate::cleanup::spawn_deleter(&layout);
+    }
     let listener = bind(&socket_path, mode, allowed_gid).await?;
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
@@ -90,6 +96,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         state_dir,
         layout,
         readiness: readiness.clone(),
+        holder: std::sync::Mutex::new(None),
     });
     info!("listening on {}", socket_path.display());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -499,10 +506,20 @@ async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
     let mut engine = match shared.engine.try_lock() {
         Ok(g) => g,
         Err(_) => {
-            info!("another request is running; waiting for it to finish");
+            let holder = shared.holder.lock().ok().and_then(|h| h.clone());
+            match holder {
+                Some((what, since)) => info!(
+                    "another request is running ({what}, for {} s); waiting for it to finish",
+                    since.elapsed().as_secs()
+                ),
+                None => info!("another request is running; waiting for it to finish"),
+            }
             shared.engine.lock().await
         }
     };
+    if let Ok(mut h) = shared.holder.lock() {
+        *h = Some((holding(&request), std::time::Instant::now()));
+    }
     let outcome = match request {
         Request::Hook { event, env } => match Event::parse(&event) {
             Err(e) => Outcome::Refused(e.to_string()),
@@ -520,7 +537,26 @@ async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
         Request::Status => Outcome::Failed("status is not a work request".into()),
     };
     shared.readiness.set_status(engine.status(None, true));
+    if let Ok(mut h) = shared.holder.lock() {
+        *h = None;
+    }
     reply_of(outcome, None)
+}
+
+/// A request as the waiting message names it.
+fn holding(request: &Request) -> String {
+    match request {
+        Request::Hook { event, env } => format!(
+            "{} of deployment {}",
+            crate::lifecycle::Event::parse(event).map_or("an unknown event", |e| e.name()),
+            env.get("DEPLOYMENT_ID")
+                .filter(|id| crate::events::check_id("DEPLOYMENT_ID", id).is_ok())
+                .map_or("-", String::as_str)
+        ),
+        Request::Deploy { artifact } => format!("bgagent deploy {}", artifact.display()),
+        Request::Rollback { .. } => "bgagent rollback".into(),
+        Request::Status => "status".into(),
+    }
 }
 
 /// How long a client waits to connect before it says the daemon is unreachable.

@@ -6,6 +6,7 @@
 pub mod appdir;
 pub mod archive;
 pub mod cache;
+pub mod cleanup;
 pub mod cli;
 pub mod client;
 pub mod config;

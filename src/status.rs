@@ -70,6 +70,7 @@ pub fn build(
         "last_deployment": doc.deployment,
         "last_switch": doc.switches.last(),
         "releases": releases,
+        "cleanup_pending": crate::cleanup::pending(layout),
         "opcache": doc.opcache,
     })
 }
@@ -114,6 +115,13 @@ pub fn render_text(s: &Value) -> String {
         }
     }
     render_opcache(&mut o, &s["opcache"]);
+    if let Some(p) = s["cleanup_pending"].as_array().filter(|p| !p.is_empty()) {
+        let _ = writeln!(
+            o,
+            "cleanup:    {} old release(s) or abandoned build(s) being removed in the background",
+            p.len()
+        );
+    }
     let d = &s["last_deployment"];
     if d.is_null() {
         let _ = writeln!(o, "\nno deployment yet");

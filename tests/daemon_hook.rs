@@ -577,3 +577,139 @@ fn exec_backend_stops_once_with_the_pid_and_config_check_refuses_pid_in_start() 
         text(&out)
     );
 }
+
+/// Issue 11 item 11: a request that waits for another said only "another request is
+/// running"; it now names the holder (event and deployment, or command) and for how long.
+#[test]
+fn the_waiting_message_names_the_request_holding_the_daemon() {
+    let mut node = Node::new();
+    // AfterInstall's command waits until the test lets it go.
+    let go = node.path("go");
+    let started = node.path("started");
+    let cfg = std::fs::read_to_string(node.config()).unwrap()
+        + &format!(
+            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'touch {s}; while ! test -e {g}; do sleep 0.05; done'], timeout: 60s }}\n",
+            s = started.display(),
+            g = go.display()
+        );
+    std::fs::write(node.config(), cfg).unwrap();
+    node.start();
+    node.revision("g-1", "d-H", "one");
+    assert_eq!(
+        node.hook("BeforeInstall", Some("d-H"), "g-1").status.code(),
+        Some(0)
+    );
+    let config = node.config();
+    let first = std::thread::spawn(move || {
+        Command::new(BIN)
+            .args(["--config", config.to_str().unwrap(), "hook", "AfterInstall"])
+            .env("DEPLOYMENT_ID", "d-H")
+            .env("DEPLOYMENT_GROUP_ID", "g-1")
+            .output()
+            .unwrap()
+    });
+    let t0 = Instant::now();
+    while !started.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let config = node.config();
+    let second = std::thread::spawn(move || {
+        Command::new(BIN)
+            .args(["--config", config.to_str().unwrap(), "rollback"])
+            .output()
+            .unwrap()
+    });
+    // the second request is waiting once the daemon logged it
+    let t0 = Instant::now();
+    while !node.log().contains("waiting for it to finish") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&go, "").unwrap();
+    let first = first.join().unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    let second = second.join().unwrap();
+    assert!(
+        text(&second).contains("another request is running (AfterInstall of deployment d-H, for "),
+        "{}",
+        text(&second)
+    );
+    node.stop();
+}
+
+/// Issue 11 item 9: pruning ran inside ApplicationStart, after the switch (seconds per
+/// release of a real tree, holding back ValidateService and readiness), and `.partial` builds
+/// left by interrupted deployments with other ids were never removed. Now old releases are
+/// moved aside after ValidateService and deleted in the background, stale builds with them;
+/// a restarted daemon resumes a cleanup left unfinished, and `status` shows it pending.
+#[test]
+fn old_releases_are_removed_after_the_node_is_ready_not_inside_application_start() {
+    let mut node = Node::new();
+    node.start();
+    let releases = node.path("app/releases");
+    let stale = releases.join(".20200101T000000Z-d-GONE.partial");
+    std::fs::create_dir_all(stale.join("vendor/lib")).unwrap();
+    std::fs::write(stale.join("vendor/lib/file.php"), "<?php").unwrap();
+    let names = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&releases)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    for (i, d) in ["d-1", "d-2", "d-3", "d-4"].iter().enumerate() {
+        node.revision("g-1", d, &format!("r{i}"));
+        for ev in &IN_PLACE[..6] {
+            let out = node.hook(ev, Some(d), "g-1");
+            assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+        }
+        if *d == "d-4" {
+            let on_disk: Vec<_> = names()
+                .into_iter()
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            assert_eq!(
+                on_disk.len(),
+                4,
+                "nothing is pruned inside ApplicationStart: {on_disk:?}"
+            );
+        }
+        for ev in &IN_PLACE[6..] {
+            let out = node.hook(ev, Some(d), "g-1");
+            assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+        }
+    }
+    let t0 = Instant::now();
+    loop {
+        let n = names();
+        if n.len() == 3 && n.iter().all(|x| !x.starts_with('.')) {
+            assert!(n.iter().all(|x| !x.ends_with("-d-1")), "{n:?}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{n:?}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // a cleanup cut short by a stop is resumed by the next daemon
+    node.stop();
+    let left = releases.join(".trash-20200101T000000Z-d-X");
+    std::fs::create_dir_all(left.join("vendor")).unwrap();
+    std::fs::write(left.join("vendor/f"), "x").unwrap();
+    let st = node.status_json();
+    assert_eq!(
+        st["cleanup_pending"],
+        serde_json::json!(["20200101T000000Z-d-X"]),
+        "{st}"
+    );
+    node.start();
+    let t0 = Instant::now();
+    while left.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

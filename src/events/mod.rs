@@ -395,6 +395,55 @@ impl Engine {
             .ok_or_else(|| EngineError::Failed("no deployment in progress".into()))
     }
 
+    /// Moves the releases beyond `release.keep` (failed ones first, uncounted) and every
+    /// abandoned build into the trash, and starts its deletion in the background (see
+    /// [`crate::cleanup`]). Never current, the rollback target, or this deployment's release.
+    pub(super) fn schedule_cleanup(&mut self) {
+        let Ok(app) = self.layout.open() else {
+            return;
+        };
+        let current = self.layout.current();
+        let all = app.list_all().unwrap_or_default();
+        let on_disk: Vec<String> = all
+            .iter()
+            .filter(|n| !n.starts_with('.'))
+            .cloned()
+            .collect();
+        let target = self.doc.rollback_target(current.as_deref(), &on_disk);
+        let mine = self
+            .doc
+            .deployment
+            .as_ref()
+            .and_then(|d| d.release_id.clone());
+        let protect: Vec<&str> = [current.as_deref(), target.as_deref(), mine.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let plan = crate::cleanup::plan(
+            &all,
+            self.cfg.release.keep,
+            &protect,
+            &self.doc.failed_releases(),
+        );
+        if !plan.is_empty() {
+            match crate::cleanup::move_to_trash(&app, &plan) {
+                Ok(moved) => {
+                    info!(
+                        "old releases to remove in the background: {}",
+                        moved.join(", ")
+                    );
+                    for m in &moved {
+                        self.doc.releases.remove(m);
+                    }
+                }
+                Err(e) => warn!("could not set old releases aside for removal: {e}"),
+            }
+        }
+        if !crate::cleanup::pending(&self.layout).is_empty() {
+            crate::cleanup::spawn_deleter(&self.layout);
+        }
+    }
+
     /// Writes the state document, and remembers it as what is on disk.
     pub(super) fn persist(&mut self) -> Result<(), state::StateError> {
         self.store.save(&self.doc)?;

@@ -2,7 +2,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::lifecycle;
 use crate::state::{Switch, SwitchReason};
@@ -80,24 +80,7 @@ impl Engine {
         crate::services::drain_control(&self.cfg.services, crate::services::Verb::Start)
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?;
-        let target = self
-            .doc
-            .rollback_target(Some(id.as_str()), &self.layout.list()?);
-        let protect: Vec<&str> = [Some(id.as_str()), target.as_deref()]
-            .into_iter()
-            .flatten()
-            .collect();
-        let failed = self.doc.failed_releases();
-        match self.layout.prune(self.cfg.release.keep, &protect, &failed) {
-            Ok(pruned) if !pruned.is_empty() => {
-                info!("pruned old releases: {}", pruned.join(", "));
-                for p in &pruned {
-                    self.doc.releases.remove(p);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => warn!("could not prune old releases: {e}"),
-        }
+        // Old releases are removed after ValidateService, off the critical path (cleanup).
         Ok(format!(
             "current -> releases/{id} (was {})",
             previous.as_deref().unwrap_or("none")

@@ -41,6 +41,7 @@ impl Engine {
                 }
                 // Serving now: the older releases' scripts leave opcache.
                 self.opcache_after_ready().await;
+                self.schedule_cleanup();
                 let checks = if self.cfg.health.checks.is_empty() {
                     "no health checks configured".to_string()
                 } else {
