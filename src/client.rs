@@ -71,6 +71,16 @@ pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
 pub fn request(
     path: &Path,
     req: &Request,
+    on_log: impl FnMut(&str, &str),
+) -> Result<Finished, ClientError> {
+    request_with_fd(path, req, None, on_log)
+}
+
+/// As [`request`], passing `fd` (the artifact this user opened) along with the request.
+pub fn request_with_fd(
+    path: &Path,
+    req: &Request,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
     mut on_log: impl FnMut(&str, &str),
 ) -> Result<Finished, ClientError> {
     let mut stream = connect(path)?;
@@ -80,7 +90,7 @@ pub fn request(
     line.push(b'\n');
     // A daemon that refuses this peer answers without reading the request: a failed write
     // (broken pipe) is then not the story, the reply already sent is.
-    let write_err = stream.write_all(&line).err();
+    let write_err = send_with_fd(&mut stream, &line, fd).err();
     let _ = stream.set_read_timeout(write_err.as_ref().map(|_| Duration::from_secs(5)));
     let mut problems = Vec::new();
     let reader = BufReader::new(stream);
@@ -122,6 +132,29 @@ pub fn request(
         Some(w) => w.to_string(),
         None => "the daemon closed the connection".into(),
     }))
+}
+
+/// Writes `line`, the first bytes with `fd` attached (SCM_RIGHTS).
+fn send_with_fd(
+    stream: &mut UnixStream,
+    line: &[u8],
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
+) -> std::io::Result<()> {
+    let Some(fd) = fd else {
+        return stream.write_all(line);
+    };
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    let fds = [fd];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    control.push(SendAncillaryMessage::ScmRights(&fds));
+    let n = rustix::net::sendmsg(
+        &*stream,
+        &[std::io::IoSlice::new(line)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    stream.write_all(&line[n..])
 }
 
 /// The hook's closing block. CodeDeploy shows only the last 2048 characters of a hook's

@@ -351,12 +351,72 @@ async fn send(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> bool {
     )
 }
 
+/// The first bytes a client sent, with any file descriptors passed along (SCM_RIGHTS):
+/// `bgagent deploy` passes the artifact it opened as itself.
+async fn recv_first(stream: &UnixStream) -> std::io::Result<(Vec<u8>, Vec<std::os::fd::OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        stream.readable().await?;
+        let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let got = stream.try_io(tokio::io::Interest::READABLE, || {
+            rustix::net::recvmsg(
+                stream,
+                &mut [std::io::IoSliceMut::new(&mut buf)],
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match got {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for m in control.drain() {
+                    if let RecvAncillaryMessage::ScmRights(rights) = m {
+                        fds.extend(rights);
+                    }
+                }
+                buf.truncate(msg.bytes);
+                return Ok((buf, fds));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn handle(stream: UnixStream, shared: Arc<Shared>) {
     let cred = stream.peer_cred().ok();
-    let (r, mut w) = stream.into_split();
     let allowed = cred
         .map(|c| peer_allowed(c.uid(), c.gid(), c.pid(), shared.allowed_gid))
         .unwrap_or(false);
+    // The request's first bytes (and a passed artifact), under the request deadline.
+    let first = if allowed {
+        match tokio::time::timeout(REQUEST_READ_TIMEOUT, recv_first(&stream)).await {
+            Ok(Ok(first)) => Some(first),
+            Ok(Err(_)) => return,
+            Err(_) => None,
+        }
+    } else {
+        Some((Vec::new(), Vec::new()))
+    };
+    let (r, mut w) = stream.into_split();
+    let Some((first, mut passed)) = first else {
+        let _ = send(
+            &mut w,
+            &Reply::Done {
+                outcome: protocol::Outcome::Refused,
+                summary: format!(
+                    "no request within {} s of connecting; connection closed",
+                    REQUEST_READ_TIMEOUT.as_secs()
+                ),
+                data: None,
+            },
+        )
+        .await;
+        return;
+    };
     if !allowed {
         warn!(
             "refused a connection from uid {:?}: only root and members of the socket group may use bgagent",
@@ -378,7 +438,9 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         .await;
         return;
     }
-    let mut reader = BufReader::new(r.take(protocol::MAX_REQUEST_BYTES as u64));
+    let mut reader = BufReader::new(
+        std::io::Cursor::new(first).chain(r.take(protocol::MAX_REQUEST_BYTES as u64)),
+    );
     let mut line = String::new();
     match tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line)).await {
         Ok(Ok(n)) if n > 0 => {}
@@ -417,6 +479,56 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             return;
         }
     };
+    // `deploy` reads the artifact the client opened as itself, never a path as root.
+    let mut request = request;
+    let mut keep_open = None;
+    if let Request::Deploy { artifact } = &mut request {
+        let peer = cred
+            .map(|c| crate::peer::Peer::of(c.uid(), c.gid(), c.pid()))
+            .unwrap_or(crate::peer::Peer {
+                uid: u32::MAX,
+                gids: vec![],
+            });
+        let refuse = |summary: String| Reply::Done {
+            outcome: protocol::Outcome::Refused,
+            summary,
+            data: None,
+        };
+        match passed.drain(..).next() {
+            None if !peer.is_root() => {
+                let _ = send(&mut w, &refuse(format!(
+                    "uid {}: `bgagent deploy` must pass the artifact as an open file, so the daemon reads only what the caller can; use the bgagent client of this version",
+                    peer.uid
+                ))).await;
+                return;
+            }
+            None => {}
+            Some(fd) => {
+                let shown = artifact.clone();
+                let checked = tokio::task::spawn_blocking(move || {
+                    crate::peer::check_passed(&fd, &peer, &shown).map(|_| fd)
+                })
+                .await;
+                match checked {
+                    Ok(Ok(fd)) => {
+                        use std::os::fd::AsRawFd;
+                        // Read through the passed descriptor; it stays open for the request.
+                        *artifact = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                        keep_open = Some(fd);
+                    }
+                    Ok(Err(msg)) => {
+                        warn!("{msg}");
+                        let _ = send(&mut w, &refuse(msg)).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = send(&mut w, &refuse(format!("internal error: {e}"))).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let stream_reg = Stream::register(tx.clone());
     let work = {
@@ -434,7 +546,14 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             Request::Rollback { .. } => info_span!("rollback", stream = stream_reg.id),
             Request::Status => info_span!("status", stream = stream_reg.id),
         };
-        tokio::spawn(async move { serve(request, shared).await }.instrument(span))
+        tokio::spawn(
+            async move {
+                let reply = serve(request, shared).await;
+                drop(keep_open);
+                reply
+            }
+            .instrument(span),
+        )
     };
     // Forward log lines until the work is done; a client that goes away does not stop the
     // work (CodeDeploy may time out the hook, but a half-done event is worse).

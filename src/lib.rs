@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod logstream;
 pub mod opcache;
 pub mod params;
+pub mod peer;
 pub mod perms;
 pub mod process;
 pub mod protocol;

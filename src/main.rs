@@ -128,10 +128,15 @@ fn run(cli: &Cli) -> i32 {
         }
         Command::Deploy { artifact } => {
             let artifact = std::path::absolute(artifact).unwrap_or_else(|_| artifact.clone());
+            // Opened as this user and passed to the daemon: it reads only what we can.
+            let passed = open_artifact(&artifact);
             let a2 = artifact.clone();
-            work(cli, Request::Deploy { artifact }, move |engine| {
-                Box::pin(async move { engine.deploy_artifact(&a2).await })
-            })
+            work_with_fd(
+                cli,
+                Request::Deploy { artifact },
+                passed.as_ref().map(std::os::fd::AsFd::as_fd),
+                move |engine| Box::pin(async move { engine.deploy_artifact(&a2).await }),
+            )
         }
         Command::Rollback { from } => {
             // The release being left goes with the request, so a repeat is harmless.
@@ -153,10 +158,39 @@ fn run(cli: &Cli) -> i32 {
 
 type LocalWork<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + 'a>>;
 
+/// The artifact opened for the daemon, if it is a directory or a regular file (anything
+/// else is not opened: a device's open may act; the daemon names the problem).
+fn open_artifact(path: &std::path::Path) -> Option<std::os::fd::OwnedFd> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let st = rustix::fs::stat(path).ok()?;
+    if !matches!(
+        FileType::from_raw_mode(st.st_mode),
+        FileType::Directory | FileType::RegularFile
+    ) {
+        return None;
+    }
+    rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
+}
+
 /// Runs `req` through the daemon when it listens, else in this process.
 fn work(
     cli: &Cli,
     req: Request,
+    local: impl for<'a> FnOnce(&'a mut Engine) -> LocalWork<'a>,
+) -> i32 {
+    work_with_fd(cli, req, None, local)
+}
+
+/// As [`work`], passing `fd` to the daemon with the request.
+fn work_with_fd(
+    cli: &Cli,
+    req: Request,
+    fd: Option<std::os::fd::BorrowedFd<'_>>,
     local: impl for<'a> FnOnce(&'a mut Engine) -> LocalWork<'a>,
 ) -> i32 {
     let cfg = match cli::load_config(&cli::config_path(cli)) {
@@ -164,7 +198,7 @@ fn work(
         Err(code) => return code,
     };
     let stdout = std::io::stdout();
-    match client::request(&cfg.socket.path, &req, |_, line| {
+    match client::request_with_fd(&cfg.socket.path, &req, fd, |_, line| {
         let mut out = stdout.lock();
         let _ = writeln!(out, "{line}");
     }) {

@@ -226,3 +226,71 @@ fn accept_failures_out_of_file_descriptors_are_logged_rate_limited() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn deploy_by_a_group_member_reads_only_what_the_member_can_read() {
+    // A socket-group member asked the root daemon to deploy trees it could not read
+    // itself, and got their content (keys, configs) into a release it can then read.
+    let mut n = Node::new("{ path: run/s.sock, group: www-data }");
+    n.start(None);
+    let member = Some((NOBODY, www_data_gid()));
+    let tree = |name: &str| {
+        let t = n.p(name);
+        std::fs::create_dir_all(t.join("pub")).unwrap();
+        std::fs::create_dir_all(t.join("app/etc")).unwrap();
+        std::fs::write(t.join("pub/index.php"), "<?php echo 1;").unwrap();
+        for d in ["", "pub", "app", "app/etc"] {
+            std::fs::set_permissions(t.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(
+            t.join("pub/index.php"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        t
+    };
+    // A tree the member cannot enter at all.
+    let closed = tree("closed");
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = n.cli(&["deploy", closed.to_str().unwrap()], member);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(!n.p("app/current").exists(), "{}", text(&out));
+    // A readable tree with one file only root may read.
+    let mixed = tree("mixed");
+    std::fs::write(mixed.join("app/etc/secret.key"), "root only").unwrap();
+    std::fs::set_permissions(
+        mixed.join("app/etc/secret.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let out = n.cli(&["deploy", mixed.to_str().unwrap()], member);
+    let t = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("app/etc/secret.key") && t.contains("cannot read"),
+        "{t}"
+    );
+    assert!(!n.p("app/current").exists(), "{t}");
+    // What the member can read, it may deploy: a directory and an archive, passed as open
+    // files.
+    let open = tree("open");
+    let out = n.cli(&["deploy", open.to_str().unwrap()], member);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let tgz = n.p("open.tar.gz");
+    let st = Command::new("tar")
+        .arg("-czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&open)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::set_permissions(&tgz, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = n.cli(&["deploy", tgz.to_str().unwrap()], member);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(n.p("app/current/pub/index.php")).unwrap(),
+        "<?php echo 1;"
+    );
+}
