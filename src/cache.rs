@@ -31,7 +31,10 @@
 //!   as the live one when the live pointer is gone.
 //! - Every Redis call has a deadline from the config: `cache.timeout` for connecting and for
 //!   each coordination round trip, `cache.flush_timeout` for a flush.
-//! - ApplicationStart registers the node as serving the new slot and leaves the old one.
+//! - ApplicationStart registers the node as serving the new slot and leaves the old one. A
+//!   drain (ApplicationStop, BeforeBlockTraffic) deregisters it: out of the load balancer it
+//!   serves nothing, so a node lagging behind a deployment does not block the next one's
+//!   flush once that deployment has drained it; coming back to ready registers it again.
 //! - A rollback makes the previous generation live again, without a flush.
 
 use serde::{Deserialize, Serialize};
@@ -163,7 +166,7 @@ pub enum CacheError {
     #[error("cache generations: Redis at {url}: {message}")]
     Redis { url: String, message: String },
     #[error(
-        "cache generations: slot {slot} is still served by {nodes}; it cannot be flushed for deployment {deployment}. Finish or roll back the previous deployment first. A node listed here that no longer serves slot {slot} (terminated, replaced) is removed with: redis-cli -n {db} HDEL {key} <node>"
+        "cache generations: slot {slot} is still served by {nodes}; it cannot be flushed for deployment {deployment}. Finish or roll back the previous deployment first (a node that lags behind it stops counting once this deployment drains it: ApplicationStop or BeforeBlockTraffic). A node listed here that no longer serves slot {slot} (terminated, replaced) is removed with: redis-cli -n {db} HDEL {key} <node>"
     )]
     StillServed {
         slot: usize,
@@ -690,6 +693,24 @@ pub async fn mark_serving(cfg: &CacheConfig, app: &str, slot: usize) -> Result<(
     let node = node_name(cfg);
     let mut fleet = Fleet::coordination(cfg, url, app).await?;
     register(cfg, &mut fleet, &node, slot).await
+}
+
+/// A drain took this node out of the load balancer: it serves no generation until it comes
+/// back (its slot may then be flushed for a deployment that supersedes the one it lags in).
+pub async fn mark_not_serving(cfg: &CacheConfig, app: &str) -> Result<(), CacheError> {
+    let Some(url) = &cfg.redis else { return Ok(()) };
+    let node = node_name(cfg);
+    let mut fleet = Fleet::coordination(cfg, url, app).await?;
+    for slot in 0..cfg.slots.len() {
+        let k = fleet.key(&format!("serving:{slot}"));
+        let _: i64 = redis::cmd("HDEL")
+            .arg(&k)
+            .arg(&node)
+            .query_async(&mut fleet.conn)
+            .await
+            .map_err(|e| fleet.err(e))?;
+    }
+    Ok(())
 }
 
 /// `node` serves `slot` and no other.

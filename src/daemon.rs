@@ -122,6 +122,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     let Ok(doc) = crate::state::read(&shared.state_dir) else {
                         continue;
                     };
+                    // a drained node serves nothing: registering it would block a flush
+                    if doc.node.is_drained() {
+                        continue;
+                    }
                     let Some(rec) = doc.releases.get(&cur) else {
                         continue;
                     };

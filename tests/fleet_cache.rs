@@ -36,7 +36,8 @@ impl Agent {
             "app_root: app\nstate_dir: state\nsocket: {{ path: run/s.sock, group: null }}\ncodedeploy: {{ deployment_root: ../cd-root }}\n\
              app: {{ kind: php, name: shop }}\nrelease: {{ shared_paths: [] }}\n\
              templates: [ {{ source: t.php.j2, target: app/etc/env.php, check: [] }} ]\n\
-             cache: {{ redis: \"{redis}\", node: node{i}{cache_extra} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n",
+             cache: {{ redis: \"{redis}\", node: node{i}{cache_extra} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n\
+             drain: {{ deregistration_delay: 0s }}\n",
             support::free_port()
         );
         std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
@@ -583,4 +584,49 @@ fn a_rollback_on_one_node_leaves_the_fleet_live_pointer_alone() {
     );
     rollback(&agents[1]);
     assert!(live().contains("\"slot\":0"), "{}", live());
+}
+
+/// Issue 16: a node lagging behind deployment N (AfterInstall done, never switched) when
+/// N+1 reached it could finish neither: N+1 needed the slot the lagging node still served,
+/// and N was superseded on it. A drained node serves nothing, so N+1's ApplicationStop
+/// deregisters it and N+1 supersedes N cleanly, taking that slot on every node.
+#[test]
+fn a_node_lagging_behind_a_deployment_does_not_block_the_next_one() {
+    let redis = support::Redis::start();
+    let base = tempfile::tempdir().unwrap();
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| Agent::start(base.path(), i, &redis.url()))
+        .collect();
+    revision(base.path(), "d-1");
+    for o in fleet_deploy(&agents, "d-1", &EVENTS).iter().flatten() {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    // d-2: node1 goes all the way (slot 1 is live); node0 installs and lags on slot 0
+    revision(base.path(), "d-2");
+    for ev in EVENTS {
+        let o = Agent::hook(&agents[1].dir, ev, "d-2");
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    for ev in &EVENTS[..2] {
+        let o = Agent::hook(&agents[0].dir, ev, "d-2");
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    assert_eq!(agents[0].slot(), 0);
+    redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
+    // d-3 (a new deployment, or CodeDeploy's automatic rollback) reaches both nodes
+    revision(base.path(), "d-3");
+    let mut events = vec!["ApplicationStop"];
+    events.extend_from_slice(&EVENTS);
+    for o in fleet_deploy(&agents, "d-3", &events).iter().flatten() {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    assert!(agents.iter().all(|a| a.slot() == 0));
+    assert_eq!(
+        redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]),
+        "0",
+        "the slot left by the lagging node was flushed for d-3"
+    );
+    assert!(
+        redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]).contains("\"deployment\":\"d-3\"")
+    );
 }

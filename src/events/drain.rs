@@ -1,7 +1,7 @@
 //! ApplicationStop and BeforeBlockTraffic take the node out of the load balancer; the
 //! traffic-allowing events (and a switch back to a healthy release) bring it back.
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::readiness::State;
 use crate::state::Traffic;
@@ -29,6 +29,10 @@ impl Engine {
                 .await
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
         self.set_traffic(Traffic::Idle);
+        // Out of the load balancer, the node serves no cache generation any more.
+        if let Err(e) = crate::cache::mark_not_serving(&self.cfg.cache, &self.app_name()).await {
+            warn!("{e}; this node stays registered as serving its cache generation");
+        }
         Ok(if stopped.is_empty() {
             "drained".to_string()
         } else {
@@ -62,6 +66,12 @@ impl Engine {
             Ok(took) => {
                 let _ = self.readiness.set_ready();
                 self.doc.node.drained = Some(false);
+                if let Some(slot) = self.release_slot(&current)
+                    && let Err(e) =
+                        crate::cache::mark_serving(&self.cfg.cache, &self.app_name(), slot).await
+                {
+                    warn!("{e}; the heartbeat registers this node again");
+                }
                 let started = if started.is_empty() {
                     String::new()
                 } else {
