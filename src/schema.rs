@@ -56,6 +56,11 @@ pub struct SchemaConfig {
     pub lock_timeout: Duration,
     #[serde(with = "crate::config::duration")]
     pub command_timeout: Duration,
+    /// Deadline for connecting to the database and for each bookkeeping query (the lock
+    /// wait gets lock_timeout on top): a server that accepts and never answers fails the
+    /// event instead of holding it.
+    #[serde(with = "crate::config::duration")]
+    pub connect_timeout: Duration,
 }
 
 impl Default for SchemaConfig {
@@ -68,6 +73,7 @@ impl Default for SchemaConfig {
             database: None,
             lock_timeout: Duration::from_secs(900),
             command_timeout: Duration::from_secs(1800),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -263,7 +269,7 @@ pub async fn prepare(
         let r = run_once(
             db,
             password.clone(),
-            cfg.lock_timeout,
+            (cfg.connect_timeout, cfg.lock_timeout),
             at,
             step,
             &spec,
@@ -401,7 +407,7 @@ async fn lock_holder(conn: &mut mysql_async::Conn, lock: &str) -> String {
 async fn run_once(
     db: &DbConfig,
     password: Option<String>,
-    lock_timeout: Duration,
+    (connect_timeout, lock_timeout): (Duration, Duration),
     who: &Attempting<'_>,
     step: &str,
     spec: &CommandSpec,
@@ -419,29 +425,54 @@ async fn run_once(
         .user(Some(db.user.clone()))
         .pass(password)
         .db_name(Some(db.database.clone()));
-    let mut conn = mysql_async::Conn::new(opts).await.map_err(dberr)?;
+    let stalled = |d: Duration, key: &str| SchemaError::Db {
+        at: at.clone(),
+        message: format!(
+            "the database did not answer within {} ms ({key}; stalled)",
+            d.as_millis()
+        ),
+    };
+    let mut conn = tokio::time::timeout(connect_timeout, mysql_async::Conn::new(opts))
+        .await
+        .map_err(|_| stalled(connect_timeout, "schema.connect_timeout"))?
+        .map_err(dberr)?;
     // The connection idles while the step runs: the server must not drop it (and the lock)
     // before the step's own timeout.
-    conn.exec_drop(
-        "SET SESSION wait_timeout = GREATEST(@@session.wait_timeout, ?)",
-        (spec.timeout.as_secs() + 600,),
+    tokio::time::timeout(
+        connect_timeout,
+        conn.exec_drop(
+            "SET SESSION wait_timeout = GREATEST(@@session.wait_timeout, ?)",
+            (spec.timeout.as_secs() + 600,),
+        ),
     )
     .await
+    .map_err(|_| stalled(connect_timeout, "schema.connect_timeout"))?
     .map_err(dberr)?;
-    let began_waiting: String = conn
-        .query_first("SELECT CAST(NOW(3) AS CHAR)")
-        .await
-        .map_err(dberr)?
-        .unwrap_or_default();
+    let began_waiting: String = tokio::time::timeout(
+        connect_timeout,
+        conn.query_first::<String, _>("SELECT CAST(NOW(3) AS CHAR)"),
+    )
+    .await
+    .map_err(|_| stalled(connect_timeout, "schema.connect_timeout"))?
+    .map_err(dberr)?
+    .unwrap_or_default();
     let lock_name = format!("bgagent:{app}");
     info!("waiting for the fleet's schema lock `{lock_name}` ({step})");
-    let got: Option<i64> = conn
-        .exec_first(
+    let got: Option<i64> = tokio::time::timeout(
+        lock_timeout + connect_timeout,
+        conn.exec_first(
             "SELECT GET_LOCK(?, ?)",
             (lock_name.clone(), lock_timeout.as_secs()),
+        ),
+    )
+    .await
+    .map_err(|_| {
+        stalled(
+            lock_timeout + connect_timeout,
+            "schema.lock_timeout + schema.connect_timeout",
         )
-        .await
-        .map_err(dberr)?;
+    })?
+    .map_err(dberr)?;
     if got != Some(1) {
         let holder = lock_holder(&mut conn, &lock_name).await;
         let _ = conn.disconnect().await;

@@ -38,8 +38,13 @@ fn run_bounded(mut cmd: Command, limit: Duration, what: &str) -> Output {
     waiter.join().unwrap()
 }
 
+/// The tests of this binary run one at a time: the SSM test sets the environment the
+/// daemon it starts inherits.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn stalled_ssm_endpoint_fails_after_install_within_budget_and_next_hook_is_served() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = tempfile::tempdir().unwrap();
     let p = |s: &str| -> PathBuf { d.path().join(s) };
     // listen()s, never accept()s: the kernel completes the handshake, nobody ever answers.
@@ -64,8 +69,8 @@ fn stalled_ssm_endpoint_fails_after_install_within_budget_and_next_hook_is_serve
     let rev = p("cd-root/g-1/d-STALL/deployment-archive");
     std::fs::create_dir_all(rev.join("pub")).unwrap();
     std::fs::write(rev.join("pub/index.php"), "<?php echo 1;").unwrap();
-    // The daemon makes the SSM calls: it gets the test credentials (the only test in this
-    // binary, so no other thread reads the environment meanwhile).
+    // The daemon makes the SSM calls: it gets the test credentials (SERIAL: no other test
+    // of this binary reads the environment meanwhile).
     for (k, v) in support::AWS_ENV {
         unsafe { std::env::set_var(k, v) };
     }
@@ -119,4 +124,38 @@ fn stalled_ssm_endpoint_fails_after_install_within_budget_and_next_hook_is_serve
     assert!(out.status.success(), "{}", text(&out));
     drop(stalled);
     support::stop_daemon(&mut daemon);
+}
+
+#[test]
+fn stalled_mysql_fails_the_schema_step_naming_the_database() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let d = tempfile::tempdir().unwrap();
+    let p = |s: &str| -> PathBuf { d.path().join(s) };
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stalled.local_addr().unwrap().port();
+    std::fs::write(
+        p("bgagent.yaml"),
+        format!(
+            "app_root: app\nstate_dir: state\nsocket: {{ path: run/s.sock, group: null }}\napp: {{ kind: php }}\n\
+             schema:\n  connect_timeout: 300ms\n  migration: {{ argv: [\"true\"] }}\n\
+             \x20 database: {{ host: 127.0.0.1, port: {port}, user: app, database: app }}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(p("rel/pub")).unwrap();
+    std::fs::write(p("rel/pub/index.php"), "<?php").unwrap();
+    let mut c = Command::new(BIN);
+    c.arg("--config")
+        .arg(p("bgagent.yaml"))
+        .arg("deploy")
+        .arg(p("rel"));
+    let out = run_bounded(c, Duration::from_secs(90), "deploy");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("127.0.0.1:{port}")) && t.contains("stalled"),
+        "{t}"
+    );
+    assert!(!p("app/current").exists());
+    drop(stalled);
 }
