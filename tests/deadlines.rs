@@ -74,12 +74,20 @@ fn stalled_ssm_endpoint_fails_after_install_within_budget_and_next_hook_is_serve
     for (k, v) in support::AWS_ENV {
         unsafe { std::env::set_var(k, v) };
     }
-    let mut daemon = support::spawn_daemon(
+    let daemon = support::spawn_daemon(
         BIN,
         &p("bgagent.yaml"),
         &p("run/bgagent.sock"),
         &p("daemon.log"),
     );
+    // Stopped however the test ends: a failed assertion must not leave a daemon running.
+    struct Stop(Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            support::stop_daemon(&mut self.0);
+        }
+    }
+    let daemon = Stop(daemon);
     let hook = |ev: &str| {
         let mut c = Command::new(BIN);
         c.arg("--config")
@@ -123,7 +131,7 @@ fn stalled_ssm_endpoint_fails_after_install_within_budget_and_next_hook_is_serve
     let out = run_bounded(c, Duration::from_secs(30), "status");
     assert!(out.status.success(), "{}", text(&out));
     drop(stalled);
-    support::stop_daemon(&mut daemon);
+    drop(daemon);
 }
 
 #[test]
