@@ -155,7 +155,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         });
     }
     {
-        // opcache.reclaim_at: window: a due reclaim runs when the window comes.
+        // opcache.reclaim_at: window: a due reclaim runs when the window comes; and the
+        // pools' opcache snapshots (status) are refreshed.
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut t = tokio::time::interval(Duration::from_secs(30));
@@ -172,6 +173,23 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     .await
                     .opcache_reclaim_in_window(minute)
                     .await;
+                // status shows each pool's opcache as of this tick: read without holding the
+                // engine (a slow pool must not hold up a hook), recorded after.
+                let (targets, dirs) = {
+                    let e = shared.engine.lock().await;
+                    (e.opcache_status_targets(), e.releases_dirs())
+                };
+                for (name, pool) in targets {
+                    if let Ok(s) = pool.status(true).await {
+                        let snap =
+                            crate::opcache::Snapshot::of(&s, &dirs, crate::events::warm::now());
+                        shared.engine.lock().await.opcache_record_snapshot(
+                            &name,
+                            pool.addr.to_string(),
+                            snap,
+                        );
+                    }
+                }
             }
         });
     }

@@ -535,3 +535,39 @@ fn a_due_reclaim_with_a_maintenance_window_reloads_in_the_window_and_precompiles
     );
     env.serve(2, "r2");
 }
+
+#[test]
+fn status_shows_the_pools_opcache_as_the_daemon_reads_it_between_deploys() {
+    let env = Env::new(&[], None, "", 200, 1);
+    env.deploy("d-1", "r1", &ALL[1..]);
+    let r1 = env.release_dir("r1");
+    let id = r1.file_name().unwrap().to_str().unwrap().to_string();
+    let before = env.status_json()["opcache"]["php-fpm"]["snapshot"].clone();
+    // Requests load the classes; no deploy runs; the daemon reads the pool every 30 s.
+    env.serve(20, "r1");
+    let mut snap = before.clone();
+    for _ in 0..90 {
+        snap = env.status_json()["opcache"]["php-fpm"]["snapshot"].clone();
+        if snap["at"] != before["at"] && snap["releases"][&id]["scripts"].as_u64() >= Some(200) {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        snap["releases"][&id]["scripts"].as_u64() >= Some(200),
+        "before: {before:#}\nafter: {snap:#}"
+    );
+    assert!(snap["hit_rate"].as_f64() > Some(50.0), "{snap:#}");
+    assert!(
+        snap["used_memory"].as_u64() > before["used_memory"].as_u64(),
+        "{snap:#}"
+    );
+    let o = Command::new(BIN)
+        .arg("--config")
+        .arg(env.p("bgagent.yaml"))
+        .arg("status")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(t.contains(&format!("{id}: ")) && t.contains("keys "), "{t}");
+}

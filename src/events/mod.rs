@@ -19,7 +19,7 @@ mod preflight;
 mod rollback;
 mod start;
 mod validate;
-mod warm;
+pub mod warm;
 
 pub use install::template_facts;
 

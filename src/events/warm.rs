@@ -34,7 +34,7 @@ impl Engine {
     }
 
     /// The spellings PHP may use for the releases directory: as configured and real.
-    fn releases_dirs(&self) -> Vec<PathBuf> {
+    pub fn releases_dirs(&self) -> Vec<PathBuf> {
         let d = self.layout.releases_dir();
         let mut v = vec![d.clone()];
         if let Ok(real) = std::fs::canonicalize(&d)
@@ -254,6 +254,28 @@ impl Engine {
 }
 
 impl Engine {
+    /// The pools whose opcache status shows, by service name (none with `switch: reload`).
+    /// The daemon reads them without holding the engine, then records the snapshot.
+    pub fn opcache_status_targets(&self) -> Vec<(String, Pool)> {
+        if self.cfg.opcache.switch == opcache::SwitchMode::Reload {
+            return Vec::new();
+        }
+        self.fastcgi_pools()
+            .into_iter()
+            .map(|(s, p)| (s.name, p))
+            .collect()
+    }
+
+    /// Records a fresh snapshot of `name`'s opcache (status shows it).
+    pub fn opcache_record_snapshot(&mut self, name: &str, fastcgi: String, snap: Snapshot) {
+        let rec = self.doc.opcache.entry(name.to_string()).or_default();
+        rec.fastcgi = fastcgi;
+        rec.snapshot = Some(snap);
+        if let Err(e) = self.persist() {
+            warn!("could not record the opcache state: {e}");
+        }
+    }
+
     /// `opcache.reclaim_at: window`: inside the window and with no deployment in progress,
     /// each pool with a reclaim due is reloaded, then the current release's hot set (what it
     /// had cached) is precompiled into the fresh opcache at once, so the new workers start
@@ -342,6 +364,6 @@ impl Engine {
     }
 }
 
-fn now() -> String {
+pub fn now() -> String {
     lifecycle::timestamp(SystemTime::now())
 }
