@@ -221,6 +221,7 @@ pub fn hook(cli: &Cli, event_arg: Option<&str>) -> i32 {
         event: event_name.clone(),
         env,
     };
+    on_termination_ask_to_cancel(&event_name, &deployment);
     let res = client::request(&cfg.socket.path, &req, |_, line| {
         let mut out = stdout.lock();
         let _ = writeln!(out, "{line}");
@@ -245,5 +246,37 @@ pub fn hook(cli: &Cli, event_arg: Option<&str>) -> i32 {
             println!("bgagent: {event_name} FAILED for deployment {deployment} (exit {code})\n{e}");
             code
         }
+    }
+}
+
+/// CodeDeploy ends a hook at its timeout with SIGTERM to its process group (SIGHUP when its
+/// agent goes away). The hook then says so in one line and exits; its connection closing is
+/// the daemon's signal to cancel the event at its next safe point and record it failed.
+fn on_termination_ask_to_cancel(event: &str, deployment: &str) {
+    // SAFETY: plain libc calls on a local signal set, made before any other thread exists;
+    // the signals are then taken by the thread below with sigwait, never by a handler.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return;
+        }
+        let (event, deployment) = (event.to_string(), deployment.to_string());
+        std::thread::spawn(move || {
+            let mut sig: libc::c_int = 0;
+            if libc::sigwait(&set, &mut sig) == 0 {
+                let name = if sig == libc::SIGHUP {
+                    "SIGHUP"
+                } else {
+                    "SIGTERM"
+                };
+                println!(
+                    "bgagent: {event} for deployment {deployment}: the hook got {name} before the result (CodeDeploy's timeout?); the daemon cancels the event and records it failed: see `bgagent status`, retry the event"
+                );
+                std::process::exit(exit::FAILED);
+            }
+        });
     }
 }

@@ -10,6 +10,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -551,6 +552,18 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
             }
         }
     }
+    // A hook ends before its result when CodeDeploy kills it at its timeout: the event must
+    // then not be recorded a success (CodeDeploy records it failed). The hook closes its end
+    // (or sends a line) and the engine cancels at its next safe point.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let watcher = matches!(request, Request::Hook { .. }).then(|| {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut sink = String::new();
+            let _ = reader.read_line(&mut sink).await;
+            cancel.store(true, Ordering::SeqCst);
+        })
+    });
     let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
     let stream_reg = Stream::register(tx.clone());
     let work = {
@@ -570,7 +583,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         };
         tokio::spawn(
             async move {
-                let reply = serve(request, shared).await;
+                let reply = serve(request, shared, cancel).await;
                 drop(keep_open);
                 reply
             }
@@ -592,6 +605,9 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         }
     };
     drop(stream_reg);
+    if let Some(w) = watcher {
+        w.abort();
+    }
     while let Ok(reply) = rx.try_recv() {
         if client_alive && !send(&mut w, &reply).await {
             client_alive = false;
@@ -627,7 +643,7 @@ fn reply_of(o: Outcome, data: Option<serde_json::Value>) -> Reply {
     }
 }
 
-async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
+async fn serve(request: Request, shared: Arc<Shared>, cancel: Arc<AtomicBool>) -> Reply {
     if let Request::Status = request {
         // Answered from the state file (saved after every step), so status works while an
         // event runs.
@@ -669,7 +685,7 @@ async fn serve(request: Request, shared: Arc<Shared>) -> Reply {
                     error!("{e}");
                     Outcome::Refused(e)
                 }
-                Ok(henv) => engine.run_hook(ev, &henv).await,
+                Ok(henv) => engine.run_hook(ev, &henv, Some(cancel)).await,
             },
         },
         Request::Deploy { artifact } => engine.deploy_artifact(&artifact).await,

@@ -713,3 +713,88 @@ fn old_releases_are_removed_after_the_node_is_ready_not_inside_application_start
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Issue 11 item 7: when CodeDeploy killed the hook at its timeout, the daemon finished the
+/// event and recorded success while CodeDeploy recorded failure. The hook now says in one
+/// line what happened, and the daemon records the event failed ("the hook ended before the
+/// result"); the retry runs it again.
+#[test]
+fn a_hook_killed_at_codedeploys_timeout_leaves_the_event_recorded_failed() {
+    let mut node = Node::new();
+    let go = node.path("go");
+    let started = node.path("started");
+    let cfg = std::fs::read_to_string(node.config()).unwrap()
+        + &format!(
+            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {g} || {{ touch {s}; while ! test -e {g}; do sleep 0.05; done; }}'], timeout: 60s }}\n",
+            s = started.display(),
+            g = go.display()
+        );
+    std::fs::write(node.config(), cfg).unwrap();
+    node.start();
+    node.revision("g-1", "d-T", "one");
+    assert_eq!(
+        node.hook("BeforeInstall", Some("d-T"), "g-1").status.code(),
+        Some(0)
+    );
+    let hook = Command::new(BIN)
+        .args([
+            "--config",
+            node.config().to_str().unwrap(),
+            "hook",
+            "AfterInstall",
+        ])
+        .env("DEPLOYMENT_ID", "d-T")
+        .env("DEPLOYMENT_GROUP_ID", "g-1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !started.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // CodeDeploy's timeout: SIGTERM
+    let _ = Command::new("kill")
+        .args(["-TERM", &hook.id().to_string()])
+        .status();
+    let out = hook.wait_with_output().unwrap();
+    let t = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("the hook got SIGTERM before the result"),
+        "one line says what happened: {t}"
+    );
+    // the event's work goes on to its end, then it is recorded failed
+    std::fs::write(&go, "").unwrap();
+    let t0 = Instant::now();
+    let after = loop {
+        let st = node.status_json();
+        let rec = st["last_deployment"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["event"] == "AfterInstall")
+            .cloned()
+            .unwrap();
+        if rec["status"] != "running" {
+            break rec;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{st}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(after["status"], "failed", "{after}");
+    assert!(
+        after["message"]
+            .as_str()
+            .unwrap()
+            .contains("the hook ended before the result"),
+        "{after}"
+    );
+    // CodeDeploy's retry runs it again, and the deployment goes on
+    for ev in ["AfterInstall", "ApplicationStart", "ValidateService"] {
+        let out = node.hook(ev, Some("d-T"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    node.stop();
+}

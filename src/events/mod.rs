@@ -137,6 +137,8 @@ pub struct Engine {
     /// The document as last written to disk: when a write fails, memory goes back to it
     /// (never ahead of disk, or a restart would tell a different story).
     saved: StateDoc,
+    /// Set while a hook's event runs: the hook ended before the result.
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     layout: Layout,
     readiness: crate::readiness::Readiness,
 }
@@ -164,6 +166,7 @@ impl Engine {
             cfg,
             store,
             saved: doc.clone(),
+            cancel: None,
             doc,
             layout,
             readiness: crate::readiness::Readiness::new(),
@@ -213,14 +216,30 @@ impl Engine {
     }
 
     /// Runs one CodeDeploy lifecycle event.
-    pub async fn run_hook(&mut self, event: Event, env: &HookEnv) -> Outcome {
+    /// `cancel`: set when the hook ended before the result (CodeDeploy killed it at its
+    /// timeout); checked at the safe points, before the work and after it.
+    pub async fn run_hook(
+        &mut self,
+        event: Event,
+        env: &HookEnv,
+        cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Outcome {
         let origin = Origin {
             deployment_group_id: env.deployment_group_id.clone(),
             deployment_group_name: env.deployment_group_name.clone(),
             application_name: env.application_name.clone(),
             artifact: None,
         };
-        self.run_event(event, &env.deployment_id, origin).await
+        self.cancel = cancel;
+        let o = self.run_event(event, &env.deployment_id, origin).await;
+        self.cancel = None;
+        o
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     async fn run_event(&mut self, event: Event, id: &str, origin: Origin) -> Outcome {
@@ -238,6 +257,13 @@ impl Engine {
                 new_deployment,
                 supersedes,
             } => {
+                if self.cancelled() {
+                    let msg = format!(
+                        "{event}: the hook ended before the event started (CodeDeploy's timeout?); nothing was done"
+                    );
+                    warn!("{msg}");
+                    return Outcome::Failed(msg);
+                }
                 let now = SystemTime::now();
                 if new_deployment {
                     if let Some(old) = supersedes {
@@ -259,7 +285,18 @@ impl Engine {
                 }
                 info!("{event} starts for deployment {id}");
                 let t0 = Instant::now();
-                let result = self.perform(event).await;
+                let mut result = self.perform(event).await;
+                if self.cancelled() {
+                    // CodeDeploy records the event failed: so does bgagent, and a retry runs
+                    // it again (each event's steps are safe to repeat).
+                    let what = match &result {
+                        Ok(m) => format!("its work finished ({m})"),
+                        Err(e) => format!("its work failed ({e})"),
+                    };
+                    result = Err(EngineError::Failed(format!(
+                        "the hook ended before the result (CodeDeploy's timeout?), so the event counts as failed; {what}; retry the event"
+                    )));
+                }
                 let ms = t0.elapsed().as_millis() as u64;
                 let outcome = match &result {
                     Ok(msg) => {
