@@ -194,6 +194,24 @@ pub enum StateError {
     TooNew { path: PathBuf, found: u32 },
 }
 
+impl StateDoc {
+    /// Where this state disagrees with the disk, as sentences for the operator. Today one
+    /// case: `current` names a release this file has no record of, so the file was replaced,
+    /// emptied or restored from an older backup. bgagent carries on from what is on disk, but
+    /// says so instead of showing an empty history as if nothing had been deployed.
+    pub fn disagreements(&self, current: Option<&str>) -> Vec<String> {
+        match current {
+            Some(id) if !self.releases.contains_key(id) => vec![format!(
+                "the state file (state.json) has no record of the current release {id} \
+                 (current -> releases/{id}): it was replaced, emptied or restored from an older \
+                 backup; the release keeps serving, and history and the rollback target start \
+                 again with the next deployment"
+            )],
+            _ => vec![],
+        }
+    }
+}
+
 /// Reads the state file without taking the lock (for `status`).
 pub fn read(dir: &Path) -> Result<StateDoc, StateError> {
     let path = dir.join("state.json");

@@ -72,6 +72,7 @@ pub fn build(
         "releases": releases,
         "cleanup_pending": crate::cleanup::pending(layout),
         "opcache": doc.opcache,
+        "warnings": doc.disagreements(current.as_deref()),
     })
 }
 
@@ -88,6 +89,9 @@ pub fn render_text(s: &Value) -> String {
     let _ = writeln!(o, "daemon:     {}", str_of(&s["daemon"]).replace('_', " "));
     let _ = writeln!(o, "readiness:  {readiness}");
     let _ = writeln!(o, "traffic:    {}", str_of(&s["node"]["traffic"]));
+    for w in s["warnings"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "warning:    {}", str_of(w));
+    }
     for (label, key) in [
         ("current:   ", "current_release"),
         ("rollback:  ", "previous_release"),

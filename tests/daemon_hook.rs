@@ -798,3 +798,42 @@ fn a_hook_killed_at_codedeploys_timeout_leaves_the_event_recorded_failed() {
     }
     node.stop();
 }
+
+/// Issue 12: a state file emptied to `{"schema_version":1}` (restored from a bad backup,
+/// truncated by hand) while `current` exists was accepted silently: status showed no history
+/// and no rollback target as if nothing had ever been deployed. It is now said, by the daemon
+/// when it starts and by `status` (text and JSON), naming the release that is current.
+#[test]
+fn state_file_emptied_while_current_exists_is_reported_not_accepted_silently() {
+    let mut node = Node::new();
+    node.start();
+    node.revision("g-1", "d-EMP", "one");
+    for ev in IN_PLACE {
+        let out = node.hook(ev, Some("d-EMP"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    let current = node.current().expect("current after the deployment");
+    assert!(
+        node.status_json()["warnings"]
+            .as_array()
+            .is_none_or(|w| w.is_empty())
+    );
+    node.stop();
+    std::fs::write(node.path("state/state.json"), r#"{"schema_version":1}"#).unwrap();
+    node.start();
+    let st = node.status_json();
+    let warnings = st["warnings"].as_array().expect("status has warnings");
+    assert_eq!(warnings.len(), 1, "{st}");
+    let w = warnings[0].as_str().unwrap();
+    assert!(w.contains(&current) && w.contains("state.json"), "{w}");
+    let human = text(&node.cli(&["status"]));
+    assert!(
+        human.contains("warning:") && human.contains(&current),
+        "{human}"
+    );
+    let t0 = Instant::now();
+    while !node.log().contains("no record of the current release") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -162,6 +162,9 @@ impl Engine {
             }
         }
         let layout = Layout::new(&cfg.app_root);
+        for w in doc.disagreements(layout.current().as_deref()) {
+            warn!("{}: {w}", store.dir().join("state.json").display());
+        }
         Ok(Engine {
             cfg,
             store,
