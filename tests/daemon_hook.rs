@@ -837,3 +837,58 @@ fn state_file_emptied_while_current_exists_is_reported_not_accepted_silently() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Issue 12: a directory in releases/ whose name is not UTF-8 (not one bgagent makes: the web
+/// user or a stray tool planted it) sorts before bgagent's timestamped ids, so pruning took it
+/// for the oldest release, failed to remove it under its lossy name, and stopped there for
+/// good: releases piled up until the disk was full. It is skipped with a warning that names it
+/// escaped, left in place, and old releases are pruned as usual.
+#[test]
+fn a_non_utf8_name_in_releases_no_longer_stops_pruning() {
+    use std::os::unix::ffi::OsStrExt;
+    let mut node = Node::new();
+    node.start();
+    std::fs::create_dir_all(node.path("app/releases")).unwrap();
+    let odd = node
+        .path("app/releases")
+        .join(std::ffi::OsStr::from_bytes(b"0stray\xff\nname"));
+    std::fs::create_dir(&odd).unwrap();
+    for n in 0..5 {
+        let d = format!("d-U{n}");
+        node.revision("g-1", &d, &format!("r{n}"));
+        for ev in IN_PLACE {
+            let out = node.hook(ev, Some(&d), "g-1");
+            assert_eq!(out.status.code(), Some(0), "{d} {ev}: {}", text(&out));
+        }
+        // one second apart: release ids carry the time to the second
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    // pruning runs in the background after ValidateService; wait for it to settle
+    let t0 = Instant::now();
+    loop {
+        // counted on disk: status lists what the daemon can list, which is what broke
+        let on_disk: Vec<String> = std::fs::read_dir(node.path("app/releases"))
+            .unwrap()
+            .filter_map(|e| e.unwrap().file_name().to_str().map(String::from))
+            .collect();
+        if on_disk.len() <= 3 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "releases were not pruned to release.keep (3): {on_disk:?}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        odd.is_dir(),
+        "the stray directory is not bgagent's to delete"
+    );
+    let log = node.log();
+    assert!(log.contains("not UTF-8"), "{log}");
+    assert!(
+        !log.contains("0stray\u{fffd}\nname"),
+        "the name is printed raw: {log}"
+    );
+}
