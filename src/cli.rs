@@ -201,9 +201,19 @@ pub fn hook(cli: &Cli, event_arg: Option<&str>) -> i32 {
         return exit::NO_DEPLOYMENT_ID;
     };
     // A malformed id is a usage error, said before anything is sent.
-    for key in ["DEPLOYMENT_ID", "DEPLOYMENT_GROUP_ID"] {
+    for key in [
+        "DEPLOYMENT_ID",
+        "DEPLOYMENT_GROUP_ID",
+        "APPLICATION_NAME",
+        "DEPLOYMENT_GROUP_NAME",
+    ] {
+        let check = if key.ends_with("_ID") {
+            crate::events::check_id
+        } else {
+            crate::events::check_name
+        };
         if let Some(v) = env.get(key).filter(|v| !v.is_empty())
-            && let Err(e) = crate::events::check_id(key, v)
+            && let Err(e) = check(key, v)
         {
             println!(
                 "bgagent: {event_name} FAILED (exit {})\nerror: {e}",

@@ -150,3 +150,30 @@ fn render_without_a_flag_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--dry-run"), "{}", text(&out));
 }
+
+/// Issue 12 (log injection): APPLICATION_NAME and DEPLOYMENT_GROUP_NAME went from the hook's
+/// environment into the daemon's log lines, status and Redis keys as they were, so a newline
+/// in one forged a log line. They are refused as usage errors (exit 2) and shown escaped.
+#[test]
+fn application_or_group_name_with_a_newline_is_a_usage_error_shown_escaped() {
+    let n = Node::new("a: \"b\"\n", "<?php\n");
+    for var in ["APPLICATION_NAME", "DEPLOYMENT_GROUP_NAME"] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(n.p("bgagent.yaml"))
+            .args(["hook", "BeforeInstall"])
+            .env("DEPLOYMENT_ID", "d-NAME1")
+            .env("DEPLOYMENT_GROUP_ID", "g-1")
+            .env("LIFECYCLE_EVENT", "BeforeInstall")
+            .env(var, "shop\nINFO forged: AfterInstall succeeded")
+            .output()
+            .unwrap();
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{var}: {t}");
+        assert!(
+            t.contains(var) && t.contains("shop\\nINFO forged"),
+            "{var}: {t}"
+        );
+        assert!(!t.contains("\nINFO forged"), "{var} printed raw: {t}");
+    }
+}

@@ -63,6 +63,20 @@ pub fn check_id(what: &str, v: &str) -> Result<(), String> {
     }
 }
 
+/// CodeDeploy's application and deployment group names (1-100 characters) become the app
+/// name in Redis keys, log lines and status: refuse control characters and overlong values,
+/// so a name can never forge a log line or push the reason out of the hook's tail.
+pub fn check_name(what: &str, v: &str) -> Result<(), String> {
+    if v.chars().count() <= 100 && !v.chars().any(char::is_control) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} `{}` is not a CodeDeploy name (at most 100 characters, no control characters)",
+            crate::text::truncate(&v.escape_debug().to_string(), 240)
+        ))
+    }
+}
+
 impl HookEnv {
     /// CodeDeploy's environment; Err when DEPLOYMENT_ID is missing or an id is malformed.
     pub fn from_map(env: &BTreeMap<String, String>) -> Result<HookEnv, String> {
@@ -72,6 +86,11 @@ impl HookEnv {
         check_id("DEPLOYMENT_ID", &deployment_id)?;
         if let Some(g) = get("DEPLOYMENT_GROUP_ID") {
             check_id("DEPLOYMENT_GROUP_ID", &g)?;
+        }
+        for k in ["APPLICATION_NAME", "DEPLOYMENT_GROUP_NAME"] {
+            if let Some(v) = get(k) {
+                check_name(k, &v)?;
+            }
         }
         Ok(HookEnv {
             deployment_id,
