@@ -121,6 +121,16 @@ pub enum Command {
     /// Config file commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the completion script for a shell (the packages install them).
+    ///
+    /// bash: `bgagent completions bash > /usr/share/bash-completion/completions/bgagent`;
+    /// zsh: `_bgagent` in a directory of $fpath; fish: `~/.config/fish/completions/bgagent.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the bgagent(1) man page (roff; the packages install it).
+    Man,
     /// Render the configured templates for the current release, without writing them.
     ///
     /// --dry-run prints every rendered file with SecureString values redacted.
@@ -173,6 +183,30 @@ pub fn exit_code_of(outcome: Outcome) -> i32 {
     }
 }
 
+/// `bgagent completions SHELL`: the completion script on stdout.
+pub fn completions(shell: clap_complete::Shell) -> i32 {
+    use clap::CommandFactory;
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "bgagent",
+        &mut std::io::stdout(),
+    );
+    exit::OK
+}
+
+/// `bgagent man`: the man page on stdout.
+pub fn man() -> i32 {
+    use clap::CommandFactory;
+    match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: failed to write the man page: {e}");
+            exit::FAILED
+        }
+    }
+}
+
 /// `bgagent hook`.
 pub fn hook(cli: &Cli, event_arg: Option<&str>) -> i32 {
     let env: BTreeMap<String, String> = std::env::vars()
@@ -222,17 +256,19 @@ pub fn hook(cli: &Cli, event_arg: Option<&str>) -> i32 {
             return exit::USAGE;
         }
     }
-    let cfg = match load_config(&config_path(cli)) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+    // Only the socket path, read leniently: the daemon runs on the config it loaded and judges
+    // the event; a config file in the middle of an edit must not fail every hook.
+    let (socket, why) = config::socket_path_lenient(&config_path(cli));
+    if let Some(why) = why {
+        eprintln!("warning: {why}");
+    }
     let stdout = std::io::stdout();
     let req = Request::Hook {
         event: event_name.clone(),
         env,
     };
     on_termination_ask_to_cancel(&event_name, &deployment);
-    let res = client::request(&cfg.socket.path, &req, |_, line| {
+    let res = client::request(&socket, &req, |_, line| {
         let mut out = stdout.lock();
         let _ = writeln!(out, "{line}");
         let _ = out.flush();

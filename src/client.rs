@@ -93,6 +93,9 @@ pub fn request_with_fd(
     let write_err = send_with_fd(&mut stream, &line, fd).err();
     let _ = stream.set_read_timeout(write_err.as_ref().map(|_| Duration::from_secs(5)));
     let mut problems = Vec::new();
+    // An ERROR line is held until the next line: when it is the event's closing error, the
+    // summary says the same and it is printed once, there (the 2048-character tail).
+    let mut held: Option<(String, String, String)> = None;
     let reader = BufReader::new(stream);
     for l in reader.lines() {
         let l = match (l, &write_err) {
@@ -102,18 +105,30 @@ pub fn request_with_fd(
         };
         match serde_json::from_str::<Reply>(&l) {
             Ok(Reply::Log { ts, level, message }) => {
+                if let Some((level, _, shown)) = held.take() {
+                    on_log(&level, &shown);
+                }
                 let time = ts.get(11..23).unwrap_or(&ts);
                 let shown = format!("{time} {level:<5} {message}");
                 if level == "ERROR" || level == "WARN" {
                     problems.push(format!("{level}: {message}"));
                 }
-                on_log(&level, &shown);
+                if level == "ERROR" {
+                    held = Some((level, message, shown));
+                } else {
+                    on_log(&level, &shown);
+                }
             }
             Ok(Reply::Done {
                 outcome,
                 summary,
                 data,
             }) => {
+                if let Some((level, message, shown)) = held.take()
+                    && message != summary
+                {
+                    on_log(&level, &shown);
+                }
                 return Ok(Finished {
                     outcome,
                     summary,
@@ -172,13 +187,24 @@ pub fn summary_block(event: &str, deployment: &str, f: &Finished, exit_code: i32
     out.push_str(&truncate(&f.summary, 900));
     out.push('\n');
     if !matches!(f.outcome, Outcome::Succeeded | Outcome::AlreadyDone) {
-        // The last problems first: they are usually the cause.
+        // The problems the summary does not already tell, each once, the last first (they
+        // are usually the cause). A problem is told when the summary holds its text or its
+        // detail (the part after `what: `), as a health check's evidence does.
+        let told = |p: &str| {
+            let msg = p.split_once(": ").map_or(p, |(_, m)| m);
+            f.summary.contains(msg)
+                || msg
+                    .split_once(": ")
+                    .is_some_and(|(_, detail)| f.summary.contains(detail))
+        };
+        let mut seen = std::collections::HashSet::new();
         let mut tail = String::new();
         for p in f
             .problems
             .iter()
             .rev()
-            .filter(|p| !f.summary.contains(p.trim_start_matches("ERROR: ")))
+            .filter(|p| !told(p))
+            .filter(|p| seen.insert(p.as_str()))
             .take(4)
         {
             let p = truncate(p, 300);
@@ -211,5 +237,31 @@ mod tests {
         assert!(s.len() <= 2048);
         assert!(s.starts_with("bgagent: AfterInstall FAILED for deployment d-ABC (exit 1)"));
         assert!(s.contains("php -l reported a syntax error"));
+    }
+
+    /// Regression: a failed ValidateService's tail held the health evidence (in the summary)
+    /// followed by four identical WARN lines that repeated it, pushing the event header out
+    /// of the 2048 characters CodeDeploy shows.
+    #[test]
+    fn the_tail_tells_each_problem_once_and_not_what_the_summary_says() {
+        let detail = "http://127.0.0.1/health_check.php answered 500 (expected [200]): db down";
+        let f = Finished {
+            outcome: Outcome::Failed,
+            summary: format!(
+                "ValidateService FAILED after 3.10s: health checks did not pass:\n  app:\n    +2900ms FAIL (3 ms) {detail}\n"
+            ),
+            data: None,
+            problems: [
+                vec!["WARN: disk is small".to_string()],
+                vec![format!("WARN: health check app failed: {detail}"); 4],
+                vec!["WARN: something else".to_string(); 2],
+            ]
+            .concat(),
+        };
+        let s = summary_block("ValidateService", "d-ABC", &f, 1);
+        assert_eq!(s.matches(detail).count(), 1, "{s}");
+        assert_eq!(s.matches("something else").count(), 1, "{s}");
+        assert!(s.contains("disk is small"), "{s}");
+        assert!(s.starts_with("bgagent: ValidateService FAILED for deployment d-ABC"));
     }
 }

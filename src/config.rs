@@ -62,6 +62,9 @@ pub struct Config {
     /// The config file's directory (set when loading).
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The config file itself (set when loading): the daemon re-reads it on SIGHUP.
+    #[serde(skip)]
+    pub file: PathBuf,
 }
 
 impl Default for Config {
@@ -87,6 +90,7 @@ impl Default for Config {
             validate: ValidateConfig::default(),
             commands: Default::default(),
             base_dir: PathBuf::from("/etc/bgagent"),
+            file: PathBuf::from(DEFAULT_PATH),
         }
     }
 }
@@ -235,6 +239,65 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     from_str(&text, path, &base)
 }
 
+/// The control socket's path from the config at `path`, read leniently: `bgagent hook` needs
+/// nothing else, and a config being edited (unknown keys, an invalid value elsewhere, even a
+/// YAML syntax error) must not break every hook while the daemon runs on the config it
+/// loaded. Returns the path and, when the file could not be used, why the default was taken.
+pub fn socket_path_lenient(path: &Path) -> (PathBuf, Option<String>) {
+    #[derive(Deserialize)]
+    struct Partial {
+        #[serde(default)]
+        socket: Option<PartialSocket>,
+    }
+    #[derive(Deserialize)]
+    struct PartialSocket {
+        #[serde(default)]
+        path: Option<PathBuf>,
+    }
+    let default = SocketConfig::default().path;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return (
+                default.clone(),
+                Some(format!(
+                    "could not read {} ({e}); using the default socket {}",
+                    path.display(),
+                    default.display()
+                )),
+            );
+        }
+    };
+    // Only `socket.path` is read; every other key may hold anything.
+    let parsed: Result<Partial, _> = serde_saphyr::from_str(&text);
+    match parsed {
+        Ok(Partial {
+            socket: Some(PartialSocket { path: Some(p) }),
+        }) => {
+            if p.is_relative() {
+                let base = path
+                    .parent()
+                    .filter(|b| !b.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+                (normalize_lexically(&base.join(p)), None)
+            } else {
+                (p, None)
+            }
+        }
+        Ok(_) => (default, None),
+        Err(e) => (
+            default.clone(),
+            Some(format!(
+                "{} cannot be read for socket.path ({}); using the default socket {}; run `bgagent config check`",
+                path.display(),
+                strip_location(&e.without_snippet().to_string()),
+                default.display()
+            )),
+        ),
+    }
+}
+
 /// Parses config text; `file` is only used in messages, `base` resolves relative paths.
 pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigError> {
     let mut unknown = Vec::new();
@@ -271,6 +334,13 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
             .and_then(|(key, _)| locate_key(text, &format!("params.{key}")));
         let loc = e.location().map(|l| (l.line(), l.column()));
         let (line, column) = named.or(loc).unzip();
+        // Name the key, as validation errors do: `release.keep`: invalid u64.
+        let message = match line.and_then(|l| key_at(text, l)) {
+            Some(key) if named.is_none() && !message.contains(&format!("`{key}`")) => {
+                format!("`{key}`: {message}")
+            }
+            _ => message,
+        };
         ConfigError::Parse {
             issue: Box::new(Issue {
                 file: file.to_path_buf(),
@@ -281,12 +351,13 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
             snippet: if named.is_some() {
                 String::new()
             } else {
-                e.to_string()
+                code_frame(&e.to_string())
             },
             warnings: warnings.clone(),
         }
     })?;
     config.resolve_paths(base);
+    config.file = file.to_path_buf();
     let issues = config.validate();
     if !issues.is_empty() {
         return Err(ConfigError::Invalid {
@@ -380,10 +451,181 @@ impl Config {
                 if c.argv.is_empty() {
                     out.push((format!("commands.{ev}.{i}.argv"), "is empty".into()));
                 }
+                out.extend(unknown_placeholders(
+                    &format!("commands.{ev}.{i}.argv"),
+                    &c.argv,
+                    &[],
+                ));
+            }
+        }
+        if let Some(m) = &self.schema.migration {
+            out.extend(unknown_placeholders("schema.migration.argv", &m.argv, &[]));
+        }
+        for (i, s) in self.services.list.iter().enumerate() {
+            for (verb, argv) in [
+                ("test", &s.test),
+                ("reload", &s.reload),
+                ("start", &s.start),
+                ("stop", &s.stop),
+            ] {
+                if let Some(argv) = argv {
+                    out.extend(unknown_placeholders(
+                        &format!("services.list.{i}.{verb}"),
+                        argv,
+                        &["{pid}"],
+                    ));
+                }
+            }
+        }
+        for (i, t) in self.templates.iter().enumerate() {
+            if let Some(argv) = &t.check {
+                out.extend(unknown_placeholders(
+                    &format!("templates.{i}.check"),
+                    argv,
+                    &["{path}"],
+                ));
+            }
+        }
+        let mut urls: Vec<(String, &str, &[&str])> = Vec::new();
+        for (i, c) in self.health.checks.iter().enumerate() {
+            match &c.kind {
+                crate::health::CheckKind::Http(h) => urls.push((
+                    format!("health.checks.{i}.http.url"),
+                    &h.url,
+                    &["http", "https"],
+                )),
+                crate::health::CheckKind::Redis { url } => urls.push((
+                    format!("health.checks.{i}.redis.url"),
+                    url,
+                    &["redis", "rediss", "unix"],
+                )),
+                _ => {}
+            }
+        }
+        for (i, u) in self.warmup.urls.iter().enumerate() {
+            urls.push((format!("warmup.urls.{i}.url"), &u.url, &["http", "https"]));
+        }
+        if let Some(r) = &self.cache.redis {
+            urls.push(("cache.redis".into(), r, &["redis", "rediss", "unix"]));
+        }
+        for (key, url, schemes) in urls {
+            match reqwest::Url::parse(url) {
+                Err(e) => out.push((key, format!("`{url}` is not a URL: {e}"))),
+                Ok(u) if !schemes.contains(&u.scheme()) => out.push((
+                    key,
+                    format!(
+                        "`{url}`: the scheme must be {}",
+                        schemes
+                            .iter()
+                            .map(|s| format!("{s}://"))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ),
+                )),
+                Ok(_) => {}
             }
         }
         out
     }
+
+    /// Keys a running daemon cannot take on SIGHUP (the socket and listener are bound, the
+    /// state directory locked, the app root's layout opened): they need a restart.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.app_root != new.app_root {
+            out.push("app_root");
+        }
+        if self.state_dir != new.state_dir {
+            out.push("state_dir");
+        }
+        if self.socket.path != new.socket.path
+            || self.socket.group != new.socket.group
+            || self.socket.mode != new.socket.mode
+        {
+            out.push("socket");
+        }
+        if self.readiness.listen != new.readiness.listen {
+            out.push("readiness.listen");
+        }
+        out
+    }
+
+    /// What only this host can answer: the socket group, and every owner and group the
+    /// config names, exist. Run by `bgagent config check` and when the daemon (re)loads.
+    pub fn check_host(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let mut user = |key: String, name: &Option<String>| {
+            if let Some(n) = name
+                && crate::perms::lookup_user(n).is_none()
+            {
+                out.push((key, format!("no user named `{n}` on this host")));
+            }
+        };
+        user("permissions.owner".into(), &self.permissions.owner);
+        for (i, t) in self.templates.iter().enumerate() {
+            user(format!("templates.{i}.owner"), &t.owner);
+        }
+        for (ev, cmds) in &self.commands {
+            for (i, c) in cmds.iter().enumerate() {
+                user(format!("commands.{ev}.{i}.user"), &c.user);
+            }
+        }
+        if let Some(m) = &self.schema.migration {
+            user("schema.migration.user".into(), &m.user);
+        }
+        let mut group = |key: String, name: &Option<String>, why: &str| {
+            if let Some(n) = name
+                && crate::perms::lookup_group(n).is_none()
+            {
+                out.push((key, format!("no group named `{n}` on this host{why}")));
+            }
+        };
+        group(
+            "socket.group".into(),
+            &self.socket.group,
+            " (the package's sysusers file creates `bgagent`)",
+        );
+        group("permissions.group".into(), &self.permissions.group, "");
+        for (i, t) in self.templates.iter().enumerate() {
+            group(format!("templates.{i}.group"), &t.group, "");
+        }
+        for (ev, cmds) in &self.commands {
+            for (i, c) in cmds.iter().enumerate() {
+                group(format!("commands.{ev}.{i}.group"), &c.group, "");
+            }
+        }
+        if let Some(m) = &self.schema.migration {
+            group("schema.migration.group".into(), &m.group, "");
+        }
+        out
+    }
+}
+
+/// Arguments that look like a placeholder (`{name}`) but are not one of `known`: a typo such
+/// as `{pdi}` would otherwise reach the command verbatim.
+fn unknown_placeholders(key: &str, argv: &[String], known: &[&str]) -> Vec<(String, String)> {
+    argv.iter()
+        .filter(|a| {
+            a.len() > 2
+                && a.starts_with('{')
+                && a.ends_with('}')
+                && a[1..a.len() - 1]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !known.contains(&a.as_str())
+        })
+        .map(|a| {
+            let hint = if known.is_empty() {
+                "this command has no placeholders".to_string()
+            } else {
+                format!("known here: {}", known.join(", "))
+            };
+            (
+                key.to_string(),
+                format!("unknown placeholder `{a}` ({hint})"),
+            )
+        })
+        .collect()
 }
 
 /// Removes `.` and folds `dir/..` without touching the filesystem, so paths in messages
@@ -483,6 +725,76 @@ pub fn locate_key(text: &str, path: &str) -> Option<(u64, u64)> {
         found = Some((i as u64 + 1, ind as u64 + 1));
     }
     found
+}
+
+/// The dotted key (as [`locate_key`] takes it) of the mapping key on 1-based `line`, found
+/// by walking up to each less indented parent. Best effort, block style only.
+pub fn key_at(text: &str, line: u64) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let idx = usize::try_from(line).ok()?.checked_sub(1)?;
+    let key_of = |l: &str| -> Option<(usize, String, bool)> {
+        let t = l.trim_start();
+        let (t, item, extra) = match t.strip_prefix("- ") {
+            Some(rest) => (rest, true, 2),
+            None => (t, false, 0),
+        };
+        let (k, _) = t.split_once(':')?;
+        let k = k.trim().trim_matches('"');
+        (!k.is_empty() && !k.contains(' ') && !k.starts_with('#'))
+            .then(|| (indent(l) + extra, k.to_string(), item))
+    };
+    let (mut ind, key, mut item) = key_of(lines.get(idx)?)?;
+    let mut item_indent = indent(lines[idx]);
+    let mut path = vec![key];
+    for i in (0..idx).rev() {
+        let l = lines[i];
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let dash = t.starts_with("- ");
+        if item && dash && indent(l) == item_indent {
+            continue; // an earlier item of the same list: counted below
+        }
+        if !item && dash && indent(l) + 2 == ind {
+            // The key sits inside this list item (not on its first line).
+            item = true;
+            item_indent = indent(l);
+            continue;
+        }
+        if indent(l) < ind.min(if item { item_indent + 1 } else { ind })
+            && let Some((k_ind, k, k_item)) = key_of(l)
+        {
+            if item {
+                // The list hangs under this key: count the items above ours.
+                let n = lines[i + 1..=idx]
+                    .iter()
+                    .filter(|x| indent(x) == item_indent && x.trim_start().starts_with("- "))
+                    .count();
+                path.push(n.saturating_sub(1).to_string());
+            }
+            path.push(k);
+            ind = k_ind;
+            item = k_item;
+            item_indent = indent(l);
+            if ind == 0 {
+                break;
+            }
+        }
+    }
+    path.reverse();
+    Some(path.join("."))
+}
+
+/// saphyr's rendered error without its first line (the message, already said with the
+/// location in front) and its `--> <input>` line: only the code frame stays.
+fn code_frame(rendered: &str) -> String {
+    rendered
+        .lines()
+        .skip_while(|l| l.starts_with("error:"))
+        .filter(|l| !l.trim_start().starts_with("-->"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn indent(line: &str) -> usize {
@@ -669,6 +981,56 @@ mod tests {
         let e = parse("socket:\n  mode: rw\n").unwrap_err();
         let s = e.to_string();
         assert!(s.contains("bgagent.yaml:2:3: `socket.mode`"), "{s}");
+    }
+
+    #[test]
+    fn hooks_read_the_socket_path_leniently() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("bgagent.yaml");
+        // Being edited: an invalid value and an unknown key elsewhere; the socket still reads.
+        std::fs::write(
+            &f,
+            "socket:\n  path: run/x.sock\nrelease:\n  keep: lots\nnew_key: 1\n",
+        )
+        .unwrap();
+        assert!(load(&f).is_err());
+        assert_eq!(socket_path_lenient(&f), (d.path().join("run/x.sock"), None));
+        // No socket section: the default, no complaint.
+        std::fs::write(&f, "app_root: /a\n").unwrap();
+        assert_eq!(
+            socket_path_lenient(&f),
+            (PathBuf::from("/run/bgagent/bgagent.sock"), None)
+        );
+        // Not YAML at all: the default, with the reason.
+        std::fs::write(&f, "socket: [unclosed\n").unwrap();
+        let (p, why) = socket_path_lenient(&f);
+        assert_eq!(p, PathBuf::from("/run/bgagent/bgagent.sock"));
+        assert!(why.unwrap().contains("cannot be read for socket.path"));
+    }
+
+    /// Regression: a type error said `invalid u64` twice (the message, then saphyr's
+    /// rendering of it) and never which key.
+    #[test]
+    fn a_type_error_names_its_key_and_says_it_once() {
+        let e = parse("app_root: /a\nrelease:\n  intake: auto\n  keep: lots\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/bgagent/bgagent.yaml:4:9: `release.keep`: invalid"),
+            "{e}"
+        );
+        // Once as the message; the code frame only points at the value (`^ invalid u64`).
+        let said = e
+            .lines()
+            .filter(|l| l.contains("invalid u64"))
+            .collect::<Vec<_>>();
+        assert_eq!(said.len(), 2, "{e}");
+        assert!(said[1].trim_start().starts_with("|"), "{e}");
+        assert!(e.contains("keep: lots"), "the code frame stays: {e}");
+        let text = "a:\n  list:\n    - name: x\n    - name: y\n      bogus: 1\n";
+        assert_eq!(key_at(text, 5).as_deref(), Some("a.list.1.bogus"));
+        assert_eq!(key_at(text, 3).as_deref(), Some("a.list.0.name"));
+        assert_eq!(key_at(text, 4).as_deref(), Some("a.list.1.name"));
     }
 
     #[test]

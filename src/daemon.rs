@@ -44,6 +44,8 @@ pub enum DaemonError {
 
 struct Shared {
     engine: Mutex<Engine>,
+    /// The health checks the steady-state monitor runs; replaced on SIGHUP.
+    health: tokio::sync::watch::Sender<crate::health::HealthConfig>,
     allowed_gid: Option<u32>,
     state_dir: PathBuf,
     layout: crate::release::Layout,
@@ -91,8 +93,10 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         crate::cleanup::spawn_deleter(&layout);
     }
     let listener = bind(&socket_path, mode, allowed_gid).await?;
+    let (health_tx, health_rx) = tokio::sync::watch::channel(engine.config().health.clone());
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
+        health: health_tx,
         allowed_gid,
         state_dir,
         layout,
@@ -103,8 +107,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     {
         // Checks go on while the node is ready.
-        let health = shared.engine.lock().await.config().health.clone();
-        tokio::spawn(crate::health::monitor(health, shared.readiness.clone()));
+        tokio::spawn(crate::health::monitor(health_rx, shared.readiness.clone()));
         // Keep this node's serving registration fresh, so the generation it serves is never
         // taken for abandoned and flushed under it.
         {
@@ -213,8 +216,18 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let root_conns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut accept_log = RateLimited::default();
     let mut busy_log = RateLimited::default();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(
+        |source| DaemonError::Io {
+            action: "install SIGHUP handler for",
+            path: socket_path.clone(),
+            source,
+        },
+    )?;
     loop {
         tokio::select! {
+            _ = hup.recv() => {
+                tokio::spawn(reload(shared.clone()));
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     // Root has its own pool: a socket-group member holding every connection
@@ -259,6 +272,48 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = std::fs::remove_file(&socket_path);
     info!("stopped");
     Ok(())
+}
+
+/// SIGHUP (`systemctl reload bgagent`): re-reads the config file and takes it between
+/// events. A config with errors, or one that changes what only a restart can (the socket,
+/// the listener, app_root, state_dir), is refused with its reasons and the running one kept.
+async fn reload(shared: Arc<Shared>) {
+    let path = shared.engine.lock().await.config().file.clone();
+    info!("SIGHUP: re-reading {}", path.display());
+    let loaded = match crate::config::load(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("the config is refused, bgagent keeps running with the one it had: {e}");
+            return;
+        }
+    };
+    for w in &loaded.warnings {
+        warn!("{w}");
+    }
+    let host = loaded.config.check_host();
+    if !host.is_empty() {
+        let list: Vec<String> = host.iter().map(|(k, m)| format!("  `{k}`: {m}")).collect();
+        error!(
+            "the config {} is refused, bgagent keeps running with the one it had:\n{}",
+            path.display(),
+            list.join("\n")
+        );
+        return;
+    }
+    // Taking the engine waits for a running event: a config changes between events only.
+    let mut engine = shared.engine.lock().await;
+    let restart = engine.config().restart_only_changes(&loaded.config);
+    if !restart.is_empty() {
+        error!(
+            "the config {} changes {}, which only a restart applies (`systemctl restart bgagent`); bgagent keeps running with the config it had",
+            path.display(),
+            restart.join(", ")
+        );
+        return;
+    }
+    shared.health.send_replace(loaded.config.health.clone());
+    engine.reconfigure(loaded.config);
+    info!("config reloaded from {}", path.display());
 }
 
 async fn bind(path: &Path, mode: u32, gid: Option<u32>) -> Result<UnixListener, DaemonError> {
@@ -569,12 +624,8 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
     let work = {
         let shared = shared.clone();
         let span = match &request {
-            Request::Hook { event, env } => info_span!(
-                "hook",
-                stream = stream_reg.id,
-                lifecycle_event = %crate::text::escape(event),
-                deployment_id = %crate::text::escape(env.get("DEPLOYMENT_ID").map(String::as_str).unwrap_or("-"))
-            ),
+            // The event's own span (events::Engine) carries DEPLOYMENT_ID and LIFECYCLE_EVENT.
+            Request::Hook { .. } => info_span!("hook", stream = stream_reg.id),
             Request::Deploy { artifact } => {
                 info_span!("deploy", stream = stream_reg.id, artifact = %crate::text::path(artifact))
             }

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
@@ -31,6 +31,10 @@ pub struct HealthConfig {
     /// Overall bound for ValidateService.
     #[serde(with = "crate::config::duration")]
     pub deadline: Duration,
+    /// How often the checks run once the node is ready (`period` is for getting ready): on
+    /// Magento a health URL usually reaches the database, so steady state polls gently.
+    #[serde(with = "crate::config::duration")]
+    pub ready_period: Duration,
 }
 
 impl Default for HealthConfig {
@@ -44,6 +48,7 @@ impl Default for HealthConfig {
             failure_threshold: 3,
             startup_budget: Duration::from_secs(30),
             deadline: Duration::from_secs(120),
+            ready_period: Duration::from_secs(10),
         }
     }
 }
@@ -339,12 +344,34 @@ async fn redis_check(url: &str) -> Result<String, String> {
     }
 }
 
+/// The client for health checks and warm-up: no proxy, no redirects. A host without CA
+/// certificates (a minimal image without ca-certificates) still gets a client: plain-http
+/// checks work and https ones fail their certificate check with a clear error, where the
+/// default client would panic.
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap_or_default()
+    let builder = || {
+        reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+    };
+    match builder().build() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(
+                "no TLS root certificates on this host ({e}): https:// health and warm-up URLs will fail their certificate check; install ca-certificates"
+            );
+            builder()
+                .tls_certs_only(Vec::<reqwest::Certificate>::new())
+                .build()
+                .unwrap_or_else(|e| {
+                    warn!("failed to build an HTTP client: {e}");
+                    reqwest::Client::builder()
+                        .tls_certs_only(Vec::<reqwest::Certificate>::new())
+                        .build()
+                        .expect("an HTTP client without TLS roots always builds")
+                })
+        }
+    }
 }
 
 /// Polls every check until all pass their thresholds, one fails them, or the deadline.
@@ -358,28 +385,41 @@ pub async fn wait_until_healthy(cfg: &HealthConfig) -> Result<Duration, HealthFa
     let mut history: Vec<Vec<Sample>> = cfg.checks.iter().map(|_| Vec::new()).collect();
     loop {
         let elapsed = t0.elapsed();
-        let round: Vec<_> = cfg
-            .checks
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| probes[*i].due(elapsed) && probes[*i].verdict() != Verdict::Passed)
-            .map(|(i, c)| {
-                let http = http.clone();
-                async move {
-                    let s = Instant::now();
-                    let r = check_once(c, cfg.timeout, &http).await;
-                    (i, r, s.elapsed())
-                }
-            })
-            .collect();
-        for (i, r, lat) in futures_join(round).await {
+        // Checks of one round run concurrently; each has its own timeout.
+        let mut round = tokio::task::JoinSet::new();
+        for (i, c) in cfg.checks.iter().enumerate() {
+            if probes[i].due(elapsed) && probes[i].verdict() != Verdict::Passed {
+                let (c, http, timeout) = (c.clone(), http.clone(), cfg.timeout);
+                round.spawn(
+                    async move {
+                        let s = Instant::now();
+                        let r = check_once(&c, timeout, &http).await;
+                        (i, r, s.elapsed())
+                    }
+                    .in_current_span(),
+                );
+            }
+        }
+        let mut results = Vec::new();
+        while let Some(done) = round.join_next().await {
+            if let Ok(r) = done {
+                results.push(r);
+            }
+        }
+        results.sort_by_key(|(i, _, _)| *i);
+        for (i, r, lat) in results {
             let at = t0.elapsed();
             let ok = r.is_ok();
             let detail = match r {
                 Ok(d) | Err(d) => d,
             };
             let v = probes[i].observe(at, ok);
-            if !ok {
+            // Told when it starts failing or fails differently, not at every poll: the hook's
+            // output and the journal keep what changed.
+            let same_as_before = history[i]
+                .last()
+                .is_some_and(|p| !p.ok && p.detail == detail);
+            if !ok && !same_as_before {
                 warn!("health check {} failed: {detail}", cfg.checks[i].name);
             }
             history[i].push(Sample {
@@ -417,34 +457,6 @@ pub async fn wait_until_healthy(cfg: &HealthConfig) -> Result<Duration, HealthFa
     }
 }
 
-async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
-    let mut set = Vec::with_capacity(fs.len());
-    // Checks are few; run them concurrently on this task.
-    let mut pinned: Vec<std::pin::Pin<Box<F>>> = fs.into_iter().map(Box::pin).collect();
-    let mut done: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in pinned.iter_mut().enumerate() {
-            if done[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => done[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    for d in done.into_iter().flatten() {
-        set.push(d);
-    }
-    set
-}
-
 fn evidence(cfg: &HealthConfig, history: &[Vec<Sample>]) -> String {
     let mut out = String::new();
     for (c, h) in cfg.checks.iter().zip(history) {
@@ -469,32 +481,48 @@ fn evidence(cfg: &HealthConfig, history: &[Vec<Sample>]) -> String {
 
 /// Keeps checking while the node is ready: a node that fails its checks (failure threshold)
 /// leaves `ready`, so the load balancer stops sending, and comes back only when the checks
-/// pass again (success threshold). Lifecycle events own the other states.
-pub async fn monitor(cfg: HealthConfig, readiness: crate::readiness::Readiness) {
+/// pass again (success threshold). Lifecycle events own the other states. The checks come
+/// from `cfg`, which the daemon replaces when it reloads its config.
+pub async fn monitor(
+    mut cfg: tokio::sync::watch::Receiver<HealthConfig>,
+    readiness: crate::readiness::Readiness,
+) {
     use crate::readiness::State;
-    if cfg.checks.is_empty() {
-        return;
-    }
     let http = http_client();
-    let steady = HealthConfig {
+    let steady = |c: &HealthConfig| HealthConfig {
         startup_budget: Duration::ZERO,
         initial_delay: Duration::ZERO,
-        ..cfg.clone()
+        ..c.clone()
     };
-    let mut probes: Vec<Probe> = cfg.checks.iter().map(|_| Probe::new(&steady)).collect();
+    let mut current = cfg.borrow_and_update().clone();
+    let mut probes: Vec<Probe> = current
+        .checks
+        .iter()
+        .map(|_| Probe::new(&steady(&current)))
+        .collect();
     let t0 = Instant::now();
     let mut fell_out = false;
     loop {
-        tokio::time::sleep(cfg.period.max(Duration::from_millis(50))).await;
+        tokio::select! {
+            _ = tokio::time::sleep(monitor_wait(&current)) => {}
+            changed = cfg.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = cfg.borrow_and_update().clone();
+                probes = current.checks.iter().map(|_| Probe::new(&steady(&current))).collect();
+                continue;
+            }
+        }
         let state = readiness.state();
         let watching = state == State::Ready || (fell_out && state == State::Starting);
-        if !watching {
+        if !watching || current.checks.is_empty() {
             fell_out = false;
             probes.iter_mut().for_each(Probe::reset_to_pending);
             continue;
         }
-        for (i, c) in cfg.checks.iter().enumerate() {
-            let r = check_once(c, cfg.timeout, &http).await;
+        for (i, c) in current.checks.iter().enumerate() {
+            let r = check_once(c, current.timeout, &http).await;
             readiness.record_check(&c.name, r.is_ok());
             let before = probes[i].verdict();
             let v = probes[i].observe(t0.elapsed(), r.is_ok());
@@ -505,7 +533,7 @@ pub async fn monitor(cfg: HealthConfig, readiness: crate::readiness::Readiness) 
             {
                 warn!(
                     "health check {} failed {} times in a row while ready ({why}): the node leaves ready",
-                    c.name, cfg.failure_threshold
+                    c.name, current.failure_threshold
                 );
             }
         }
@@ -520,6 +548,13 @@ pub async fn monitor(cfg: HealthConfig, readiness: crate::readiness::Readiness) 
             fell_out = false;
         }
     }
+}
+
+/// The steady-state monitor's pause between rounds: `ready_period`, never a busy loop.
+/// (`period` paces ValidateService's wait for health, where speed matters; once ready, the
+/// checks only watch, and on Magento each one reaches the database.)
+pub fn monitor_wait(cfg: &HealthConfig) -> Duration {
+    cfg.ready_period.max(Duration::from_millis(50))
 }
 
 #[cfg(test)]
@@ -537,6 +572,20 @@ mod tests {
     }
     fn s(n: u64) -> Duration {
         Duration::from_secs(n)
+    }
+
+    /// Regression: after ready the monitor polled every `period` (250 ms): 4 requests a
+    /// second, forever, to a health URL that on Magento reaches the database.
+    #[test]
+    fn steady_state_polls_at_ready_period_not_period() {
+        let c = HealthConfig::default();
+        assert_eq!(c.ready_period, s(10));
+        assert_eq!(monitor_wait(&c), s(10));
+        let c = HealthConfig {
+            ready_period: s(3),
+            ..HealthConfig::default()
+        };
+        assert_eq!(monitor_wait(&c), s(3));
     }
 
     #[test]

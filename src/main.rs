@@ -52,7 +52,11 @@ fn init_daemon_logging() {
         .with(bgagent::logstream::StreamLayer);
     match journald {
         Some(j) => registry
-            .with(j.with_syslog_identifier("bgagent".into()))
+            // Fields as operators query them: DEPLOYMENT_ID=, not tracing-journald's F_ prefix.
+            .with(
+                j.with_syslog_identifier("bgagent".into())
+                    .with_field_prefix(None),
+            )
             .init(),
         None => registry
             .with(
@@ -94,10 +98,25 @@ fn run(cli: &Cli) -> i32 {
     let path = cli::config_path(cli);
     match &cli.command {
         Command::Hook { event } => cli::hook(cli, event.as_deref()),
+        Command::Completions { shell } => cli::completions(*shell),
+        Command::Man => cli::man(),
         Command::Config(ConfigCommand::Check) => match bgagent::config::load(&path) {
             Ok(l) => {
                 for w in &l.warnings {
-                    println!("warning: {w}");
+                    eprintln!("warning: {w}");
+                }
+                // Then what only this host can tell: users and groups exist.
+                let host = l.config.check_host();
+                if !host.is_empty() {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    eprintln!("error: invalid config on this host:");
+                    for (key, msg) in host {
+                        let at = bgagent::config::locate_key(&text, &key)
+                            .map(|(l, c)| format!(":{l}:{c}"))
+                            .unwrap_or_default();
+                        eprintln!("  {}{at}: `{key}`: {msg}", path.display());
+                    }
+                    return exit::CONFIG;
                 }
                 let note = if l.warnings.is_empty() {
                     ""
@@ -108,7 +127,7 @@ fn run(cli: &Cli) -> i32 {
                 exit::OK
             }
             Err(e) => {
-                println!("error: {e}");
+                eprintln!("error: {e}");
                 exit::CONFIG
             }
         },

@@ -6,7 +6,6 @@
 //! permission plan can be printed and tested before anything is written. The release engine
 //! applies it in the same pass that creates each file (no `chmod -R` afterwards).
 
-use std::ffi::CString;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -71,12 +70,12 @@ impl Default for PermsConfig {
 impl PermsConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for (key, m) in [
-            ("permissions.dir_mode", &self.dir_mode),
-            ("permissions.file_mode", &self.file_mode),
-            ("permissions.exec_file_mode", &self.exec_file_mode),
+        for (key, m, dir) in [
+            ("permissions.dir_mode", &self.dir_mode, true),
+            ("permissions.file_mode", &self.file_mode, false),
+            ("permissions.exec_file_mode", &self.exec_file_mode, false),
         ] {
-            if let Err(e) = parse_mode(m) {
+            if let Err(e) = parse_mode(m).and_then(|m| check_special_bits(m, dir)) {
                 out.push((key.to_string(), e));
             }
         }
@@ -84,8 +83,11 @@ impl PermsConfig {
             if let Err(e) = check_relative(&w.path) {
                 out.push((format!("permissions.writable.{i}.path"), e));
             }
-            for (k, m) in [("dir_mode", &w.dir_mode), ("file_mode", &w.file_mode)] {
-                if let Err(e) = parse_mode(m) {
+            for (k, m, dir) in [
+                ("dir_mode", &w.dir_mode, true),
+                ("file_mode", &w.file_mode, false),
+            ] {
+                if let Err(e) = parse_mode(m).and_then(|m| check_special_bits(m, dir)) {
                     out.push((format!("permissions.writable.{i}.{k}"), e));
                 }
             }
@@ -97,6 +99,23 @@ impl PermsConfig {
         }
         out
     }
+}
+
+/// The setgid bit only on directories (files created inside inherit the group), the setuid
+/// bit never. The shipped unit cannot say this (systemd's RestrictSUIDSGID= forbids both
+/// bits everywhere, setgid directories included), so bgagent holds itself to it.
+pub fn check_special_bits(mode: u32, dir: bool) -> Result<(), String> {
+    if mode & 0o4000 != 0 {
+        return Err(format!(
+            "{mode:04o} has the setuid bit: bgagent never makes release files or directories setuid"
+        ));
+    }
+    if !dir && mode & 0o2000 != 0 {
+        return Err(format!(
+            "{mode:04o} has the setgid bit: it belongs on directories (dir_mode), not on files"
+        ));
+    }
+    Ok(())
 }
 
 /// A path inside the release: relative, no `..`.
@@ -246,78 +265,58 @@ fn normalize(p: &Path) -> PathBuf {
         .collect()
 }
 
-/// Looks up a user by name (or numeric id): (uid, primary gid).
-pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
+/// Looks up a user by name, or by numeric uid: (uid, primary gid). The primary group comes
+/// from the passwd entry; a numeric uid without one has no known group (None), which callers
+/// that need a group must ask for instead of guessing. NSS (files, LDAP, sssd) answers through
+/// nix, which also retries with a larger buffer for large entries.
+pub fn lookup_user(name: &str) -> Option<(u32, Option<u32>)> {
+    use nix::unistd::{Uid, User};
     if let Ok(id) = name.parse::<u32>() {
-        return Some((id, id));
+        let gid = User::from_uid(Uid::from_raw(id))
+            .ok()
+            .flatten()
+            .map(|u| u.gid.as_raw());
+        return Some((id, gid));
     }
-    let cname = CString::new(name).ok()?;
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    // SAFETY: every pointer is valid for the call. Only pwd's integer fields are read
-    // afterwards, never its strings (they point into the buffer, which is gone by then).
-    with_nss_buffer(|buf, result: &mut *mut libc::passwd| unsafe {
-        libc::getpwnam_r(
-            cname.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            result,
-        )
-    })?;
-    Some((pwd.pw_uid, pwd.pw_gid))
+    User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| (u.uid.as_raw(), Some(u.gid.as_raw())))
 }
 
-/// Looks up a group by name (or numeric id).
+/// Looks up a group by name (or numeric gid).
 pub fn lookup_group(name: &str) -> Option<u32> {
     if let Ok(id) = name.parse::<u32>() {
         return Some(id);
     }
-    let cname = CString::new(name).ok()?;
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    // SAFETY: as in lookup_user.
-    with_nss_buffer(|buf, result: &mut *mut libc::group| unsafe {
-        libc::getgrnam_r(
-            cname.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            result,
-        )
-    })?;
-    Some(grp.gr_gid)
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
 }
 
 /// The name of group `gid`, or the number when it has none.
 pub fn group_name(gid: u32) -> String {
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    // SAFETY: as in lookup_user; gr_name points into the buffer, read before it is freed.
-    let mut name = None;
-    with_nss_buffer(|buf, result: &mut *mut libc::group| unsafe {
-        let r = libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr().cast(), buf.len(), result);
-        if r == 0 && !result.is_null() && !grp.gr_name.is_null() {
-            name = Some(
-                std::ffi::CStr::from_ptr(grp.gr_name)
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-        }
-        r
-    });
-    name.unwrap_or_else(|| gid.to_string())
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+        .unwrap_or_else(|| gid.to_string())
 }
 
-/// Runs a `get*nam_r` call with a buffer that doubles while the entry does not fit (ERANGE:
-/// a group with thousands of members from LDAP), up to 16 MiB. `Some` when an entry was found.
-fn with_nss_buffer<T>(mut call: impl FnMut(&mut [u8], &mut *mut T) -> libc::c_int) -> Option<()> {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let mut result: *mut T = std::ptr::null_mut();
-        match call(&mut buf, &mut result) {
-            0 if !result.is_null() => return Some(()),
-            libc::ERANGE if buf.len() < 16 << 20 => buf = vec![0u8; buf.len() * 2],
-            _ => return None,
-        }
+/// The supplementary groups of `user` (by name) with `primary` among them.
+pub fn group_list(user: &str, primary: u32) -> Vec<u32> {
+    let Ok(name) = std::ffi::CString::new(user) else {
+        return vec![primary];
+    };
+    let mut groups: Vec<u32> =
+        nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(primary))
+            .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_default();
+    if !groups.contains(&primary) {
+        groups.push(primary);
     }
+    groups
 }
 
 #[cfg(test)]
@@ -326,6 +325,30 @@ mod tests {
 
     fn policy() -> Policy {
         Policy::with_ids(&PermsConfig::default(), Some(33), Some(33)).unwrap()
+    }
+
+    #[test]
+    fn setuid_modes_and_setgid_files_are_refused_setgid_dirs_allowed() {
+        // The unit has no RestrictSUIDSGID= (it would refuse the 2770 writable dirs), so
+        // config validation is what keeps setuid files out of releases.
+        assert!(PermsConfig::default().validate().is_empty());
+        let mut c = PermsConfig {
+            file_mode: "4750".into(),
+            exec_file_mode: "2750".into(),
+            dir_mode: "4750".into(),
+            ..PermsConfig::default()
+        };
+        c.writable[0].file_mode = "2660".into();
+        let keys: Vec<String> = c.validate().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            [
+                "permissions.dir_mode",
+                "permissions.file_mode",
+                "permissions.exec_file_mode",
+                "permissions.writable.0.file_mode"
+            ]
+        );
     }
 
     #[test]
@@ -415,27 +438,17 @@ mod tests {
 
     #[test]
     fn lookup_root() {
-        assert_eq!(lookup_user("root"), Some((0, 0)));
+        assert_eq!(lookup_user("root"), Some((0, Some(0))));
+        assert_eq!(lookup_user("0"), Some((0, Some(0))));
         assert_eq!(lookup_group("root"), Some(0));
         assert_eq!(lookup_user("no-such-user-bgagent"), None);
+        assert_eq!(group_list("root", 0), vec![0]);
     }
 
+    /// Regression: a numeric owner without a passwd entry was given gid = uid, a group
+    /// nobody chose.
     #[test]
-    fn an_entry_too_large_for_the_buffer_is_retried_with_a_larger_one() {
-        let mut sizes = Vec::new();
-        let mut entry = 0u8;
-        let found = with_nss_buffer(|buf, result: &mut *mut u8| {
-            sizes.push(buf.len());
-            if buf.len() < 100_000 {
-                return libc::ERANGE;
-            }
-            *result = &mut entry;
-            0
-        });
-        assert_eq!(found, Some(()));
-        assert_eq!(sizes, [16384, 32768, 65536, 131072]);
-        // Not found, and a buffer that never suffices, both end as None.
-        assert_eq!(with_nss_buffer(|_, _: &mut *mut u8| 0), None);
-        assert_eq!(with_nss_buffer(|_, _: &mut *mut u8| libc::ERANGE), None);
+    fn a_numeric_uid_without_an_entry_has_no_guessed_group() {
+        assert_eq!(lookup_user("4000000123"), Some((4000000123, None)));
     }
 }

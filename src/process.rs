@@ -1,5 +1,6 @@
 //! Running external programs: by argv (never a shell), in their own session, with their own
 //! stdio, as another user when asked, and with a timeout that ends the whole process group.
+//! Processes a command leaves behind when it exits (`something &`) are ended with its group.
 //!
 //! A child that kept the hook's stdout open would make the CodeDeploy agent fail the hook
 //! ("failed to close STDOUT"), so stdin is /dev/null and stdout/stderr are pipes that bgagent
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 /// A command as the config states it.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -76,6 +77,8 @@ pub enum ProcessError {
     NoUser { cmd: String, user: String },
     #[error("`{cmd}`: no group named `{group}` on this host")]
     NoGroup { cmd: String, group: String },
+    #[error("`{cmd}`: uid {uid} has no passwd entry, so its group is unknown; set `group:` too")]
+    NoPrimaryGroup { cmd: String, uid: u32 },
     #[error("`{cmd}` ran longer than {timeout:?} and was stopped (SIGTERM, then SIGKILL to its process group){}", tail_text(.tail))]
     TimedOut {
         cmd: String,
@@ -107,7 +110,7 @@ fn tail_text(tail: &[String]) -> String {
 struct Ids {
     uid: Option<u32>,
     gid: Option<u32>,
-    groups: Vec<libc::gid_t>,
+    groups: Vec<u32>,
 }
 
 fn resolve_ids(spec: &CommandSpec) -> Result<Ids, ProcessError> {
@@ -128,39 +131,27 @@ fn resolve_ids(spec: &CommandSpec) -> Result<Ids, ProcessError> {
                 group: g.clone(),
             })?,
         ),
-        None => user.map(|(_, g)| g),
+        None => match user {
+            Some((_, Some(g))) => Some(g),
+            Some((uid, None)) => {
+                return Err(ProcessError::NoPrimaryGroup { cmd, uid });
+            }
+            None => None,
+        },
     };
     // Supplementary groups are computed here, in the parent: getgrouplist is not safe to
     // call between fork and exec.
-    let mut groups = Vec::new();
-    if let (Some(name), Some((_, primary))) = (&spec.user, user) {
-        if let Ok(cname) = std::ffi::CString::new(name.as_str()) {
-            let mut n: libc::c_int = 64;
-            loop {
-                let mut buf = vec![0 as libc::gid_t; n as usize];
-                // SAFETY: buf holds n entries; n is updated to the needed size on overflow.
-                let rc = unsafe {
-                    libc::getgrouplist(cname.as_ptr(), primary, buf.as_mut_ptr(), &mut n)
-                };
-                if rc >= 0 {
-                    buf.truncate(n as usize);
-                    groups = buf;
-                    break;
-                }
-                if n > 65536 {
-                    break;
-                }
-                n *= 2;
+    let groups = match (&spec.user, user, gid) {
+        (Some(name), Some((_, Some(primary))), Some(g)) => {
+            let mut groups = crate::perms::group_list(name, primary);
+            if !groups.contains(&g) {
+                groups.push(g);
             }
+            groups
         }
-        if let Some(g) = gid
-            && !groups.contains(&g)
-        {
-            groups.push(g);
-        }
-    } else if let Some(g) = gid {
-        groups.push(g);
-    }
+        (_, _, Some(g)) => vec![g],
+        _ => Vec::new(),
+    };
     Ok(Ids {
         uid: user.map(|(u, _)| u),
         gid,
@@ -257,12 +248,14 @@ pub async fn run_inheriting(
     let tail = std::sync::Arc::new(std::sync::Mutex::new(
         std::collections::VecDeque::<String>::new(),
     ));
-    let mut readers = Vec::new();
+    // The readers carry the caller's span: the span routes their lines to the hook that asked
+    // for the work and gives them the event's journald fields.
+    let mut readers = tokio::task::JoinSet::new();
     if let Some(out) = child.stdout.take() {
-        readers.push(tokio::spawn(pump(out, name.clone(), false, tail.clone())));
+        readers.spawn(pump(out, name.clone(), false, tail.clone()).in_current_span());
     }
     if let Some(err) = child.stderr.take() {
-        readers.push(tokio::spawn(pump(err, name.clone(), true, tail.clone())));
+        readers.spawn(pump(err, name.clone(), true, tail.clone()).in_current_span());
     }
     let status = match tokio::time::timeout(spec.timeout, child.wait()).await {
         Ok(s) => s.map_err(|source| ProcessError::Spawn {
@@ -284,9 +277,7 @@ pub async fn run_inheriting(
             }
             // Children that ignored SIGTERM are gone with the group kill.
             kill_group(pid, libc::SIGKILL);
-            for r in readers {
-                let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
-            }
+            drain_readers(&mut readers, Duration::from_secs(1)).await;
             return Err(ProcessError::TimedOut {
                 cmd: cmd_shown,
                 timeout: spec.timeout,
@@ -294,10 +285,18 @@ pub async fn run_inheriting(
             });
         }
     };
-    // Grandchildren that still hold the pipes must not keep us waiting forever.
-    for r in readers {
-        let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+    // A command that left processes behind (`daemon &`) has them ended with its process group:
+    // they hold its output pipes, and nothing bgagent runs may outlive its step.
+    if group_alive(pid) {
+        warn!(
+            "`{cmd_shown}` exited but left processes running in its process group; ending them (SIGTERM, then SIGKILL)"
+        );
+        kill_group(pid, libc::SIGTERM);
+        drain_readers(&mut readers, KILL_GRACE).await;
+        kill_group(pid, libc::SIGKILL);
     }
+    // A process that left the group (its own setsid) may still hold a pipe: bounded wait.
+    drain_readers(&mut readers, Duration::from_secs(1)).await;
     let duration = t0.elapsed();
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -333,6 +332,20 @@ fn take_tail(t: &std::sync::Mutex<std::collections::VecDeque<String>>) -> Vec<St
         .unwrap_or_default()
 }
 
+/// Waits until every reader reached end of output, or `limit` passed (then they are dropped).
+async fn drain_readers(readers: &mut tokio::task::JoinSet<()>, limit: Duration) {
+    let _ = tokio::time::timeout(limit, async {
+        while readers.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+/// Whether any process is left in the group led by `pid`.
+fn group_alive(pid: i32) -> bool {
+    // SAFETY: plain syscall; signal 0 only checks for existence.
+    pid > 0 && unsafe { libc::kill(-pid, 0) } == 0
+}
+
 fn kill_group(pid: i32, sig: i32) {
     if pid > 0 {
         // SAFETY: plain syscall; the child leads its own process group (setsid).
@@ -349,12 +362,16 @@ async fn pump(
     tail: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 ) {
     let mut lines = BufReader::new(r).lines();
+    // Both streams at INFO, tagged: tools write progress and notices to stderr (`php-fpm -t`
+    // says its config is fine there); whether the command failed is its exit code, and a
+    // failure's error quotes the last lines anyway.
+    let tag = if is_err { " stderr" } else { "" };
     while let Ok(Some(line)) = lines.next_line().await {
-        if is_err {
-            warn!("[{name}] {line}");
-        } else {
-            info!("[{name}] {line}");
+        // Blank lines say nothing and cost the hook's 2048-character tail.
+        if line.trim().is_empty() {
+            continue;
         }
+        info!("[{name}{tag}] {line}");
         if let Ok(mut t) = tail.lock() {
             t.push_back(line.chars().take(300).collect());
             if t.len() > 5 {

@@ -50,6 +50,10 @@ impl TemplateConfig {
         }
         match crate::fsutil::parse_mode(&self.mode) {
             Err(e) => out.push((format!("templates.{i}.mode"), e)),
+            Ok(m) if crate::perms::check_special_bits(m, false).is_err() => out.push((
+                format!("templates.{i}.mode"),
+                crate::perms::check_special_bits(m, false).unwrap_err(),
+            )),
             Ok(m) if m & 0o007 != 0 => out.push((
                 format!("templates.{i}.mode"),
                 format!("{} lets every user on the host read or write the file; rendered files hold secrets: use 0640 or tighter", self.mode),
@@ -566,5 +570,17 @@ mod tests {
         };
         assert_eq!(t.validate(0)[0].0, "templates.0.mode");
         assert_eq!(t.check_argv(), vec!["php", "-l", "{path}"]);
+        for m in ["4640", "2640"] {
+            let t = TemplateConfig {
+                mode: m.into(),
+                ..t.clone()
+            };
+            let v = t.validate(0);
+            assert_eq!(v.len(), 1, "{m}: {v:?}");
+            assert!(
+                v[0].1.contains("setuid") || v[0].1.contains("setgid"),
+                "{v:?}"
+            );
+        }
     }
 }

@@ -17,10 +17,15 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
+        Node::with_extra("")
+    }
+
+    /// A node whose config has `extra` (top-level YAML) appended.
+    fn with_extra(extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let cfg = "app_root: app\nstate_dir: state\nsocket:\n  path: run/bgagent.sock\n  group: null\n\
                    codedeploy:\n  deployment_root: cd-root\napp:\n  kind: php\nrelease:\n  keep: 3\n  shared_paths: [var/log]\n";
-        std::fs::write(dir.path().join("bgagent.yaml"), cfg).unwrap();
+        std::fs::write(dir.path().join("bgagent.yaml"), format!("{cfg}{extra}")).unwrap();
         Node { dir, daemon: None }
     }
 
@@ -890,5 +895,82 @@ fn a_non_utf8_name_in_releases_no_longer_stops_pruning() {
     assert!(
         !log.contains("0stray\u{fffd}\nname"),
         "the name is printed raw: {log}"
+    );
+}
+
+/// Regression: the output readers of a command were spawned without the event's span, so a
+/// `commands:` step's output never reached the hook (nor the event's journal fields).
+#[test]
+fn command_output_reaches_the_hook_as_it_happens_in_order_and_tagged() {
+    // The pauses only separate the writes to the two pipes, so their order is defined.
+    let mut node = Node::with_extra(
+        "commands:\n  AfterInstall:\n    - argv: [sh, -c, 'echo out-1; sleep 0.3; echo err-1 >&2; sleep 0.3; echo out-2']\n",
+    );
+    node.start();
+    node.revision("g-1", "d-OUT", "one");
+    let out = node.hook("AfterInstall", Some("d-OUT"), "g-1");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let at = |needle: &str| {
+        stdout
+            .find(needle)
+            .unwrap_or_else(|| panic!("`{needle}` is not in the hook's stdout:\n{stdout}"))
+    };
+    let (o1, e1, o2) = (at("[sh] out-1"), at("[sh stderr] err-1"), at("[sh] out-2"));
+    let done = at("bgagent: AfterInstall succeeded");
+    assert!(o1 < e1 && e1 < o2 && o2 < done, "{stdout}");
+    // stderr is tagged, not a warning: the command succeeded.
+    assert!(!stdout.contains("WARN  [sh"), "{stdout}");
+}
+
+/// Regression: a command that left a background child holding its stdout was waited for
+/// (2 s per pipe) and the child lived on; it is ended with the command's process group.
+#[test]
+fn a_commands_background_child_is_ended_with_its_process_group() {
+    let mut node = Node::with_extra(
+        "commands:\n  AfterInstall:\n    - argv: [sh, -c, 'sleep 300 & echo $! > ../../bg.pid; echo started']\n",
+    );
+    node.start();
+    node.revision("g-1", "d-BG", "one");
+    let out = node.hook("AfterInstall", Some("d-BG"), "g-1");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("[sh] started"), "{t}");
+    assert!(t.contains("left processes running"), "{t}");
+    let pid: i32 = std::fs::read_to_string(node.path("app/bg.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // A zombie counts as gone (its parent, sh, is gone; whoever adopted it reaps it).
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+        .unwrap_or(false);
+    assert!(!alive, "the background child {pid} outlived its command");
+}
+
+/// Regression: `bgagent hook` loaded and validated the whole config, so a config being
+/// edited (here: an invalid value and a new key) failed every hook with exit 7 while the
+/// daemon ran on the config it had loaded. The hook needs only the socket path.
+#[test]
+fn a_config_being_edited_does_not_break_hooks() {
+    let mut node = Node::new();
+    node.start();
+    node.revision("g-1", "d-EDIT", "one");
+    let cfg = std::fs::read_to_string(node.config()).unwrap();
+    std::fs::write(
+        node.config(),
+        cfg.replace("keep: 3", "keep: lots") + "half_written_key:\n",
+    )
+    .unwrap();
+    let out = node.cli(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let out = node.hook("BeforeInstall", Some("d-EDIT"), "g-1");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("bgagent: BeforeInstall succeeded for deployment d-EDIT"),
+        "{}",
+        text(&out)
     );
 }

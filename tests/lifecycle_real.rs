@@ -84,6 +84,7 @@ health:
     - name: cache
       redis: {{ url: "redis://127.0.0.1:{rp}/0" }}
   period: 100ms
+  ready_period: 100ms
   success_threshold: 2
   failure_threshold: 3
   startup_budget: 1s

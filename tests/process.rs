@@ -117,6 +117,7 @@ fn switches_user_natively_even_for_nologin_users() {
         "nobody"
     };
     let (uid, gid) = bgagent::perms::lookup_user(user).unwrap();
+    let gid = gid.unwrap();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("id");
     std::fs::set_permissions(
@@ -143,5 +144,28 @@ fn switches_user_natively_even_for_nologin_users() {
         !lines[2].split(' ').any(|g| g == "0"),
         "root's groups were dropped: {}",
         lines[2]
+    );
+}
+
+/// Regression: a command that left a background child holding its stdout made `run` wait
+/// 2 s per pipe, and the child lived on. It is ended with the command's process group.
+#[test]
+fn a_background_child_holding_stdout_is_ended_with_the_group() {
+    let d = tempfile::tempdir().unwrap();
+    let pidf = d.path().join("pid");
+    let script = format!("sleep 300 & echo $! > {}; echo started", pidf.display());
+    let spec = CommandSpec::new(&["sh", "-c", &script]);
+    let f = rt()
+        .block_on(process::run(&spec, None, &BTreeMap::new()))
+        .unwrap();
+    assert_eq!(f.tail, vec!["started".to_string()]);
+    let pid: i32 = std::fs::read_to_string(&pidf)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        !alive(pid),
+        "the background child {pid} outlived its command"
     );
 }

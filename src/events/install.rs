@@ -46,6 +46,7 @@ impl Engine {
             &release::new_release_id(SystemTime::now(), &dep_id),
             &app.list()?,
         );
+        tracing::Span::current().record("release_id", id.as_str());
         let staging_name = format!(".{id}.partial");
         let _ = app.remove_release(&staging_name);
         // The release root gets the policy's root placement, from a directory or an archive.
@@ -63,7 +64,10 @@ impl Engine {
             (m, _) => m,
         };
         let src2 = src.clone();
+        // The event's span goes along: intake's warnings reach the hook and the journal.
+        let span = tracing::Span::current();
         let report = tokio::task::spawn_blocking(move || -> Result<String, EngineError> {
+            let _in_event = span.enter();
             if src2.is_dir() {
                 let r = release::intake_into(&src2, &staging, intake, &policy)?;
                 Ok(format!(
@@ -251,9 +255,12 @@ impl Engine {
             crate::render::render_all(&self.cfg.templates, &self.cfg.base_dir, params, &facts)?;
         let n = rendered.len();
         let policy = policy.clone();
-        tokio::task::spawn_blocking(move || crate::render::write_all(&rendered, &release, &policy))
-            .await
-            .map_err(|e| EngineError::Failed(format!("render task failed: {e}")))??;
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            span.in_scope(|| crate::render::write_all(&rendered, &release, &policy))
+        })
+        .await
+        .map_err(|e| EngineError::Failed(format!("render task failed: {e}")))??;
         info!(
             "rendered {n} template(s) from {} parameter(s): {}",
             params.len(),

@@ -26,7 +26,7 @@ pub use install::template_facts;
 use std::collections::BTreeMap;
 use std::time::{Instant, SystemTime};
 
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 
 use crate::config::Config;
 use crate::lifecycle::{self, Decision, Deployment, Event, Origin};
@@ -221,6 +221,12 @@ impl Engine {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+
+    /// Takes a re-read config (SIGHUP) between events; the caller checked that nothing that
+    /// needs a restart changed ([`Config::restart_only_changes`]).
+    pub fn reconfigure(&mut self, cfg: Config) {
+        self.cfg = cfg;
+    }
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
@@ -264,7 +270,32 @@ impl Engine {
             .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     }
 
+    /// Runs `event` inside a span whose fields every line of the event carries (the journal's
+    /// DEPLOYMENT_ID, LIFECYCLE_EVENT and RELEASE_ID; `journalctl DEPLOYMENT_ID=d-...`).
     async fn run_event(&mut self, event: Event, id: &str, origin: Origin) -> Outcome {
+        let release = self
+            .doc
+            .deployment
+            .as_ref()
+            .filter(|d| d.id == id)
+            .and_then(|d| d.release_id.clone());
+        let span = tracing::info_span!(
+            "event",
+            deployment_id = %id,
+            lifecycle_event = %event,
+            release_id = tracing::field::Empty
+        );
+        if let Some(r) = &release {
+            span.record("release_id", r.as_str());
+        }
+        // Boxed: the event's future is deep, and the span's wrapper on top of it would take
+        // the compiler past its layout depth limit.
+        Box::pin(self.run_event_in_span(event, id, origin))
+            .instrument(span)
+            .await
+    }
+
+    async fn run_event_in_span(&mut self, event: Event, id: &str, origin: Origin) -> Outcome {
         match lifecycle::decide(self.doc.deployment.as_ref(), id, event) {
             Decision::Refuse(r) => {
                 error!("{event} refused: {r}");

@@ -17,6 +17,8 @@ rm -rf "$OUT"; mkdir -p "$OUT"
 case "$PROFILE" in dev) BIN=target/debug/bgagent;; *) BIN=target/$PROFILE/bgagent;; esac
 [ -x "$BIN" ] || fail "$BIN is not built (cargo build --profile $PROFILE)"
 
+# The man page and shell completions are generated from the binary being packaged.
+packaging/gen-assets.sh "$BIN" || fail "packaging/gen-assets.sh $BIN"
 cargo deb --no-build --no-strip --fast --profile "$PROFILE" -o "$OUT/" >"$OUT/deb.log" 2>&1 \
   || { cat "$OUT/deb.log"; fail "cargo deb"; }
 cargo generate-rpm --profile "$PROFILE" -o "$OUT/" >"$OUT/rpm.log" 2>&1 \
@@ -44,16 +46,35 @@ expect=(
   "usr/share/bgagent/hooks/appspec.yml 644"
   "usr/share/bgagent/hooks/bgagent-hook 755"
   "usr/share/bgagent/templates/env.php.j2 644"
+  "usr/share/doc/bgagent/config.md 644"
+  "usr/share/man/man1/bgagent.1.gz 644"
+  "usr/share/bash-completion/completions/bgagent 644"
+  "ZSH/_bgagent 644"
+  "usr/share/fish/vendor_completions.d/bgagent.fish 644"
 )
 for kind in deb rpm; do
+  # The distributions' paths differ for the unit and for zsh's completions.
   unitdir=lib/systemd/system; [ $kind = rpm ] && unitdir=usr/lib/systemd/system
+  zshdir=usr/share/zsh/vendor-completions; [ $kind = rpm ] && zshdir=usr/share/zsh/site-functions
   for e in "${expect[@]}"; do
-    p=${e% *}; p=${p/SYSTEMD/$unitdir}; m=${e#* }
+    p=${e% *}; p=${p/SYSTEMD/$unitdir}; p=${p/ZSH/$zshdir}; m=${e#* }
     [ -f "$x/$kind/$p" ] || fail "the .$kind has no /$p"
     got=$(stat -c %a "$x/$kind/$p")
     [ "$got" = "$m" ] || fail "the .$kind installs /$p with mode $got, not $m"
   done
 done
+
+# The man page is the binary's own, and reads as one; the completions know the subcommands.
+for kind in deb rpm; do
+  gzip -dc "$x/$kind/usr/share/man/man1/bgagent.1.gz" > "$x/bgagent.1" || fail "the .$kind's man page is not gzip"
+  grep -q '^\.TH bgagent 1' "$x/bgagent.1" || fail "the .$kind's man page has no .TH header"
+  grep -q 'codedeploy\|CodeDeploy' "$x/bgagent.1" || fail "the .$kind's man page lacks the description"
+  grep -q 'rollback' "$x/$kind/usr/share/bash-completion/completions/bgagent" || fail "the .$kind's bash completion lacks the subcommands"
+done
+cmp -s "$x/bgagent.1" <("$BIN" man) || fail "the packaged man page is not what $BIN prints"
+if command -v bash >/dev/null; then
+  bash -n "$x/deb/usr/share/bash-completion/completions/bgagent" || fail "the bash completion is not valid bash"
+fi
 
 # The config is the operator's: never overwritten by an upgrade.
 # (grep reads captured output, not a pipe: with pipefail, `cmd | grep -q` fails when grep
