@@ -547,6 +547,9 @@ impl Config {
         if self.readiness.listen != new.readiness.listen {
             out.push("readiness.listen");
         }
+        if self.readiness.status_listen != new.readiness.status_listen {
+            out.push("readiness.status_listen");
+        }
         out
     }
 

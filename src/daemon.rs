@@ -76,17 +76,33 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let state_dir = cfg.state_dir.clone();
     let layout = crate::release::Layout::new(&cfg.app_root);
     let listen = cfg.readiness.listen.clone();
+    let status_listen = cfg.readiness.status_listen.clone();
     let engine = Engine::open(cfg)?;
     let readiness = engine.readiness();
     if let Some(addr) = &listen {
-        let bound = crate::readiness::serve(addr, readiness.clone())
+        let bound = crate::readiness::serve(
+            addr,
+            readiness.clone(),
+            crate::readiness::Surface::LoadBalancer,
+        )
+        .await
+        .map_err(|e| DaemonError::Io {
+            action: "listen for readiness on",
+            path: PathBuf::from(addr),
+            source: e.source,
+        })?;
+        info!("readiness listener on http://{bound} (/ready, /live)");
+    }
+    // The operators' listener: a node must deploy even when its port is taken.
+    if let Some(addr) = &status_listen {
+        match crate::readiness::serve(addr, readiness.clone(), crate::readiness::Surface::Operator)
             .await
-            .map_err(|e| DaemonError::Io {
-                action: "listen for readiness on",
-                path: PathBuf::from(addr),
-                source: e.source,
-            })?;
-        info!("readiness listener on http://{bound} (/ready, /live, /status, /metrics)");
+        {
+            Ok(bound) => info!("status listener on http://{bound} (/status, /metrics)"),
+            Err(e) => warn!(
+                "{e}; /status and /metrics are not served (set readiness.status_listen to a free address, or null)"
+            ),
+        }
     }
     // A cleanup of old releases cut short by a stop goes on (at idle I/O priority).
     if !crate::cleanup::pending(&layout).is_empty() {

@@ -3,9 +3,11 @@
 //!
 //! States: starting -> warming -> ready -> draining -> stopped (and back to starting for the
 //! next release). Each transition is a named method that checks where it may come from.
-//! The listener serves `/ready` (200 only when ready, else 503), `/live` (200 while the
-//! daemon runs), `/status` (the status document, no secrets) and `/metrics` (Prometheus
-//! text format).
+//! The load balancer's listener (`readiness.listen`) serves only `/ready` (200 only when
+//! ready, else 503) and `/live` (200 while the daemon runs). `/status` (the status document:
+//! release paths, deployment ids, parameter names) and `/metrics` (OpenMetrics text, encoded
+//! by prometheus-client so label values are escaped) are for operators and go to a separate
+//! listener (`readiness.status_listen`), on loopback by default.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,12 +20,32 @@ use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
 pub struct ReadinessConfig {
-    /// Address of the listener, e.g. 127.0.0.1:9100 (the target group's health check port).
-    /// Unset: no listener.
+    /// Address of the load balancer's listener (/ready, /live), e.g. 0.0.0.0:9100 (the
+    /// target group's health check port). Unset: no listener.
     pub listen: Option<String>,
+    /// Address of the operators' listener (/status, /metrics). Unset: none.
+    pub status_listen: Option<String>,
+}
+
+impl Default for ReadinessConfig {
+    fn default() -> Self {
+        ReadinessConfig {
+            listen: None,
+            status_listen: Some("127.0.0.1:9101".into()),
+        }
+    }
+}
+
+/// Which paths a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// /ready and /live, for the load balancer.
+    LoadBalancer,
+    /// /status and /metrics, for operators and Prometheus.
+    Operator,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,47 +206,118 @@ impl Readiness {
         }
     }
 
-    /// Prometheus text exposition format.
+    /// The metrics in the OpenMetrics text format: readiness, events, checks, uptime, and
+    /// from the last status document the current release, its cache generation and the last
+    /// deployment.
     pub fn metrics(&self) -> String {
+        use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+        use std::sync::atomic::AtomicU64;
+        type Labels = Vec<(&'static str, String)>;
         let g = match self.inner.lock() {
             Ok(g) => g,
             Err(_) => return String::new(),
         };
-        let mut o = String::new();
-        o.push_str("# HELP bgagent_readiness_state Current readiness state (1 for the current one).\n# TYPE bgagent_readiness_state gauge\n");
-        for s in State::ALL {
-            o.push_str(&format!(
-                "bgagent_readiness_state{{state=\"{}\"}} {}\n",
-                s.name(),
-                (g.state == s) as u8
-            ));
+        let mut reg = prometheus_client::registry::Registry::default();
+        let state = Family::<Labels, Gauge>::default();
+        for st in State::ALL {
+            state
+                .get_or_create(&vec![("state", st.name().to_string())])
+                .set((g.state == st) as i64);
         }
-        o.push_str("# HELP bgagent_event_duration_seconds Time spent in lifecycle events.\n# TYPE bgagent_event_duration_seconds summary\n");
+        reg.register(
+            "bgagent_readiness_state",
+            "Current readiness state (1 for the current one)",
+            state,
+        );
+        let runs = Family::<Labels, Counter>::default();
+        let seconds = Family::<Labels, Counter<f64, AtomicU64>>::default();
         for ((ev, res), (n, sum)) in &g.events {
-            o.push_str(&format!(
-                "bgagent_event_duration_seconds_sum{{event=\"{ev}\",result=\"{res}\"}} {sum}\n"
-            ));
-            o.push_str(&format!(
-                "bgagent_event_duration_seconds_count{{event=\"{ev}\",result=\"{res}\"}} {n}\n"
-            ));
+            let l = vec![("event", ev.clone()), ("result", res.to_string())];
+            runs.get_or_create(&l).inc_by(*n);
+            seconds.get_or_create(&l).inc_by(*sum);
         }
-        o.push_str("# HELP bgagent_health_checks_total Health check outcomes.\n# TYPE bgagent_health_checks_total counter\n");
+        reg.register("bgagent_events", "Lifecycle events run, by result", runs);
+        reg.register(
+            "bgagent_event_seconds",
+            "Time spent in lifecycle events, by result",
+            seconds,
+        );
+        let checks = Family::<Labels, Counter>::default();
         for ((c, res), n) in &g.checks {
-            o.push_str(&format!(
-                "bgagent_health_checks_total{{check=\"{c}\",result=\"{res}\"}} {n}\n"
-            ));
+            checks
+                .get_or_create(&vec![("check", c.clone()), ("result", res.to_string())])
+                .inc_by(*n);
         }
-        o.push_str("# HELP bgagent_uptime_seconds Seconds since the daemon started.\n# TYPE bgagent_uptime_seconds gauge\n");
-        o.push_str(&format!(
-            "bgagent_uptime_seconds {:.3}\n",
-            self.started.elapsed().as_secs_f64()
-        ));
-        o
+        reg.register("bgagent_health_checks", "Health check outcomes", checks);
+        let uptime = Gauge::<f64, AtomicU64>::default();
+        uptime.set(self.started.elapsed().as_secs_f64());
+        reg.register(
+            "bgagent_uptime_seconds",
+            "Seconds since the daemon started",
+            uptime,
+        );
+        let st = &g.status;
+        if let Some(id) = st["current_release"]["id"].as_str() {
+            let info = Family::<Labels, Gauge>::default();
+            let mut l = vec![("release", id.to_string())];
+            if let Some(d) = st["current_release"]["deployment_id"].as_str() {
+                l.push(("deployment_id", d.to_string()));
+            }
+            info.get_or_create(&l).set(1);
+            reg.register(
+                "bgagent_current_release",
+                "The release `current` points at (always 1; the labels say which)",
+                info,
+            );
+            if let Some(slot) = st["current_release"]["cache"]["slot"].as_i64() {
+                let generation = Gauge::<i64>::default();
+                generation.set(slot);
+                reg.register(
+                    "bgagent_cache_generation",
+                    "Cache generation (slot) of the current release",
+                    generation,
+                );
+            }
+        }
+        if let Some(id) = st["last_deployment"]["id"].as_str() {
+            let info = Family::<Labels, Gauge>::default();
+            let status = st["last_deployment"]["status"]
+                .as_str()
+                .unwrap_or("unknown");
+            info.get_or_create(&vec![
+                ("deployment_id", id.to_string()),
+                ("status", status.to_string()),
+            ])
+            .set(1);
+            reg.register(
+                "bgagent_last_deployment",
+                "The last deployment and its status (always 1; the labels say which)",
+                info,
+            );
+            if let Some(at) = st["last_deployment"]["started_at"]
+                .as_str()
+                .and_then(|t| humantime::parse_rfc3339(t).ok())
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            {
+                let started = Gauge::<f64, AtomicU64>::default();
+                started.set(at.as_secs_f64());
+                reg.register(
+                    "bgagent_last_deployment_started_timestamp_seconds",
+                    "When the last deployment started (Unix time)",
+                    started,
+                );
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &reg).is_err() {
+            return String::new();
+        }
+        out
     }
 
-    fn respond(&self, path: &str) -> (StatusCode, &'static str, String) {
-        match path {
-            "/ready" => {
+    fn respond(&self, path: &str, surface: Surface) -> (StatusCode, &'static str, String) {
+        match (surface, path) {
+            (Surface::LoadBalancer, "/ready") => {
                 let s = self.state();
                 let code = if s == State::Ready {
                     StatusCode::OK
@@ -233,8 +326,8 @@ impl Readiness {
                 };
                 (code, "text/plain", format!("{}\n", s.name()))
             }
-            "/live" => (StatusCode::OK, "text/plain", "alive\n".into()),
-            "/status" => {
+            (Surface::LoadBalancer, "/live") => (StatusCode::OK, "text/plain", "alive\n".into()),
+            (Surface::Operator, "/status") => {
                 let mut doc = self
                     .inner
                     .lock()
@@ -247,11 +340,20 @@ impl Readiness {
                 }
                 (StatusCode::OK, "application/json", doc.to_string())
             }
-            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", self.metrics()),
-            _ => (
+            (Surface::Operator, "/metrics") => (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.metrics(),
+            ),
+            (Surface::LoadBalancer, _) => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "not found: try /ready, /live, /status or /metrics\n".into(),
+                "not found: this listener serves /ready and /live (/status and /metrics are on readiness.status_listen)\n".into(),
+            ),
+            (Surface::Operator, _) => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: this listener serves /status and /metrics\n".into(),
             ),
         }
     }
@@ -264,8 +366,8 @@ pub struct ListenError {
     pub source: std::io::Error,
 }
 
-/// Binds the listener, then serves it in the background.
-pub async fn serve(addr: &str, r: Readiness) -> Result<SocketAddr, ListenError> {
+/// Binds a listener for `surface`, then serves it in the background.
+pub async fn serve(addr: &str, r: Readiness, surface: Surface) -> Result<SocketAddr, ListenError> {
     let sock: SocketAddr = addr.parse().map_err(|e| ListenError {
         addr: addr.into(),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")),
@@ -292,7 +394,7 @@ pub async fn serve(addr: &str, r: Readiness) -> Result<SocketAddr, ListenError> 
             let r = r.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (code, ctype, body) = r.respond(req.uri().path());
+                    let (code, ctype, body) = r.respond(req.uri().path(), surface);
                     async move {
                         Ok::<_, std::convert::Infallible>(
                             Response::builder()
@@ -324,9 +426,12 @@ mod tests {
         assert!(r.set_ready().is_err());
         r.set_warming().unwrap();
         r.set_ready().unwrap();
-        assert_eq!(r.respond("/ready").0, StatusCode::OK);
+        assert_eq!(r.respond("/ready", Surface::LoadBalancer).0, StatusCode::OK);
         r.start_draining().unwrap();
-        assert_eq!(r.respond("/ready").0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.respond("/ready", Surface::LoadBalancer).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         r.set_stopped().unwrap();
         assert_eq!(
             r.set_ready(),
@@ -339,23 +444,61 @@ mod tests {
         assert_eq!(r.state(), State::Starting);
     }
 
+    /// Regression: the load balancer's listener (0.0.0.0 on the packaged config) also
+    /// served /status and /metrics: release paths, deployment ids and parameter names to
+    /// anyone who can reach the health check port.
+    #[test]
+    fn the_load_balancer_listener_serves_only_ready_and_live() {
+        let r = Readiness::new();
+        r.set_status(serde_json::json!({ "current_release": { "id": "r1" } }));
+        for p in ["/status", "/metrics"] {
+            assert_eq!(
+                r.respond(p, Surface::LoadBalancer).0,
+                StatusCode::NOT_FOUND,
+                "{p}"
+            );
+            assert_eq!(r.respond(p, Surface::Operator).0, StatusCode::OK, "{p}");
+        }
+        for p in ["/ready", "/live"] {
+            assert_ne!(
+                r.respond(p, Surface::LoadBalancer).0,
+                StatusCode::NOT_FOUND,
+                "{p}"
+            );
+            assert_eq!(r.respond(p, Surface::Operator).0, StatusCode::NOT_FOUND);
+        }
+        assert_eq!(
+            ReadinessConfig::default().status_listen.as_deref(),
+            Some("127.0.0.1:9101")
+        );
+    }
+
     #[test]
     fn metrics_text_format() {
         let r = Readiness::new();
         r.record_event("AfterInstall", true, 1.5);
-        r.record_check("app", false);
+        r.record_check("app \"eu\"\nwest", false);
+        r.set_status(serde_json::json!({
+            "current_release": { "id": "20261122T120000Z-d-ABC", "deployment_id": "d-ABC",
+                                 "cache": { "slot": 1 } },
+            "last_deployment": { "id": "d-ABC", "status": "succeeded",
+                                 "started_at": "2026-11-22T12:00:00.000Z" },
+        }));
         let m = r.metrics();
-        assert!(
-            m.contains("bgagent_readiness_state{state=\"starting\"} 1\n"),
-            "{m}"
-        );
-        assert!(m.contains(
-            "bgagent_event_duration_seconds_sum{event=\"AfterInstall\",result=\"success\"} 1.5\n"
-        ));
-        assert!(m.contains(
-            "bgagent_event_duration_seconds_count{event=\"AfterInstall\",result=\"success\"} 1\n"
-        ));
-        assert!(m.contains("bgagent_health_checks_total{check=\"app\",result=\"failure\"} 1\n"));
+        for want in [
+            "bgagent_readiness_state{state=\"starting\"} 1\n",
+            "bgagent_events_total{event=\"AfterInstall\",result=\"success\"} 1\n",
+            "bgagent_event_seconds_total{event=\"AfterInstall\",result=\"success\"} 1.5\n",
+            // a label value with a quote and a newline, escaped
+            "bgagent_health_checks_total{check=\"app \\\"eu\\\"\\nwest\",result=\"failure\"} 1\n",
+            "bgagent_current_release{release=\"20261122T120000Z-d-ABC\",deployment_id=\"d-ABC\"} 1\n",
+            "bgagent_cache_generation 1\n",
+            "bgagent_last_deployment{deployment_id=\"d-ABC\",status=\"succeeded\"} 1\n",
+            "bgagent_last_deployment_started_timestamp_seconds 1795348800.0\n",
+        ] {
+            assert!(m.contains(want), "no `{want}` in:\n{m}");
+        }
+        assert!(m.ends_with("# EOF\n"), "{m}");
         for line in m.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(

@@ -15,6 +15,7 @@ struct Env {
     dir: tempfile::TempDir,
     web: support::Web,
     ready_port: u16,
+    status_port: u16,
     daemon: Option<Child>,
     _db: support::MariaDb,
     _redis: support::Redis,
@@ -50,6 +51,7 @@ impl Env {
         std::fs::write(dir.path().join("db-password"), "apppass\n").unwrap();
         let nginx_extra = nginx_extra.replace("{w}", &w.display().to_string());
         let ready_port = support::free_port();
+        let status_port = support::free_port();
         let nginx = support::require("nginx");
         let cfg = format!(
             r#"app_root: app
@@ -89,7 +91,7 @@ health:
   failure_threshold: 3
   startup_budget: 1s
   deadline: 20s
-readiness: {{ listen: "127.0.0.1:{ready_port}" }}
+readiness: {{ listen: "127.0.0.1:{ready_port}", status_listen: "127.0.0.1:{status_port}" }}
 warmup:
   urls: [ {{ url: "http://127.0.0.1:{wp}/" }}, {{ url: "http://127.0.0.1:{wp}/health.php" }} ]
   concurrency: 2
@@ -109,6 +111,7 @@ warmup:
             dir,
             web,
             ready_port,
+            status_port,
             daemon: None,
             _db: db,
             _redis: redis,
@@ -227,11 +230,18 @@ fn deploys_switch_reload_health_and_readiness_with_real_services() {
         "the rendered env.php reaches MariaDB and Redis"
     );
     assert_eq!(e.ready(), 200);
-    let metrics = support::http_get(e.ready_port, "/metrics").1;
+    let metrics = support::http_get(e.status_port, "/metrics").1;
     assert!(
         metrics.contains("bgagent_readiness_state{state=\"ready\"} 1"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("bgagent_current_release{release="),
+        "{metrics}"
+    );
+    // The load balancer's port answers /ready and /live only.
+    assert_eq!(support::http_get(e.ready_port, "/metrics").0, 404);
+    assert_eq!(support::http_get(e.ready_port, "/status").0, 404);
     let v = text(&e.hook("ValidateService", "d-1"));
     assert!(v.contains("already succeeded"), "{v}");
     let st: serde_json::Value = serde_json::from_str(&text(

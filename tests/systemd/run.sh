@@ -256,6 +256,13 @@ if grep -q 'WARN  \[php-fpm8.2' "$S"/hook-*.log; then grep 'WARN  \[php-fpm8.2' 
 st=$(ctr bgagent status --json) || fail "status failed"
 grep -q "\"daemon\": \"running\"" <<<"$st" || { echo "$st"; fail "status does not see the daemon"; }
 R2=$(ctr readlink /var/www/magento/current); R2=${R2##*/}
+# The load balancer's port (0.0.0.0:9100) answers /ready and /live only; /status and /metrics
+# are on loopback.
+[ "$(ctr curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9100/ready)" = 200 ] || fail "/ready is not 200 after the deployment"
+[ "$(ctr curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9100/status)" = 404 ] || fail "the load balancer's port serves /status"
+ctr curl -s http://127.0.0.1:9101/metrics > "$S/metrics.txt" || fail "no /metrics on 127.0.0.1:9101"
+grep -q "^bgagent_current_release{release=\"$R2\",deployment_id=\"$D2\"} 1" "$S/metrics.txt" || { cat "$S/metrics.txt"; fail "/metrics does not name the current release"; }
+grep -q "^bgagent_last_deployment{deployment_id=\"$D2\",status=\"succeeded\"} 1" "$S/metrics.txt" || { cat "$S/metrics.txt"; fail "/metrics does not name the last deployment"; }
 
 # --- journald: every line of an event carries its fields ---------------------------------
 found=""
