@@ -277,7 +277,7 @@ pub async fn run_inheriting(
             }
             // Children that ignored SIGTERM are gone with the group kill.
             kill_group(pid, libc::SIGKILL);
-            drain_readers(&mut readers, Duration::from_secs(1)).await;
+            let _ = drain_readers(&mut readers, Duration::from_secs(1)).await;
             return Err(ProcessError::TimedOut {
                 cmd: cmd_shown,
                 timeout: spec.timeout,
@@ -285,18 +285,20 @@ pub async fn run_inheriting(
             });
         }
     };
-    // A command that left processes behind (`daemon &`) has them ended with its process group:
-    // they hold its output pipes, and nothing bgagent runs may outlive its step.
-    if group_alive(pid) {
+    // A process the command left behind that still holds its output pipes (`daemon &`) is
+    // ended with the command's process group: otherwise the step waits on it. Daemons that
+    // detach properly (nginx, php-fpm: their own session, stdio on /dev/null) close the pipes
+    // within moments and live on.
+    if !drain_readers(&mut readers, DETACH_GRACE).await && group_alive(pid) {
         warn!(
             "`{cmd_shown}` exited but left processes running in its process group; ending them (SIGTERM, then SIGKILL)"
         );
         kill_group(pid, libc::SIGTERM);
-        drain_readers(&mut readers, KILL_GRACE).await;
+        let _ = drain_readers(&mut readers, KILL_GRACE).await;
         kill_group(pid, libc::SIGKILL);
     }
     // A process that left the group (its own setsid) may still hold a pipe: bounded wait.
-    drain_readers(&mut readers, Duration::from_secs(1)).await;
+    let _ = drain_readers(&mut readers, Duration::from_secs(1)).await;
     let duration = t0.elapsed();
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -332,12 +334,16 @@ fn take_tail(t: &std::sync::Mutex<std::collections::VecDeque<String>>) -> Vec<St
         .unwrap_or_default()
 }
 
-/// Waits until every reader reached end of output, or `limit` passed (then they are dropped).
-async fn drain_readers(readers: &mut tokio::task::JoinSet<()>, limit: Duration) {
-    let _ = tokio::time::timeout(limit, async {
+/// How long a process a command started gets to let go of the command's output pipes.
+const DETACH_GRACE: Duration = Duration::from_millis(500);
+
+/// Waits until every reader reached end of output (true), or `limit` passed (false).
+async fn drain_readers(readers: &mut tokio::task::JoinSet<()>, limit: Duration) -> bool {
+    tokio::time::timeout(limit, async {
         while readers.join_next().await.is_some() {}
     })
-    .await;
+    .await
+    .is_ok()
 }
 
 /// Whether any process is left in the group led by `pid`.
