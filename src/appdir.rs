@@ -46,17 +46,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, ResolveFlags};
 use crate::perms::{Kind, Placement, Policy};
 use crate::release::ReleaseError;
 
-fn io_err(
-    action: &'static str,
-    path: impl Into<PathBuf>,
-) -> impl FnOnce(io::Error) -> ReleaseError {
-    let path = path.into();
-    move |source| ReleaseError::Io {
-        action,
-        path,
-        source,
-    }
-}
+use crate::release::io_err;
 
 fn rx(
     action: &'static str,

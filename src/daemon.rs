@@ -422,14 +422,30 @@ impl RateLimited {
 /// Answers a connection over the cap, briefly, without reading it.
 async fn refuse_busy(stream: UnixStream) {
     let (_r, mut w) = stream.into_split();
-    let reply = Reply::Done {
-        outcome: protocol::Outcome::Refused,
-        summary: format!(
+    refuse(
+        &mut w,
+        format!(
             "the bgagent daemon is serving {MAX_CONNECTIONS} connections already; try again shortly"
         ),
+    )
+    .await;
+}
+
+/// Ends a connection with a refusal the peer can read; a peer that does not read gets 1 s.
+async fn refuse(w: &mut (impl AsyncWriteExt + Unpin), summary: String) {
+    let reply = Reply::Done {
+        outcome: protocol::Outcome::Refused,
+        summary,
         data: None,
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut w, &reply)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), send(w, &reply)).await;
+}
+
+fn no_request_within() -> String {
+    format!(
+        "no request within {} s of connecting; connection closed",
+        REQUEST_READ_TIMEOUT.as_secs()
+    )
 }
 
 async fn send(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> bool {
@@ -497,18 +513,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
     };
     let (r, mut w) = stream.into_split();
     let Some((first, mut passed)) = first else {
-        let _ = send(
-            &mut w,
-            &Reply::Done {
-                outcome: protocol::Outcome::Refused,
-                summary: format!(
-                    "no request within {} s of connecting; connection closed",
-                    REQUEST_READ_TIMEOUT.as_secs()
-                ),
-                data: None,
-            },
-        )
-        .await;
+        refuse(&mut w, no_request_within()).await;
         return;
     };
     if !allowed {
@@ -521,13 +526,9 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         let mut reader = BufReader::new(r.take(protocol::MAX_REQUEST_BYTES as u64));
         let mut sink = String::new();
         let _ = tokio::time::timeout(Duration::from_secs(2), reader.read_line(&mut sink)).await;
-        let _ = send(
+        refuse(
             &mut w,
-            &Reply::Done {
-                outcome: protocol::Outcome::Refused,
-                summary: "permission denied: only root and members of the bgagent socket group may use the daemon".into(),
-                data: None,
-            },
+            "permission denied: only root and members of the bgagent socket group may use the daemon".into(),
         )
         .await;
         return;
@@ -540,21 +541,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
         Ok(Ok(n)) if n > 0 => {}
         Ok(_) => return,
         Err(_) => {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                send(
-                    &mut w,
-                    &Reply::Done {
-                        outcome: protocol::Outcome::Refused,
-                        summary: format!(
-                            "no request within {} s of connecting; connection closed",
-                            REQUEST_READ_TIMEOUT.as_secs()
-                        ),
-                        data: None,
-                    },
-                ),
-            )
-            .await;
+            refuse(&mut w, no_request_within()).await;
             return;
         }
     }

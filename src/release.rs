@@ -120,7 +120,7 @@ pub enum ReleaseError {
     Exists(PathBuf),
 }
 
-fn io_err(
+pub(crate) fn io_err(
     action: &'static str,
     path: impl Into<PathBuf>,
 ) -> impl FnOnce(io::Error) -> ReleaseError {

@@ -247,6 +247,10 @@ fn render_parents_and_archive_release_root_get_the_policy_modes_and_group() {
     assert_eq!((m.permissions().mode() & 0o7777, m.gid()), (0o750, gid));
 }
 
+/// A guard, not a regression test: the mkdir-then-chmod-by-path race (issue 12 break 3) needs
+/// the swap to land between two syscalls, which a test cannot time; this one passed on the old
+/// code too. It pins what the handle type guarantees by construction: modes and groups are set
+/// on the descriptor bgagent created, so a link planted in shared/ is never followed.
 #[test]
 fn shared_dirs_are_never_chmodded_through_a_planted_link() {
     // The web group owns shared/var: it plants `shared/var/log -> /outside/keep`. Root must
