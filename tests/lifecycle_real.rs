@@ -365,7 +365,6 @@ fn a_health_check_that_never_passes_fails_with_evidence_and_rolls_back_to_a_read
     all_ok(&e.deploy("d-1", &ALL[1..]));
     e.revision("d-2", "two", true);
     all_ok(&e.deploy("d-2", &ALL[..4]));
-    let t0 = Instant::now();
     let out = e.hook("ValidateService", "d-2");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
@@ -375,8 +374,9 @@ fn a_health_check_that_never_passes_fails_with_evidence_and_rolls_back_to_a_read
         "evidence names the status and body: {t}"
     );
     assert!(t.contains("rolled back to"), "{t}");
-    // the startup budget (1 s) plus three failures at 100 ms, not the 20 s deadline
-    assert!(t0.elapsed() < Duration::from_secs(15));
+    // it ended on the failure threshold (three failures at 100 ms), not on the 20 s deadline:
+    // said by the message, not by a clock
+    assert!(!t.contains("before the deadline"), "{t}");
     assert!(
         e.web.get("/").1.contains("release=one"),
         "the previous release serves again"
