@@ -372,6 +372,17 @@ impl Web {
 
     /// The same, with more php-fpm arguments (`-d opcache.memory_consumption=8`, ...).
     pub fn start_with(app_root: &Path, fpm_args: &[&str]) -> Web {
+        Web::start_full(app_root, fpm_args, None)
+    }
+
+    /// One node of a fleet: every response carries `X-Node: <node>` (set by nginx, so even a
+    /// response PHP never saw names the node), and nginx's stub_status answers on
+    /// `/nginx_status` (loopback only) for the drain's in-flight count.
+    pub fn start_node(app_root: &Path, node: &str) -> Web {
+        Web::start_full(app_root, &[], Some(node))
+    }
+
+    fn start_full(app_root: &Path, fpm_args: &[&str], node: Option<&str>) -> Web {
         let fpm_bin = ["php-fpm8.2", "php-fpm"]
             .iter()
             .find_map(|b| {
@@ -396,7 +407,19 @@ impl Web {
         )
         .unwrap();
         let port = free_port();
-        std::fs::write(d.join("nginx.conf"), nginx_conf(d, app_root, port)).unwrap();
+        let mut conf = nginx_conf(d, app_root, port);
+        if let Some(node) = node {
+            let server = format!("server {{ listen 127.0.0.1:{port};");
+            assert!(conf.contains(&server), "{conf}");
+            conf = conf.replace(
+                &server,
+                &format!(
+                    "{server} add_header X-Node {node} always;\n\
+                     location = /nginx_status {{ stub_status; allow 127.0.0.1; deny all; }}\n"
+                ),
+            );
+        }
+        std::fs::write(d.join("nginx.conf"), conf).unwrap();
         let out = Command::new(&fpm_bin)
             .args(fpm_args)
             .arg("-R")
@@ -506,6 +529,82 @@ pub fn autoload_app(root: &Path, id: &str, n: usize, per_request: usize, bulk: u
     std::fs::write(root.join("RELEASE_ID"), id).unwrap();
 }
 
+/// A built Magento 2 revision in `dir`, as CodeDeploy's agent unpacks it: app/etc, bin/magento
+/// (not executable: the permission policy makes it so), generated/, var/, pub/static,
+/// pub/media, vendor/ with Composer's relative symlinks. pub/index.php is the fixture's
+/// (`release=<id>`); pub/health_check.php answers `OK`, or 500 when `broken` (a release that
+/// fails its health checks).
+pub fn magento_revision(dir: &Path, id: &str, broken: bool) {
+    for sub in [
+        "app/etc",
+        "bin",
+        "generated/code/Magento/Framework",
+        "generated/metadata",
+        "var/cache",
+        "var/view_preprocessed",
+        "pub/static/frontend/Magento/luma/en_US/css",
+        "pub/media",
+        "vendor/magento/framework/App",
+        "vendor/laminas/laminas-cli/bin",
+        "vendor/bin",
+        "vendor/composer",
+    ] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let w = |p: &str, body: &str| std::fs::write(dir.join(p), body).unwrap();
+    w(
+        "app/etc/config.php",
+        "<?php\nreturn ['modules' => ['Magento_Store' => 1, 'Magento_Theme' => 1]];\n",
+    );
+    w(
+        "bin/magento",
+        "#!/usr/bin/env php\n<?php\nrequire __DIR__ . '/../vendor/autoload.php';\n",
+    );
+    w(
+        "generated/code/Magento/Framework/Interceptor.php",
+        "<?php class Interceptor {}\n",
+    );
+    w("generated/metadata/global.php", "a:0:{}\n");
+    w("var/view_preprocessed/.keep", "compiled\n");
+    w(
+        "pub/static/frontend/Magento/luma/en_US/css/styles-m.css",
+        "body{}\n",
+    );
+    w("pub/static/deployed_version.txt", "1700000000\n");
+    w("vendor/autoload.php", "<?php // composer autoload\n");
+    w(
+        "vendor/magento/framework/App/Bootstrap.php",
+        "<?php namespace Magento\\Framework\\App; class Bootstrap {}\n",
+    );
+    w(
+        "vendor/laminas/laminas-cli/bin/laminas",
+        "#!/usr/bin/env php\n<?php echo 'laminas';\n",
+    );
+    std::os::unix::fs::symlink(
+        "../laminas/laminas-cli/bin/laminas",
+        dir.join("vendor/bin/laminas"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        "../magento/framework",
+        dir.join("vendor/composer/framework-link"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/app/pub/index.php"),
+        dir.join("pub/index.php"),
+    )
+    .unwrap();
+    w(
+        "pub/health_check.php",
+        "<?php\nif (file_exists(__DIR__ . '/../BROKEN')) { http_response_code(500); echo \"broken release\\n\"; exit; }\necho \"OK\\n\";\n",
+    );
+    w("RELEASE_ID", id);
+    if broken {
+        w("BROKEN", "");
+    }
+}
+
 pub fn nginx_conf(d: &Path, app_root: &Path, port: u16) -> String {
     format!(
         "user root; worker_processes 2; pid {d}/run/nginx.pid; error_log {d}/logs/nginx.err warn;\n\
@@ -605,6 +704,103 @@ impl Haproxy {
 }
 
 impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// HAProxy as an ALB with one target group over several nodes: `(name, web_port,
+/// ready_port)` each, health-checked on the node's readiness endpoint (`/ready` every
+/// `inter`, one failure takes it out, one success brings it in). Every server starts in
+/// maintenance, i.e. not registered; the harness registers and deregisters targets through
+/// the admin socket, as CodeDeploy's AllowTraffic and BlockTraffic move them in an ALB.
+/// `retries 0`: an ALB does not retry a request a target refused, so neither does this.
+pub struct Pool {
+    pub port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+/// One server of a [`Pool`] as HAProxy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerStat {
+    /// UP, DOWN, MAINT, "UP 1/2", ...
+    pub status: String,
+    /// Requests (sessions) the server holds now.
+    pub current: u64,
+}
+
+impl Pool {
+    pub fn start(servers: &[(&str, u16, u16)], inter: Duration) -> Pool {
+        let bin = require("haproxy");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cfg = format!(
+            "global\n  stats socket {d}/admin.sock mode 600 level admin\n\
+             defaults\n  mode http\n  retries 0\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n  timeout check 1s\n\
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
+             backend be\n  balance roundrobin\n  option httpchk GET /ready\n",
+            d = dir.path().display()
+        );
+        for (name, web, ready) in servers {
+            cfg.push_str(&format!(
+                "  server {name} 127.0.0.1:{web} check port {ready} inter {}ms fall 1 rise 1 disabled\n",
+                inter.as_millis()
+            ));
+        }
+        std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
+        let child = Command::new(bin)
+            .arg("-Ws")
+            .arg("-f")
+            .arg(dir.path().join("haproxy.cfg"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("haproxy.err")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_port(port, "haproxy", &dir.path().join("haproxy.err"));
+        Pool { port, child, dir }
+    }
+
+    /// One command on the admin socket, and its answer.
+    pub fn admin(&self, cmd: &str) -> String {
+        use std::io::{Read, Write};
+        let sock = self.dir.path().join("admin.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock)
+            .unwrap_or_else(|e| panic!("HAProxy's admin socket {}: {e}", sock.display()));
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// `ready` (registered: health checks decide), `maint` (deregistered: no new requests,
+    /// those in flight finish) or `drain`.
+    pub fn set_state(&self, server: &str, state: &str) {
+        let out = self.admin(&format!("set server be/{server} state {state}"));
+        assert!(
+            out.trim().is_empty(),
+            "set server be/{server} state {state}: {out}"
+        );
+    }
+
+    pub fn stat(&self, server: &str) -> ServerStat {
+        let out = self.admin("show stat");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("be,{server},")))
+            .unwrap_or_else(|| panic!("no server {server} in HAProxy's stats:\n{out}"));
+        let f: Vec<&str> = line.split(',').collect();
+        ServerStat {
+            status: f[17].to_string(),
+            current: f[4].parse().unwrap_or(0),
+        }
+    }
+}
+
+impl Drop for Pool {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
