@@ -57,6 +57,8 @@ pub struct Config {
     pub readiness: ReadinessConfig,
     pub drain: DrainConfig,
     pub validate: ValidateConfig,
+    /// Processes still running an old release's code after a switch: listed, and ended.
+    pub processes: crate::procs::ProcessesConfig,
     /// Extra commands per lifecycle event, run after the event's own work, by argv.
     pub commands: std::collections::BTreeMap<String, Vec<CommandSpec>>,
     /// The config file's directory (set when loading).
@@ -88,6 +90,7 @@ impl Default for Config {
             schema: Default::default(),
             drain: DrainConfig::default(),
             validate: ValidateConfig::default(),
+            processes: Default::default(),
             commands: Default::default(),
             base_dir: PathBuf::from("/etc/bgagent"),
             file: PathBuf::from(DEFAULT_PATH),
@@ -420,6 +423,7 @@ impl Config {
         out.extend(self.release.validate());
         out.extend(self.permissions.validate());
         out.extend(self.cache.validate());
+        out.extend(self.processes.validate());
         out.extend(self.opcache.validate(&self.app_root));
         for (i, s) in self.services.list.iter().enumerate() {
             if let Some(a) = &s.fastcgi

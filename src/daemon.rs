@@ -50,6 +50,8 @@ struct Shared {
     state_dir: PathBuf,
     layout: crate::release::Layout,
     readiness: crate::readiness::Readiness,
+    /// Which old-release processes `status` marks as left alone; replaced on SIGHUP.
+    processes: std::sync::Mutex<crate::procs::ProcessesConfig>,
     /// What holds the engine now, and since when: named to requests that wait for it.
     holder: std::sync::Mutex<Option<(String, std::time::Instant)>>,
 }
@@ -110,6 +112,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
     let listener = bind(&socket_path, mode, allowed_gid).await?;
     let (health_tx, health_rx) = tokio::sync::watch::channel(engine.config().health.clone());
+    let cfg_processes = engine.config().processes.clone();
     let shared = Arc::new(Shared {
         engine: Mutex::new(engine),
         health: health_tx,
@@ -117,6 +120,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         state_dir,
         layout,
         readiness: readiness.clone(),
+        processes: std::sync::Mutex::new(cfg_processes),
         holder: std::sync::Mutex::new(None),
     });
     info!("listening on {}", socket_path.display());
@@ -328,6 +332,9 @@ async fn reload(shared: Arc<Shared>) {
         return;
     }
     shared.health.send_replace(loaded.config.health.clone());
+    if let Ok(mut p) = shared.processes.lock() {
+        *p = loaded.config.processes.clone();
+    }
     engine.reconfigure(loaded.config);
     info!("config reloaded from {}", path.display());
 }
@@ -703,11 +710,17 @@ async fn serve(request: Request, shared: Arc<Shared>, cancel: Arc<AtomicBool>) -
         // event runs.
         return match crate::state::read(&shared.state_dir) {
             Ok(doc) => {
+                let procs = shared
+                    .processes
+                    .lock()
+                    .map(|p| p.clone())
+                    .unwrap_or_default();
                 let status = crate::status::build(
                     &doc,
                     &shared.layout,
                     Some(shared.readiness.snapshot()),
                     true,
+                    &procs,
                 );
                 reply_of(Outcome::Succeeded("status".into()), Some(status))
             }

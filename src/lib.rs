@@ -21,6 +21,7 @@ pub mod params;
 pub mod peer;
 pub mod perms;
 pub mod process;
+pub mod procs;
 pub mod protocol;
 pub mod readiness;
 pub mod release;

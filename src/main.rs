@@ -355,6 +355,7 @@ fn status(cli: &Cli, json: bool, releases_only: bool) -> i32 {
                 &bgagent::release::Layout::new(&cfg.app_root),
                 None,
                 false,
+                &cfg.processes,
             ),
             Err(e) => {
                 eprintln!("error: {e}");

@@ -40,6 +40,9 @@ pub struct StateDoc {
     /// php-fpm pools whose opcache bgagent manages (`opcache.switch: warm`), by service name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub opcache: BTreeMap<String, crate::opcache::PoolRecord>,
+    /// The last sweep for processes running an old release's code, after a switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_processes: Option<crate::procs::Sweep>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

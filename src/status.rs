@@ -20,8 +20,14 @@ pub fn build(
     layout: &Layout,
     readiness: Option<Value>,
     daemon_running: bool,
+    procs: &crate::procs::ProcessesConfig,
 ) -> Value {
     let current = layout.current();
+    // Read live: a consumer started by hand after the last sweep shows up too.
+    let old_processes = current
+        .as_deref()
+        .map(|c| crate::procs::scan(layout.root(), c, procs))
+        .unwrap_or_default();
     let on_disk = layout.list().unwrap_or_default();
     let previous = doc.rollback_target(current.as_deref(), &on_disk);
     let release = |id: &Option<String>| -> Value {
@@ -72,6 +78,8 @@ pub fn build(
         "releases": releases,
         "cleanup_pending": crate::cleanup::pending(layout),
         "opcache": doc.opcache,
+        "old_processes": old_processes,
+        "last_process_sweep": doc.old_processes,
         "warnings": doc.disagreements(current.as_deref()),
     })
 }
@@ -119,6 +127,7 @@ pub fn render_text(s: &Value) -> String {
         }
     }
     render_opcache(&mut o, &s["opcache"]);
+    render_old_processes(&mut o, s);
     if let Some(p) = s["cleanup_pending"].as_array().filter(|p| !p.is_empty()) {
         let _ = writeln!(
             o,
@@ -225,6 +234,46 @@ fn render_opcache(o: &mut String, pools: &Value) {
         if let Some(r) = p["reclaim_due"].as_str() {
             let _ = writeln!(o, "            reclaim due at the next deploy: {r}");
         }
+    }
+}
+
+/// Processes running an old release's code now, and what the last sweep did.
+fn render_old_processes(o: &mut String, s: &Value) {
+    let str_of = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    for p in s["old_processes"].as_array().into_iter().flatten() {
+        let left = match p["left"].as_str() {
+            Some("interactive") => " (has a terminal: left alone)",
+            Some("ignored") => " (in processes.ignore: left alone)",
+            _ => "",
+        };
+        let _ = writeln!(
+            o,
+            "old code:   pid {} {} (uid {}) runs release {} ({} {}){left}",
+            p["pid"],
+            str_of(&p["name"]),
+            p["uid"],
+            str_of(&p["release"]),
+            str_of(&p["by"]),
+            str_of(&p["path"]),
+        );
+    }
+    let sw = &s["last_process_sweep"];
+    if let Some(ps) = sw["processes"].as_array().filter(|p| !p.is_empty()) {
+        let mut by_fate = std::collections::BTreeMap::<String, usize>::new();
+        for p in ps {
+            *by_fate.entry(str_of(&p["fate"])).or_default() += 1;
+        }
+        let counts = by_fate
+            .iter()
+            .map(|(f, n)| format!("{n} {f}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            o,
+            "last sweep: {} after the switch to {}: {counts}",
+            str_of(&sw["at"]),
+            str_of(&sw["current"])
+        );
     }
 }
 

@@ -240,7 +240,13 @@ impl Engine {
         readiness: Option<serde_json::Value>,
         daemon_running: bool,
     ) -> serde_json::Value {
-        crate::status::build(&self.doc, &self.layout, readiness, daemon_running)
+        crate::status::build(
+            &self.doc,
+            &self.layout,
+            readiness,
+            daemon_running,
+            &self.cfg.processes,
+        )
     }
 
     /// Runs one CodeDeploy lifecycle event.

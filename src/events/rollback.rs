@@ -67,10 +67,15 @@ impl Engine {
         };
         match switched {
             Ok(()) => {
+                let ms = t0.elapsed().as_secs_f64() * 1000.0;
+                // The release left may have consumers running its code: as after a deploy.
+                let swept = self.sweep_old_processes(&prev).await;
+                if let Err(e) = self.persist() {
+                    error!("{e}");
+                }
                 let msg = format!(
-                    "rolled back from {} to {prev} in {:.0} ms",
+                    "rolled back from {} to {prev} in {ms:.0} ms{swept}",
                     current.as_deref().unwrap_or("none"),
-                    t0.elapsed().as_secs_f64() * 1000.0
                 );
                 info!("{msg}");
                 Outcome::Succeeded(msg)

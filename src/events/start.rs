@@ -2,7 +2,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::lifecycle;
 use crate::state::{Switch, SwitchReason};
@@ -80,11 +80,62 @@ impl Engine {
         crate::services::drain_control(&self.cfg.services, crate::services::Verb::Start)
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?;
+        // Consumers and workers still running the release left behind keep its code: they
+        // are ended now, and their supervisor starts them from the new release.
+        let swept = self.sweep_old_processes(&id).await;
         // Old releases are removed after ValidateService, off the critical path (cleanup).
         Ok(format!(
-            "current -> releases/{id} (was {})",
+            "current -> releases/{id} (was {}){swept}",
             previous.as_deref().unwrap_or("none")
         ))
+    }
+
+    /// Finds the processes still running code from a release other than `current` (see
+    /// [`crate::procs`]), ends them (or only lists them, `processes.end_old: false`), logs
+    /// each and records the sweep for `status`. Returns a phrase for the event's summary.
+    pub(super) async fn sweep_old_processes(&mut self, current: &str) -> String {
+        let cfg = self.cfg.processes.clone();
+        let root = self.cfg.app_root.clone();
+        let cur = current.to_string();
+        let found = tokio::task::spawn_blocking(move || crate::procs::scan(&root, &cur, &cfg))
+            .await
+            .unwrap_or_default();
+        let ended =
+            crate::procs::end(found, &self.cfg.app_root, current, &self.cfg.processes).await;
+        for e in &ended {
+            let line = crate::procs::describe(e);
+            match e.fate {
+                crate::procs::Fate::Survived
+                | crate::procs::Fate::Failed
+                | crate::procs::Fate::Listed => warn!("{line}"),
+                _ => info!("{line}"),
+            }
+        }
+        let signalled = ended
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.fate,
+                    crate::procs::Fate::Terminated | crate::procs::Fate::Killed
+                )
+            })
+            .count();
+        let summary = if ended.is_empty() {
+            String::new()
+        } else if signalled > 0 {
+            format!("; {signalled} process(es) of old releases ended")
+        } else {
+            format!(
+                "; {} process(es) of old releases listed in status",
+                ended.len()
+            )
+        };
+        self.doc.old_processes = Some(crate::procs::Sweep {
+            at: lifecycle::timestamp(SystemTime::now()),
+            current: current.to_string(),
+            processes: ended,
+        });
+        summary
     }
 
     /// Points `current` at `id` and records the switch.
