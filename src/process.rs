@@ -328,6 +328,112 @@ pub async fn run_inheriting(
     }
 }
 
+/// What [`run_private`] saw: the exit status and the start of the merged output.
+#[derive(Debug)]
+pub struct Private {
+    pub status: std::process::ExitStatus,
+    /// stdout and stderr, merged, at most [`PRIVATE_OUTPUT_MAX`] bytes (lossy UTF-8).
+    pub output: String,
+}
+
+/// How much of a private run's output is kept; the rest is read and dropped.
+pub const PRIVATE_OUTPUT_MAX: usize = 64 * 1024;
+
+/// Runs a short check whose output may quote a secret (`php -l` on a rendered env.php): by
+/// argv, in its own session, stdin /dev/null, stdout and stderr captured into one pipe and
+/// never logged; the caller decides what of it may be shown. At `timeout` the whole process
+/// group gets SIGTERM, then SIGKILL after a grace; whatever the program left behind in its
+/// group is ended when it exits. Blocking: call it from a blocking thread.
+pub fn run_private(
+    argv: &[std::ffi::OsString],
+    timeout: Duration,
+) -> Result<Private, ProcessError> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let Some(prog) = argv.first() else {
+        return Err(ProcessError::Empty);
+    };
+    let shown = argv
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let spawn_err = |source| ProcessError::Spawn {
+        cmd: shown.clone(),
+        source,
+    };
+    let (mut reader, writer) = std::io::pipe().map_err(spawn_err)?;
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().map_err(spawn_err)?)
+        .stderr(writer);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    // Our copies of the pipe's write end go with the Command: EOF comes when the program
+    // (and whatever it started) closes its own.
+    drop(cmd);
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut kept = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = PRIVATE_OUTPUT_MAX.saturating_sub(kept.len());
+                    kept.extend_from_slice(&buf[..n.min(room)]);
+                }
+            }
+        }
+        let _ = tx.send(kept);
+    });
+    let t0 = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if t0.elapsed() >= timeout => {
+                kill_group(pid, libc::SIGTERM);
+                let grace = Instant::now();
+                while grace.elapsed() < Duration::from_secs(2) {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                kill_group(pid, libc::SIGKILL);
+                let _ = child.wait();
+                return Err(ProcessError::TimedOut {
+                    cmd: shown,
+                    timeout,
+                    tail: Vec::new(),
+                });
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(source) => return Err(ProcessError::Spawn { cmd: shown, source }),
+        }
+    };
+    // A check has no business leaving processes behind.
+    if group_alive(pid) {
+        kill_group(pid, libc::SIGKILL);
+    }
+    // One that left the group (its own setsid) may still hold the pipe: bounded wait.
+    let kept = rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
+    Ok(Private {
+        status,
+        output: String::from_utf8_lossy(&kept).into_owned(),
+    })
+}
+
 fn take_tail(t: &std::sync::Mutex<std::collections::VecDeque<String>>) -> Vec<String> {
     t.lock()
         .map(|g| g.iter().cloned().collect())

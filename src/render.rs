@@ -12,8 +12,7 @@
 //! refused. Error messages name templates, lines and parameters, never values.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use minijinja::value::{Value, ValueKind};
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
@@ -36,6 +35,13 @@ pub struct TemplateConfig {
     /// Run on the temp file before it replaces the target; `{path}` is replaced by its path.
     /// Default for .php targets: `[php, -l, "{path}"]`. `[]` disables the check.
     pub check: Option<Vec<String>>,
+    /// How long the check may run before its process group is ended and the file refused.
+    #[serde(default = "default_check_timeout", with = "crate::config::duration")]
+    pub check_timeout: Duration,
+}
+
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_mode() -> String {
@@ -84,6 +90,7 @@ pub struct Rendered {
     pub owner: Option<String>,
     pub group: Option<String>,
     pub check: Vec<String>,
+    pub check_timeout: Duration,
 }
 
 impl std::fmt::Debug for Rendered {
@@ -190,6 +197,7 @@ fn render_with(
             owner: t.owner.clone(),
             group: t.group.clone(),
             check: t.check_argv(),
+            check_timeout: t.check_timeout,
         });
     }
     Ok(out)
@@ -427,7 +435,7 @@ fn write_one(
             if r.check.is_empty() {
                 Ok(())
             } else {
-                run_check(&r.check, tmp, &r.target)
+                run_check(&r.check, r.check_timeout, tmp, &r.target)
             }
         },
     )?
@@ -435,7 +443,12 @@ fn write_one(
 
 /// Runs the check by argv on the temp file. Its output may quote the file (and so a
 /// secret): only the exit status and a line number are reported.
-fn run_check(argv: &[String], tmp: &Path, target: &Path) -> Result<(), RenderError> {
+fn run_check(
+    argv: &[String],
+    timeout: Duration,
+    tmp: &Path,
+    target: &Path,
+) -> Result<(), RenderError> {
     let args: Vec<std::ffi::OsString> = argv
         .iter()
         .map(|a| {
@@ -457,48 +470,34 @@ fn run_check(argv: &[String], tmp: &Path, target: &Path) -> Result<(), RenderErr
         target: target.to_path_buf(),
         detail,
     };
-    let mut child = Command::new(&args[0])
-        .args(&args[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!(" (could not run it: {e})")))?;
-    let t0 = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s,
-            Ok(None) if t0.elapsed() > Duration::from_secs(60) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(fail(" (it ran for more than 60 s and was killed)".into()));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(fail(format!(" ({e})"))),
+    let ran = crate::process::run_private(&args, timeout).map_err(|e| match e {
+        crate::process::ProcessError::TimedOut { timeout, .. } => fail(format!(
+            " (it ran for more than {} s and its process group was ended; raise templates[].check_timeout if the check is just slow)",
+            timeout.as_secs_f64()
+        )),
+        crate::process::ProcessError::Spawn { source, .. } => {
+            fail(format!(" (could not run it: {source})"))
         }
-    };
-    if status.success() {
+        other => fail(format!(" ({other})")),
+    })?;
+    if ran.status.success() {
         return Ok(());
     }
-    let mut text = String::new();
-    if let Ok(o) = child.wait_with_output() {
-        text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    let line = text
+    let line = ran
+        .output
         .split(" on line ")
         .nth(1)
         .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
         .filter(|n| !n.is_empty())
         .map(|n| format!(": syntax error on line {n}"))
         .unwrap_or_default();
-    Err(fail(format!(
-        " (exit {}){line}",
-        status.code().unwrap_or(-1)
-    )))
+    use std::os::unix::process::ExitStatusExt;
+    let how = match (ran.status.code(), ran.status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => "failed".to_string(),
+    };
+    Err(fail(format!(" ({how}){line}")))
 }
 
 #[cfg(test)]
@@ -567,6 +566,7 @@ mod tests {
             group: None,
             mode: "0644".into(),
             check: None,
+            check_timeout: default_check_timeout(),
         };
         assert_eq!(t.validate(0)[0].0, "templates.0.mode");
         assert_eq!(t.check_argv(), vec!["php", "-l", "{path}"]);

@@ -271,6 +271,72 @@ fn a_missing_parameter_names_itself_and_the_live_release_keeps_serving() {
     assert_eq!(std::fs::read_link(good.p("app/current")).unwrap(), live);
 }
 
+/// The check's output went to pipes nobody read while it ran: a check printing more than a
+/// pipe holds blocked until the fixed 60 s limit and was then reported as "ran for more than
+/// 60 s". Its exit code is what counts, and its output (which may quote a secret) is not shown.
+#[test]
+fn a_check_that_prints_more_than_a_pipe_holds_is_judged_by_its_exit_code() {
+    support::require("php");
+    let node = Node::new("", "<?php return ['secret-ish' => 1];");
+    let live = node.deploy();
+    assert!(live.status.success(), "{}", text(&live));
+    let cfg = std::fs::read_to_string(node.p("bgagent.yaml")).unwrap();
+    std::fs::write(
+        node.p("bgagent.yaml"),
+        format!(
+            "{cfg}    check: [php, -r, 'echo str_repeat(\"x\", 300000); exit(3);', \"{{path}}\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = node.deploy();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("rejected the rendered app/etc/env.php (exit 3)"),
+        "{t}"
+    );
+    assert!(
+        !t.contains("xxxxxxxx"),
+        "the check's output is not shown: {t}"
+    );
+}
+
+/// At its deadline only the check itself was killed: what it had started lived on. The whole
+/// process group is ended, the deadline is the template's `check_timeout`, and the error says
+/// which key to raise.
+#[test]
+fn a_check_killed_at_its_timeout_left_its_children_running() {
+    let node = Node::new("", "<?php return [];");
+    assert!(node.deploy().status.success());
+    let live = std::fs::read_link(node.p("app/current")).unwrap();
+    let pidfile = node.p("child.pid");
+    let cfg = std::fs::read_to_string(node.p("bgagent.yaml")).unwrap();
+    std::fs::write(
+        node.p("bgagent.yaml"),
+        format!(
+            "{cfg}    check: [sh, -c, 'sleep 300 & echo $! > \"$0\"; wait', {}]\n    check_timeout: 1s\n",
+            pidfile.display()
+        ),
+    )
+    .unwrap();
+    let out = node.deploy();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(t.contains("raise templates[].check_timeout"), "{t}");
+    assert_eq!(std::fs::read_link(node.p("app/current")).unwrap(), live);
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The child was SIGKILLed with the group; it may linger as a zombie only until init
+    // reaps it, so look at its state, not its existence.
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .unwrap_or(false);
+    assert!(!alive, "the check's child {pid} is still running");
+}
+
 #[test]
 fn nul_bytes_are_refused_by_name() {
     let d = tempfile::tempdir().unwrap();
@@ -290,6 +356,7 @@ fn nul_bytes_are_refused_by_name() {
         group: None,
         mode: "0640".into(),
         check: Some(vec![]),
+        check_timeout: std::time::Duration::from_secs(60),
     };
     std::fs::write(&t.source, "<?php return {{ params.db.password }};").unwrap();
     let e = bgagent::render::render_all(&[t], d.path(), &set, &serde_json::json!({})).unwrap_err();
@@ -318,6 +385,7 @@ fn golden_env_php() {
         group: None,
         mode: "0640".into(),
         check: None,
+        check_timeout: std::time::Duration::from_secs(60),
     };
     let cfg = bgagent::config::Config::default();
     let facts = bgagent::events::template_facts(
