@@ -107,6 +107,92 @@ pub fn open_dir_beneath(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> 
     walk_dirs(dir, &comps)
 }
 
+/// Opens file `rel` beneath `dir` for reading, following no symlink on the way nor at the
+/// end: `Ok(None)` when it (or a directory on the way) does not exist. What bgagent reads
+/// from a release (db_schema.xml, env.php) is content the artifact controls; this keeps a
+/// planted link from making root read something outside.
+pub fn open_file_beneath(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<Option<OwnedFd>> {
+    let comps = normal_components(rel)?;
+    let Some((name, parents)) = comps.split_last() else {
+        return Err(io::ErrorKind::InvalidInput.into());
+    };
+    let parent_rel: PathBuf = parents.iter().collect();
+    let parent = match open_dir_beneath(dir, &parent_rel) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match rustix::fs::openat(
+        &parent,
+        *name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        Mode::empty(),
+    ) {
+        Ok(fd) => {
+            let st = rustix::fs::fstat(&fd)?;
+            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a regular file",
+                ));
+            }
+            Ok(Some(fd))
+        }
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(rustix::io::Errno::LOOP) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "it is a symlink; bgagent does not read through links in a release",
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads file `rel` beneath `dir` (see [`open_file_beneath`]), at most `max` bytes.
+pub fn read_beneath(dir: BorrowedFd<'_>, rel: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    let Some(fd) = open_file_beneath(dir, rel)? else {
+        return Ok(None);
+    };
+    let mut buf = Vec::new();
+    io::Read::read_to_end(
+        &mut io::Read::take(std::fs::File::from(fd), max + 1),
+        &mut buf,
+    )?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(Some(buf))
+}
+
+/// The entries of directory `rel` beneath `dir` that are directories or symlinks, sorted,
+/// each with whether it is a symlink (not followed). Empty when `rel` does not exist.
+pub fn list_dirs_beneath(dir: BorrowedFd<'_>, rel: &Path) -> io::Result<Vec<(String, bool)>> {
+    let d = match open_dir_beneath(dir, rel) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    let mut rd = rustix::fs::Dir::read_from(&d)?;
+    while let Some(e) = rd.read() {
+        let e = e?;
+        let name = String::from_utf8_lossy(e.file_name().to_bytes()).into_owned();
+        if name == "." || name == ".." {
+            continue;
+        }
+        let st = rustix::fs::statat(&d, e.file_name(), AtFlags::SYMLINK_NOFOLLOW)?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => out.push((name, false)),
+            FileType::Symlink => out.push((name, true)),
+            _ => {}
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// One `openat(O_NOFOLLOW | O_DIRECTORY)` per component.
 fn walk_dirs(dir: BorrowedFd<'_>, comps: &[&OsStr]) -> io::Result<OwnedFd> {
     let mut cur = rustix::fs::openat(dir, c".", DIR_FLAGS, Mode::empty())?;

@@ -48,7 +48,8 @@ impl Fleet {
             .unwrap();
             std::fs::write(
                 dir.join("env.php.j2"),
-                "<?php return ['db' => ['connection' => ['default' => ['host' => {{ params.db.host }}, 'port' => {{ params.db.port }}, \
+                "<?php return ['deployment' => ['blue_green' => ['enabled' => true]], \
+                 'db' => ['connection' => ['default' => ['host' => {{ params.db.host }}, 'port' => {{ params.db.port }}, \
                  'dbname' => {{ params.db.name }}, 'username' => {{ params.db.user }}, 'password' => {{ params.db.password }}]]]];\n",
             )
             .unwrap();
@@ -80,17 +81,13 @@ impl Fleet {
         }
     }
 
-    fn revision(&self, dep: &str, modules: &str) {
+    /// A revision for `dep`: the Magento model, with `variant`'s overlay when given.
+    fn revision(&self, dep: &str, variant: Option<&str>) {
         let root = self
             .base
             .path()
             .join(format!("cd-root/g/{dep}/deployment-archive"));
-        let fx = support::repo().join("tests/fixtures/magento");
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        std::fs::create_dir_all(root.join("pub/static")).unwrap();
-        std::fs::create_dir_all(root.join("generated")).unwrap();
-        std::fs::copy(fx.join("bin/magento"), root.join("bin/magento")).unwrap();
-        std::fs::write(root.join("module_versions.json"), modules).unwrap();
+        support::magento_model(&root, variant);
     }
 
     /// Every agent runs `events` for `dep`, all released at once per event; returns, per
@@ -140,8 +137,6 @@ fn hook(dir: &Path, ev: &str, dep: &str) -> Output {
         .unwrap()
 }
 
-const MODULES: &str = r#"{"Magento_Store": "2.4.7", "Vendor_Shop": "1.0.0"}"#;
-
 #[test]
 fn the_migration_runs_exactly_once_and_no_node_passes_before_it_finished() {
     let marker = tempfile::tempdir().unwrap();
@@ -151,7 +146,7 @@ fn the_migration_runs_exactly_once_and_no_node_passes_before_it_finished() {
         ran = ran.display()
     );
     let f = Fleet::new(8, &schema);
-    f.revision("d-1", MODULES);
+    f.revision("d-1", None);
     let outs = f.deploy("d-1", &["BeforeInstall", "AfterInstall"]);
     for node in &outs {
         for (o, _) in node {
@@ -225,7 +220,7 @@ fn a_failed_migration_fails_every_node_naming_where_it_failed_and_a_retry_after_
             fixed.display()
         ),
     );
-    f.revision("d-1", MODULES);
+    f.revision("d-1", None);
     let outs = f.deploy("d-1", &["BeforeInstall", "AfterInstall"]);
     let mut ran_here = 0;
     for node in &outs {
@@ -283,7 +278,7 @@ fn killing_the_lock_holder_mid_migration_never_runs_the_migration_twice_at_once(
          echo \"start $BGAGENT_NODE\" >> {m}/log; touch {m}/started-$BGAGENT_NODE; sleep 3; echo \"end $BGAGENT_NODE\" >> {m}/log']\n"
     );
     let mut f = Fleet::new(4, &schema);
-    f.revision("d-1", MODULES);
+    f.revision("d-1", None);
     let (outs, killed) = std::thread::scope(|s| {
         let deploy = s.spawn(|| f.deploy("d-1", &["BeforeInstall", "AfterInstall"]));
         let t0 = std::time::Instant::now();
@@ -369,7 +364,7 @@ fn the_lock_timeout_names_the_node_holding_the_lock_and_since_when() {
         2,
         "  lock_timeout: 1s\n  migration:\n    argv: [sh, -c, 'sleep 3']\n",
     );
-    f.revision("d-1", MODULES);
+    f.revision("d-1", None);
     let outs = f.deploy("d-1", &["BeforeInstall", "AfterInstall"]);
     let (ok, failed): (Vec<_>, Vec<_>) = outs
         .iter()
@@ -396,7 +391,7 @@ fn magento_gate_refuses_ignores_or_upgrades_once() {
     support::require("php");
     // fail (the default): the release is refused before any traffic reaches it
     let f = Fleet::new(1, "  magento_gate: true\n");
-    f.revision("d-1", MODULES);
+    f.revision("d-1", None);
     let out = hook(&f.agents[0].dir, "AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
@@ -409,7 +404,7 @@ fn magento_gate_refuses_ignores_or_upgrades_once() {
 
     // ignore: a warning, and on it goes
     let f = Fleet::new(1, "  magento_gate: true\n  policy: ignore\n");
-    f.revision("d-1", MODULES);
+    f.revision("d-1", None);
     let out = hook(&f.agents[0].dir, "AfterInstall", "d-1");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("ignored (schema.policy is ignore)"));
@@ -417,19 +412,21 @@ fn magento_gate_refuses_ignores_or_upgrades_once() {
 
     // upgrade: setup:upgrade runs once for 4 nodes, after which the gate is clean
     let f = Fleet::new(4, "  magento_gate: true\n  policy: upgrade\n");
-    f.revision("d-1", MODULES);
+    f.revision("d-1", None);
     for node in f.deploy("d-1", &["AfterInstall"]) {
         assert_eq!(node[0].0.status.code(), Some(0), "{}", text(&node[0].0));
     }
     assert_eq!(
-        f.db.sql("SELECT COUNT(*) FROM app.upgrade_runs").trim(),
+        f.db.sql("SELECT COUNT(*) FROM app.model_runs WHERE command = 'setup:upgrade'")
+            .trim(),
         "1"
     );
-    f.revision("d-2", MODULES);
+    f.revision("d-2", None);
     let out = hook(&f.agents[0].dir, "AfterInstall", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(
-        f.db.sql("SELECT COUNT(*) FROM app.upgrade_runs").trim(),
+        f.db.sql("SELECT COUNT(*) FROM app.model_runs WHERE command = 'setup:upgrade'")
+            .trim(),
         "1",
         "nothing to upgrade the second time"
     );

@@ -34,6 +34,34 @@ pub fn require(bin: &str) -> PathBuf {
     panic!("{bin} is not installed: run scripts/install-test-deps.sh");
 }
 
+/// Writes the Magento model (tests/fixtures/magento-model, see its Model.php) into `dst`, a
+/// release or a revision directory, with the overlay tests/fixtures/magento-variants/<variant>
+/// on top when given ("additive": Vendor_Shop 1.1.0 with a new table and a nullable column;
+/// "breaking": Vendor_Shop 1.2.0 renaming shop_product.price). `dst` gets no env.php: bgagent
+/// renders it (or the test writes it).
+pub fn magento_model(dst: &Path, variant: Option<&str>) {
+    std::fs::create_dir_all(dst).unwrap();
+    let fx = repo().join("tests/fixtures");
+    let mut srcs = vec![fx.join("magento-model")];
+    if let Some(v) = variant {
+        srcs.push(fx.join("magento-variants").join(v));
+    }
+    for src in srcs {
+        assert!(src.is_dir(), "no fixture {}", src.display());
+        let out = Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", src.display()))
+            .arg(dst)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cp: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 fn wait_port(port: u16, what: &str, log: &Path) {
     let t0 = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
