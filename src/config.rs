@@ -361,8 +361,10 @@ pub fn from_str(text: &str, file: &Path, base: &Path) -> Result<Loaded, ConfigEr
     })?;
     config.resolve_paths(base);
     config.file = file.to_path_buf();
-    let issues = config.validate();
+    let mut issues = config.validate();
     if !issues.is_empty() {
+        // Everything wrong in one listing: what only this host can tell too (users, groups).
+        issues.extend(config.check_host());
         return Err(ConfigError::Invalid {
             warnings,
             errors: issues
@@ -670,6 +672,7 @@ pub fn locate_key(text: &str, path: &str) -> Option<(u64, u64)> {
     let mut from = 0usize;
     let mut parent_indent: i64 = -1;
     let mut found = None;
+    let mut in_item = false;
     for seg in path.split('.') {
         if let Ok(index) = seg.parse::<usize>() {
             // The index-th "- " item below the parent.
@@ -697,6 +700,7 @@ pub fn locate_key(text: &str, path: &str) -> Option<(u64, u64)> {
             parent_indent = ind as i64;
             from = i;
             found = Some((i as u64 + 1, ind as u64 + 1));
+            in_item = true;
             continue;
         }
         let mut hit = None;
@@ -706,9 +710,11 @@ pub fn locate_key(text: &str, path: &str) -> Option<(u64, u64)> {
             if t.is_empty() || t.starts_with('#') {
                 continue;
             }
+            // A sequence's items may sit at their key's own indent (`list:\n- a`), but
+            // inside an item the next item at the dash's indent ends the search.
             if i > from
                 && (ind as i64) <= parent_indent
-                && !(t.starts_with("- ") && ind as i64 == parent_indent)
+                && (in_item || !(t.starts_with("- ") && ind as i64 == parent_indent))
             {
                 break;
             }
@@ -726,12 +732,42 @@ pub fn locate_key(text: &str, path: &str) -> Option<(u64, u64)> {
                 break;
             }
         }
-        let (i, ind) = hit?;
+        let Some((i, ind)) = hit else {
+            // Flow style (`drain: { deregistration_delay: 30s }`, `- { name: web, http: { url:
+            // ... } }`): the key sits on the line found so far, right of what was found there.
+            // Otherwise the deepest part of the path that was found is the best location.
+            let Some((line, col)) = found else {
+                return None;
+            };
+            let l = lines.get(line as usize - 1)?;
+            let start = (col as usize - 1).min(l.len());
+            let Some(at) = flow_key(&l[start..], seg) else {
+                return found;
+            };
+            found = Some((line, (start + at) as u64 + 1));
+            continue;
+        };
         parent_indent = ind as i64;
         from = i + 1;
         found = Some((i as u64 + 1, ind as u64 + 1));
+        in_item = false;
     }
     found
+}
+
+/// The byte offset of `key:` as a key inside a flow mapping in `text` (after `{` or `,`).
+fn flow_key(text: &str, key: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(pos) = text[from..].find(key) {
+        let at = from + pos;
+        let before = text[..at].trim_end();
+        let after = text[at + key.len()..].trim_start();
+        if (before.ends_with('{') || before.ends_with(',')) && after.starts_with(':') {
+            return Some(at);
+        }
+        from = at + key.len();
+    }
+    None
 }
 
 /// The dotted key (as [`locate_key`] takes it) of the mapping key on 1-based `line`, found
@@ -1044,6 +1080,24 @@ mod tests {
     fn locate_key_finds_sequence_items() {
         let text = "a:\n  list:\n    - name: x\n    - name: y\n      bogus: 1\n";
         assert_eq!(locate_key(text, "a.list.1.bogus"), Some((5, 7)));
+    }
+
+    #[test]
+    fn locate_key_finds_flow_style_keys() {
+        let text = "drain: { deregistration_delay: 30s }\nhealth:\n  checks:\n    - { name: web, http: { url: \"ftp://x\" } }\n";
+        assert_eq!(
+            locate_key(text, "drain.deregistration_delay"),
+            Some((1, 10))
+        );
+        assert_eq!(locate_key(text, "health.checks.0.http.url"), Some((4, 28)));
+        // A key that is not written at all: the deepest part that is.
+        assert_eq!(locate_key(text, "health.checks.0.redis.url"), Some((4, 5)));
+        // Not in the next item, though it has the key.
+        let text = "checks:\n  - { name: a }\n  - name: b\n    http: { url: x }\n";
+        assert_eq!(locate_key(text, "checks.0.http"), Some((2, 3)));
+        assert_eq!(locate_key(text, "checks.1.http"), Some((4, 5)));
+        let text = "templates:\n- source: a\n  target: b\n- source: c\n";
+        assert_eq!(locate_key(text, "templates.1.source"), Some((4, 3)));
     }
 }
 

@@ -177,3 +177,91 @@ fn application_or_group_name_with_a_newline_is_a_usage_error_shown_escaped() {
         assert!(!t.contains("\nINFO forged"), "{var} printed raw: {t}");
     }
 }
+
+/// `config check` on a config with one mistake of every kind `validate` and the host check
+/// know: each is named once, by key, at its own line and column (flow style too), on stderr,
+/// and users and groups that do not exist are listed with the rest instead of only after
+/// the others are fixed. Before, flow-style keys had no line, and the host's errors stayed
+/// hidden until the file was otherwise valid.
+#[test]
+fn config_check_names_every_mistake_once_at_its_line_including_missing_users_and_groups() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bgagent.yaml");
+    std::fs::write(
+        &cfg,
+        r#"app_root: app
+state_dir: state
+socket: { path: run/s.sock, group: no-such-group-bg }
+app: { kind: php }
+permissions: { owner: no-such-user-bg }
+templates:
+  - { source: env.php.j2, target: app/etc/env.php, group: no-such-group-t, check: [php, -l, "{file}"] }
+commands:
+  AfterInstall:
+    - { argv: [bin/magento, "{pdi}"], user: no-such-user-c }
+health:
+  checks:
+    - { name: web, http: { url: "ftp://127.0.0.1/health" } }
+    - name: cache
+      redis: { url: "not a url" }
+services:
+  backend: exec
+  list:
+    - { name: php-fpm, reload: [kill, -USR2, "{pdi}"], pid_file: /run/php.pid }
+"#,
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(out.stdout.is_empty(), "errors go to stderr only");
+    for (key, at, what) in [
+        ("socket.group", "3:29", "no group named `no-such-group-bg`"),
+        (
+            "permissions.owner",
+            "5:16",
+            "no user named `no-such-user-bg`",
+        ),
+        (
+            "templates.0.group",
+            "7:52",
+            "no group named `no-such-group-t`",
+        ),
+        ("templates.0.check", "7:76", "unknown placeholder `{file}`"),
+        (
+            "commands.AfterInstall.0.argv",
+            "10:9",
+            "unknown placeholder `{pdi}`",
+        ),
+        (
+            "commands.AfterInstall.0.user",
+            "10:39",
+            "no user named `no-such-user-c`",
+        ),
+        (
+            "health.checks.0.http.url",
+            "13:28",
+            "the scheme must be http:// or https://",
+        ),
+        (
+            "health.checks.1.redis.url",
+            "15:16",
+            "`not a url` is not a URL",
+        ),
+        (
+            "services.list.0.reload",
+            "19:24",
+            "unknown placeholder `{pdi}` (known here: {pid})",
+        ),
+    ] {
+        let line = format!("bgagent.yaml:{at}: `{key}`: ");
+        let hits: Vec<&str> = err.lines().filter(|l| l.contains(&line)).collect();
+        assert_eq!(hits.len(), 1, "`{key}` once at {at}:\n{err}");
+        assert!(hits[0].contains(what), "{key}: {}", hits[0]);
+    }
+}
