@@ -93,8 +93,9 @@ pub fn request_with_fd(
     let write_err = send_with_fd(&mut stream, &line, fd).err();
     let _ = stream.set_read_timeout(write_err.as_ref().map(|_| Duration::from_secs(5)));
     let mut problems = Vec::new();
-    // An ERROR line is held until the next line: when it is the event's closing error, the
-    // summary says the same and it is printed once, there (the 2048-character tail).
+    // A line that may close the event (an ERROR, or "X succeeded in ...") is held until the
+    // next line: when the summary says the same, it is printed once, there (the
+    // 2048-character tail).
     let mut held: Option<(String, String, String)> = None;
     let reader = BufReader::new(stream);
     for l in reader.lines() {
@@ -113,7 +114,7 @@ pub fn request_with_fd(
                 if level == "ERROR" || level == "WARN" {
                     problems.push(format!("{level}: {message}"));
                 }
-                if level == "ERROR" {
+                if closes_event(&level, &message) {
                     held = Some((level, message, shown));
                 } else {
                     on_log(&level, &shown);
@@ -147,6 +148,11 @@ pub fn request_with_fd(
         Some(w) => w.to_string(),
         None => "the daemon closed the connection".into(),
     }))
+}
+
+/// Whether a log line may be the event's closing line, which the summary repeats.
+fn closes_event(level: &str, message: &str) -> bool {
+    level == "ERROR" || (level == "INFO" && message.contains(" succeeded in "))
 }
 
 /// Writes `line`, the first bytes with `fd` attached (SCM_RIGHTS).

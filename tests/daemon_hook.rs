@@ -974,3 +974,25 @@ fn a_config_being_edited_does_not_break_hooks() {
         text(&out)
     );
 }
+
+/// A successful hook said its result twice at the end of its output: the daemon's closing
+/// log line, then the summary block repeating it word for word (the console shows only the
+/// last 2048 characters). Said once, in the summary block.
+#[test]
+fn a_successful_hook_says_its_result_once() {
+    let mut node = Node::new();
+    node.start();
+    node.revision("g-1", "d-ONCE", "one");
+    let out = node.hook("BeforeInstall", Some("d-ONCE"), "g-1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        stdout.contains("bgagent: BeforeInstall succeeded for deployment d-ONCE"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("BeforeInstall succeeded in ").count(),
+        1,
+        "{stdout}"
+    );
+}
