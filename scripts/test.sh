@@ -17,3 +17,4 @@ BGAGENT_DEB=$(echo "$pkgs" | tail -n 2 | head -n 1) tests/systemd/run.sh
 # Benchmark smoke mode: proves the benchmark still runs; figures come from full runs by hand.
 python3 bench/bench_release.py --smoke --bin target/debug/bgagent
 python3 bench/bench_warm_switch.py --smoke --bin target/debug/bgagent --out target/bench-smoke
+python3 bench/bench_blue_green.py --smoke --out target/bench-smoke

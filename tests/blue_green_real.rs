@@ -465,7 +465,8 @@ struct Want<'a> {
     current: &'a str,
     /// The last deployment on record and its status.
     last: (&'a str, &'a str),
-    /// HAProxy's view of the target: UP, DOWN or MAINT.
+    /// HAProxy's view of the target: registered or not (`in`/`out`) and its health check
+    /// (`UP`/`DOWN`), e.g. `in UP`.
     lb: &'a str,
 }
 
@@ -513,7 +514,7 @@ impl Harness {
     /// sees it healthy.
     fn allow(&self, node: &str, dep: &str) {
         let t = self.clock.now();
-        self.lb.set_state(node, "ready");
+        self.lb.register(node, true);
         wait_until(
             20,
             &format!("AllowTraffic: HAProxy should see {node} UP"),
@@ -526,7 +527,7 @@ impl Harness {
     /// the requests it holds are done.
     fn block(&self, node: &str, dep: &str) {
         let t = self.clock.now();
-        self.lb.set_state(node, "maint");
+        self.lb.register(node, false);
         wait_until(
             20,
             &format!("BlockTraffic: {node} should finish its requests"),
@@ -578,8 +579,16 @@ impl Harness {
             Some(0),
             "warnings {ctx}"
         );
-        let lb = self.lb.stat(node).status;
-        assert_eq!(lb, want.lb, "HAProxy's view {ctx}");
+        // HAProxy's view follows /ready within a probe interval.
+        let lb = || {
+            let lb = self.lb.stat(node);
+            format!("{} {}", if lb.weight > 0 { "in" } else { "out" }, lb.status)
+        };
+        let t0 = Instant::now();
+        while lb() != want.lb && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(WATCH);
+        }
+        assert_eq!(lb(), want.lb, "HAProxy's view {ctx}");
     }
 }
 
@@ -687,7 +696,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
             traffic: "live",
             current: "d-BLUE00001",
             last: ("d-BLUE00001", "succeeded"),
-            lb: "UP",
+            lb: "in UP",
         },
     );
     let load = Load::start(clock, h.lb.port, rate, Duration::from_secs(600));
@@ -706,7 +715,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
             traffic: "unknown",
             current: d,
             last: (d, "succeeded"),
-            lb: "MAINT",
+            lb: "out UP",
         },
     );
     h.hooks("green", d, &["BeforeAllowTraffic"]);
@@ -723,7 +732,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
             traffic: "live",
             current: d,
             last: (d, "succeeded"),
-            lb: "UP",
+            lb: "in UP",
         },
     );
     h.expect(
@@ -734,7 +743,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
             traffic: "idle",
             current: "d-BLUE00001",
             last: (d, "succeeded"),
-            lb: "MAINT",
+            lb: "out DOWN",
         },
     );
 
@@ -757,7 +766,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
                 traffic: "live",
                 current: "d-BLUE00001",
                 last: (r, "succeeded"),
-                lb: "UP",
+                lb: "in UP",
             },
         );
         h.expect(
@@ -768,7 +777,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
                 traffic: "idle",
                 current: d,
                 last: (r, "succeeded"),
-                lb: "MAINT",
+                lb: "out DOWN",
             },
         );
 
@@ -792,7 +801,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
                     traffic: "live",
                     current: d,
                     last: (d, "succeeded"),
-                    lb: "UP",
+                    lb: "in UP",
                 },
             );
         }
@@ -820,7 +829,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
                 traffic: "live",
                 current: d,
                 last: (d, "succeeded"),
-                lb: "UP",
+                lb: "in UP",
             },
         );
 
@@ -845,7 +854,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
                 traffic: "idle",
                 current: "d-INPLACE04",
                 last: (d, "failed"),
-                lb: "MAINT",
+                lb: "out UP",
             },
         );
         let st = h.blue.status();
@@ -883,7 +892,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
                 traffic: "idle",
                 current: "d-BLUE00001",
                 last: (d, "failed"),
-                lb: "UP",
+                lb: "in UP",
             },
         );
         std::thread::sleep(Duration::from_secs(1));

@@ -740,9 +740,13 @@ impl Drop for Haproxy {
 
 /// HAProxy as an ALB with one target group over several nodes: `(name, web_port,
 /// ready_port)` each, health-checked on the node's readiness endpoint (`/ready` every
-/// `inter`, one failure takes it out, one success brings it in). Every server starts in
-/// maintenance, i.e. not registered; the harness registers and deregisters targets through
-/// the admin socket, as CodeDeploy's AllowTraffic and BlockTraffic move them in an ALB.
+/// `inter`, one failure takes it out, one success brings it in). Every server starts
+/// deregistered (weight 0); the harness registers and deregisters targets through the admin
+/// socket ([`Pool::register`]), as CodeDeploy's AllowTraffic and BlockTraffic move them in an
+/// ALB. Weights, not maintenance mode: HAProxy stops health-checking a server in maintenance
+/// and brings it back UP before any check has passed, while an ALB routes to a newly
+/// registered target only once it passed its health check; a server at weight 0 keeps being
+/// checked, so on registration it gets requests only if its `/ready` says 200.
 /// `retries 0`: an ALB does not retry a request a target refused, so neither does this.
 pub struct Pool {
     pub port: u16,
@@ -753,8 +757,10 @@ pub struct Pool {
 /// One server of a [`Pool`] as HAProxy sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerStat {
-    /// UP, DOWN, MAINT, "UP 1/2", ...
+    /// UP or DOWN (its health check), MAINT, ...
     pub status: String,
+    /// 0: deregistered (no new requests); 1: registered.
+    pub weight: u32,
     /// Requests (sessions) the server holds now.
     pub current: u64,
 }
@@ -773,7 +779,7 @@ impl Pool {
         );
         for (name, web, ready) in servers {
             cfg.push_str(&format!(
-                "  server {name} 127.0.0.1:{web} check port {ready} inter {}ms fall 1 rise 1 disabled\n",
+                "  server {name} 127.0.0.1:{web} check port {ready} inter {}ms fall 1 rise 1 weight 0\n",
                 inter.as_millis()
             ));
         }
@@ -804,14 +810,12 @@ impl Pool {
         out
     }
 
-    /// `ready` (registered: health checks decide), `maint` (deregistered: no new requests,
-    /// those in flight finish) or `drain`.
-    pub fn set_state(&self, server: &str, state: &str) {
-        let out = self.admin(&format!("set server be/{server} state {state}"));
-        assert!(
-            out.trim().is_empty(),
-            "set server be/{server} state {state}: {out}"
-        );
+    /// Registers the target (it gets requests while its health check passes) or deregisters
+    /// it (no new requests; those in flight finish).
+    pub fn register(&self, server: &str, registered: bool) {
+        let w = u32::from(registered);
+        let out = self.admin(&format!("set weight be/{server} {w}"));
+        assert!(out.trim().is_empty(), "set weight be/{server} {w}: {out}");
     }
 
     pub fn stat(&self, server: &str) -> ServerStat {
@@ -823,6 +827,7 @@ impl Pool {
         let f: Vec<&str> = line.split(',').collect();
         ServerStat {
             status: f[17].to_string(),
+            weight: f[18].parse().unwrap_or(0),
             current: f[4].parse().unwrap_or(0),
         }
     }
