@@ -831,6 +831,32 @@ fn sanitize(s: &str) -> String {
         .collect()
 }
 
+/// A connection to the fleet's coordination database, for another concern that agrees
+/// through the same Redis (cron's fleet-wide pause): the session database (never flushed),
+/// `cache.timeout` on connecting and on every reply, keys under `prefix` (`bgagent:{app}:`).
+pub struct Coordination {
+    pub conn: redis::aio::MultiplexedConnection,
+    pub prefix: String,
+    /// The server, as it may be shown (no password).
+    pub url: String,
+}
+
+/// The coordination connection, or None without `cache.redis`.
+pub async fn coordination(
+    cfg: &CacheConfig,
+    app: &str,
+) -> Result<Option<Coordination>, CacheError> {
+    let Some(url) = &cfg.redis else {
+        return Ok(None);
+    };
+    let f = Fleet::coordination(cfg, url, app).await?;
+    Ok(Some(Coordination {
+        prefix: f.key(""),
+        url: shown(url),
+        conn: f.conn,
+    }))
+}
+
 /// The slot after the live one (slot 0 when none is live). Pure.
 pub fn next_slot(live: Option<usize>, n_slots: usize) -> usize {
     match live {

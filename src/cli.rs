@@ -121,6 +121,9 @@ pub enum Command {
     /// Config file commands.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Magento's cron, run so that a deployment can pause it for the fleet (cron.pause).
+    #[command(subcommand)]
+    Cron(CronCommand),
     /// Print the completion script for a shell (the packages install them).
     ///
     /// bash: `bgagent completions bash > /usr/share/bash-completion/completions/bgagent`;
@@ -150,6 +153,15 @@ pub enum Command {
 pub enum ConfigCommand {
     /// Validate the config: every error with file, line and column; unknown keys warned.
     Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CronCommand {
+    /// Run cron.command (e.g. `php bin/magento cron:run`) in the current release, as its
+    /// user, unless a deployment has paused cron; what /etc/cron.d runs every minute, as root:
+    /// `* * * * * root /usr/bin/bgagent cron run`. Exit 0 when run or skipped, 1 when the
+    /// job failed or the pause could not be read (the job is then not run).
+    Run,
 }
 
 /// The config path in force.

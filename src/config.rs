@@ -57,6 +57,8 @@ pub struct Config {
     pub readiness: ReadinessConfig,
     pub drain: DrainConfig,
     pub validate: ValidateConfig,
+    /// Magento's cron paused for the fleet while a deployment may upgrade the database.
+    pub cron: crate::cron::CronConfig,
     /// Processes still running an old release's code after a switch: listed, and ended.
     pub processes: crate::procs::ProcessesConfig,
     /// Extra commands per lifecycle event, run after the event's own work, by argv.
@@ -91,6 +93,7 @@ impl Default for Config {
             drain: DrainConfig::default(),
             validate: ValidateConfig::default(),
             processes: Default::default(),
+            cron: Default::default(),
             commands: Default::default(),
             base_dir: PathBuf::from("/etc/bgagent"),
             file: PathBuf::from(DEFAULT_PATH),
@@ -426,6 +429,7 @@ impl Config {
         out.extend(self.permissions.validate());
         out.extend(self.cache.validate());
         out.extend(self.processes.validate());
+        out.extend(self.cron.validate());
         out.extend(self.opcache.validate(&self.app_root));
         for (i, s) in self.services.list.iter().enumerate() {
             if let Some(a) = &s.fastcgi

@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod cron;
 pub mod daemon;
 pub mod dbschema;
 pub mod events;

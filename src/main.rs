@@ -6,7 +6,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use bgagent::cli::{self, Cli, Command, ConfigCommand, exit};
+use bgagent::cli::{self, Cli, Command, ConfigCommand, CronCommand, exit};
 use bgagent::client;
 use bgagent::events::{Engine, Outcome};
 use bgagent::protocol::Request;
@@ -168,6 +168,35 @@ fn run(cli: &Cli) -> i32 {
             work(cli, Request::Rollback { from }, move |engine| {
                 Box::pin(async move { engine.rollback(f2.as_deref()).await })
             })
+        }
+        Command::Cron(CronCommand::Run) => {
+            let cfg = match cli::load_config(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_cli_logging();
+            match runtime().block_on(bgagent::cron::run_guarded(&cfg)) {
+                Ok(bgagent::cron::RunOutcome::Skipped(why)) => {
+                    println!("{why}");
+                    exit::OK
+                }
+                Ok(bgagent::cron::RunOutcome::Ran(Ok(m))) => {
+                    println!("{m}");
+                    exit::OK
+                }
+                Ok(bgagent::cron::RunOutcome::Ran(Err(e))) => {
+                    eprintln!("error: {e}");
+                    exit::FAILED
+                }
+                Err(e @ bgagent::cron::CronError::NoCommand) => {
+                    eprintln!("error: {e}");
+                    exit::CONFIG
+                }
+                Err(e) => {
+                    eprintln!("error: {e}; the job was not run");
+                    exit::FAILED
+                }
+            }
         }
         Command::Render { dry_run, check } => render(cli, *dry_run, *check),
         Command::Status { json } => status(cli, *json, false),

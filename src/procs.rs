@@ -366,6 +366,41 @@ pub fn scan(app_root: &Path, current: &str, cfg: &ProcessesConfig) -> Vec<Found>
         .collect()
 }
 
+/// Processes (not bgagent nor its ancestors) whose command line, arguments joined by
+/// spaces, contains one of `patterns`: running `bin/magento cron:run` jobs, for instance.
+/// Returns (pid, its name and the pattern; never the whole command line, which may hold a
+/// secret passed as an argument).
+pub fn running_commands(patterns: &[String]) -> Vec<(i32, String)> {
+    let protected = protected();
+    let mut out: Vec<(i32, String)> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+                .filter(|pid| !protected.contains(pid))
+                .filter_map(read_proc)
+                .filter_map(|p| {
+                    let line = p.cmdline.join(" ");
+                    patterns
+                        .iter()
+                        .find(|pat| !pat.is_empty() && line.contains(pat.as_str()))
+                        .map(|pat| {
+                            (
+                                p.pid,
+                                format!(
+                                    "{} running `{}`",
+                                    crate::text::escape(&p.name),
+                                    crate::text::escape(pat)
+                                ),
+                            )
+                        })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort_unstable();
+    out
+}
+
 /// A process opened for signalling: the pidfd, checked against what the scan saw.
 enum Opened {
     Ready(OwnedFd),

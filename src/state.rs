@@ -43,6 +43,9 @@ pub struct StateDoc {
     /// The last sweep for processes running an old release's code, after a switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub old_processes: Option<crate::procs::Sweep>,
+    /// The last deployment's cron pause (`cron.pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<crate::cron::CronRecord>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

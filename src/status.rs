@@ -80,6 +80,7 @@ pub fn build(
         "opcache": doc.opcache,
         "old_processes": old_processes,
         "last_process_sweep": doc.old_processes,
+        "cron": doc.cron,
         "warnings": doc.disagreements(current.as_deref()),
     })
 }
@@ -128,6 +129,7 @@ pub fn render_text(s: &Value) -> String {
     }
     render_opcache(&mut o, &s["opcache"]);
     render_old_processes(&mut o, s);
+    render_cron(&mut o, &s["cron"]);
     if let Some(p) = s["cleanup_pending"].as_array().filter(|p| !p.is_empty()) {
         let _ = writeln!(
             o,
@@ -273,6 +275,38 @@ fn render_old_processes(o: &mut String, s: &Value) {
             "last sweep: {} after the switch to {}: {counts}",
             str_of(&sw["at"]),
             str_of(&sw["current"])
+        );
+    }
+}
+
+/// The last deployment's cron pause.
+fn render_cron(o: &mut String, c: &Value) {
+    if c.is_null() {
+        return;
+    }
+    let str_of = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let scope = if c["scope"] == "redis" {
+        "fleet-wide"
+    } else {
+        "this node"
+    };
+    let state = match c["resumed_at"].as_str() {
+        Some(at) => format!("resumed at {at}"),
+        None => "still paused (lapses after cron.pause_ttl)".into(),
+    };
+    let _ = writeln!(
+        o,
+        "cron:       paused {scope} by deployment {} at {}, waited {:.1}s for {} job(s); {state}",
+        str_of(&c["deployment"]),
+        str_of(&c["paused_at"]),
+        c["waited_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        c["waited_for"].as_array().map_or(0, |a| a.len()),
+    );
+    for j in c["still_running"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            o,
+            "            still running when the budget ran out: {}",
+            str_of(j)
         );
     }
 }

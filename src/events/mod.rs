@@ -10,11 +10,14 @@
 //! [`drain`] (ApplicationStop, BeforeBlockTraffic) -> [`preflight`] (BeforeInstall) ->
 //! [`install`] (AfterInstall) -> [`start`] (ApplicationStart) -> [`validate`]
 //! (ValidateService) -> the traffic events (here, in [`Engine::perform_builtin`]).
-//! The operator's own commands are [`deploy`] and [`rollback`].
+//! The operator's own commands are [`deploy`] and [`rollback`]. Steps shared by events:
+//! `warm` (opcache around the switch) and `pause` (cron paused from AfterInstall until
+//! after ApplicationStart's switch).
 
 mod deploy;
 mod drain;
 mod install;
+mod pause;
 mod preflight;
 mod rollback;
 mod start;
@@ -451,8 +454,28 @@ impl Engine {
         match event {
             Event::ApplicationStop | Event::BeforeBlockTraffic => self.drain().await,
             Event::BeforeInstall => self.preflight().await,
-            Event::AfterInstall => self.install().await,
-            Event::ApplicationStart => self.start().await,
+            // Cron waits while the database may be upgraded, and resumes after the switch
+            // (or as soon as either event fails: the old release serves on).
+            Event::AfterInstall => {
+                let r = match self.pause_cron().await {
+                    Ok(()) => self.install().await,
+                    Err(e) => Err(e),
+                };
+                if r.is_err() {
+                    self.resume_cron("AfterInstall failed").await;
+                }
+                r
+            }
+            Event::ApplicationStart => {
+                let r = self.start().await;
+                let why = if r.is_ok() {
+                    "after the switch"
+                } else {
+                    "ApplicationStart failed"
+                };
+                self.resume_cron(why).await;
+                r
+            }
             Event::ValidateService => self.validate().await,
             Event::AfterBlockTraffic => {
                 self.set_traffic(Traffic::Idle);
