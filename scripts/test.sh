@@ -18,3 +18,4 @@ BGAGENT_DEB=$(echo "$pkgs" | tail -n 2 | head -n 1) tests/systemd/run.sh
 python3 bench/bench_release.py --smoke --bin target/debug/bgagent
 python3 bench/bench_warm_switch.py --smoke --bin target/debug/bgagent --out target/bench-smoke
 python3 bench/bench_blue_green.py --smoke --out target/bench-smoke
+python3 bench/bench_magento_upgrade.py --smoke --bin target/debug/bgagent --out target/bench-smoke
