@@ -17,7 +17,11 @@ table shop_review, nullable column shop_product.subtitle) is deployed:
               maintenance:enable on both (in the current release), setup:upgrade once, the
               switch on both (a link renamed over `current`, as Deployer's deploy:symlink),
               maintenance:disable on both.
-  flag-off    as bgagent, with the blue_green flag absent from env.php.
+  flag-off    as bgagent, with the blue_green flag absent from env.php. bgagent refuses such a
+              release under schema.policy: upgrade, so this contender runs the same
+              setup:upgrade once for the fleet under the lock as a plain schema.migration of
+              an app.kind: php config (no Magento checks): what operators get from a rolling
+              deployment without the flag.
 
 Failed = not 2xx, or no answer. The downtime window = from the first to the last failed
 request. Errors are grouped by what old code answered.
@@ -266,8 +270,15 @@ def contender(name, a, work: Path):
     flag = name != "flag-off"
     # The maintenance contender builds with bgagent but runs no schema step: the operator's
     # procedure does it, under maintenance.
-    schema = "  magento_gate: false\n  policy: ignore\n" if name == "maintenance" else \
-        "  magento_gate: true\n  policy: upgrade\n"
+    schema = {
+        "bgagent": "  magento_gate: true\n  policy: upgrade\n",
+        "maintenance": "  magento_gate: false\n  policy: ignore\n",
+        # bgagent refuses a Magento release without the flag under policy: upgrade; what the
+        # flag changes is measured with the same rolling procedure and the same setup:upgrade
+        # run once for the fleet under the lock, as a plain migration (no Magento checks).
+        "flag-off": "  magento_gate: false\n  policy: ignore\n"
+                    "  migration: { argv: [php, bin/magento, setup:upgrade, --keep-generated] }\n",
+    }[name]
     nodes, hap, steps, fails = [], None, [], []
     try:
         # v1 installed with the upgrade path first (the database starts empty).
@@ -282,6 +293,8 @@ def contender(name, a, work: Path):
         # The contender's own config, re-read on SIGHUP (between deployments).
         for n in nodes:
             cfg = (n.d / "bgagent.yaml").read_text().replace(setup, schema)
+            if name == "flag-off":
+                cfg = cfg.replace("app: { kind: magento,", "app: { kind: php,")
             (n.d / "bgagent.yaml").write_text(cfg)
             n.daemon.send_signal(signal.SIGHUP)
         time.sleep(0.5)
