@@ -13,8 +13,8 @@ event. This script turns them into a summary, time series and a plot:
                                                         # health startup budget (30 s)
     python3 bench/bench_blue_green.py --smoke           # the blue/green deployment only (CI)
 
-Writes blue_green_{summary.json,series.csv,events.csv,ready.csv,requests.csv.gz} and
-blue_green.png into --out. Exits non-zero when the test failed (the records and the plot are
+Writes blue_green_{summary.json,series.csv,events.csv,ready.csv} and blue_green.png into --out
+(--keep-requests: every request too, blue_green_requests.csv.gz). Exits non-zero when the test failed (the records and the plot are
 still written: they show what went wrong).
 """
 
@@ -139,6 +139,7 @@ def main():
     ap.add_argument("--release", action="store_true", help="cargo test --release")
     ap.add_argument("--smoke", action="store_true", help="the blue/green deployment only, 50 req/s")
     ap.add_argument("--out", default=str(REPO / "bench/results"))
+    ap.add_argument("--keep-requests", action="store_true", help="also write every request (blue_green_requests.csv.gz)")
     ap.add_argument("--records", help="summarise and plot records a run already wrote (BGAGENT_BG_OUT)")
     a = ap.parse_args()
     if a.smoke:
@@ -151,8 +152,9 @@ def main():
         if not (raw / "requests.csv").exists():
             raise SystemExit(f"the test wrote no records (exit {rc})")
         reqs, ready, events = load(raw)
-        with open(raw / "requests.csv", "rb") as f, gzip.open(out / "blue_green_requests.csv.gz", "wb") as g:
-            shutil.copyfileobj(f, g)
+        if a.keep_requests:
+            with open(raw / "requests.csv", "rb") as f, gzip.open(out / "blue_green_requests.csv.gz", "wb") as g:
+                shutil.copyfileobj(f, g)
         shutil.copy(raw / "ready.csv", out / "blue_green_ready.csv")
         shutil.copy(raw / "events.csv", out / "blue_green_events.csv")
     finally:

@@ -34,6 +34,12 @@ const GROUP_NAME: &str = "prod";
 const GROUP_ID: &str = "5f0e2c1a-7d4b-4a3e-9c1d-2b8e6f4a9d10";
 /// HAProxy's health check interval on `/ready` (`fall 1`: one 503 takes a target out).
 const PROBE: Duration = Duration::from_millis(100);
+/// How late past the probe interval HAProxy's verdict may come on this machine: its check
+/// timer, the client's and the watcher's threads all wait for one of two shared cores (seen:
+/// up to 90 ms of the 100 ms interval used on a quiet run, a little over 100 ms under a load
+/// average of 10). A node that keeps serving after its /ready said 503 (a drain the load
+/// balancer cannot see) is late by seconds, not by this.
+const SCHEDULING: Duration = Duration::from_millis(100);
 /// How often the harness itself reads each node's `/ready`.
 const WATCH: Duration = Duration::from_millis(10);
 /// The harness reads `/ready` from this loopback address, so that the daemon can tell its
@@ -927,12 +933,13 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
         reqs.len(),
         &failed[..failed.len().min(10)]
     );
-    let late = answered_while_not_ready(&reqs, &ready, PROBE.as_secs_f64());
+    let late = answered_while_not_ready(&reqs, &ready, (PROBE + SCHEDULING).as_secs_f64());
     assert!(
         late.is_empty(),
-        "{} request(s) were answered by a node whose /ready had said 503 for longer than the probe interval ({} ms); the first: {:?}",
+        "{} request(s) were answered by a node whose /ready had said 503 for longer than the probe interval ({} ms, + {} ms for this machine's scheduling); the first: {:?}",
         late.len(),
         PROBE.as_millis(),
+        SCHEDULING.as_millis(),
         &late[..late.len().min(10)]
     );
     // Every request was answered by a node that names itself, with a release it holds.
