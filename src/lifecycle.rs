@@ -154,6 +154,10 @@ pub struct Deployment {
     pub release_id: Option<String>,
     /// The release that was current when this deployment switched.
     pub previous_release: Option<String>,
+    /// The schema gate's account of this deployment's release (Magento), also when it was
+    /// refused. Absent in older records and when the gate did not look.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<crate::schema::SchemaReport>,
 }
 
 /// Why an event is not run.
@@ -286,6 +290,7 @@ impl Deployment {
             events: Vec::new(),
             release_id: None,
             previous_release: None,
+            schema: None,
         }
     }
 

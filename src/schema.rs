@@ -29,6 +29,7 @@ use mysql_async::prelude::Queryable;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::dbschema::{Class, Finding};
 use crate::process::{self, CommandSpec};
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -61,6 +62,25 @@ pub struct SchemaConfig {
     /// event instead of holding it.
     #[serde(with = "crate::config::duration")]
     pub connect_timeout: Duration,
+    /// What a breaking schema change (see [`crate::dbschema`]) gets under policy upgrade:
+    /// `refuse` (default) or `maintenance`.
+    pub breaking: Breaking,
+    /// A file in the release (relative to its root) in which the release declares its own
+    /// schema change class: its first word is `additive`, `breaking` or `none`. The
+    /// declaration decides; bgagent reports when its own analysis disagrees.
+    pub class_file: Option<PathBuf>,
+}
+
+/// What a breaking schema change gets.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Breaking {
+    /// Refused before setup:upgrade: the live release keeps serving, nothing changed.
+    #[default]
+    Refuse,
+    /// Magento's maintenance flag on every node, from right before setup:upgrade until each
+    /// node has switched to the new release.
+    Maintenance,
 }
 
 impl Default for SchemaConfig {
@@ -74,6 +94,8 @@ impl Default for SchemaConfig {
             lock_timeout: Duration::from_secs(900),
             command_timeout: Duration::from_secs(1800),
             connect_timeout: Duration::from_secs(10),
+            breaking: Breaking::Refuse,
+            class_file: None,
         }
     }
 }
@@ -166,6 +188,27 @@ pub enum SchemaError {
     Step { step: String, message: String },
     #[error("schema: {0}")]
     Config(String),
+    #[error(
+        "release {release} is refused before anything runs: its rendered app/etc/env.php {state}. With schema.policy: upgrade, setup:upgrade moves the shared database forward while the live release still serves, and Magento's DbStatusValidator and ConfigChangeDetector then fail every request of the live release (\"Please update your modules\") unless env.php sets deployment/blue_green/enabled (Magento 2.4.4+). Add 'deployment' => ['blue_green' => ['enabled' => true]] to the env.php template"
+    )]
+    BlueGreenOff { release: PathBuf, state: String },
+    #[error("failed to load {path} with `{php}` to read deployment/blue_green/enabled: {message}")]
+    EnvPhp {
+        path: PathBuf,
+        php: String,
+        message: String,
+    },
+    #[error(
+        "release {release} is refused: its schema change is breaking for the release serving now ({live}){declared}:\n  {findings}\nOld code keeps serving while setup:upgrade runs, so these would fail its requests. Make the change in two deployments (first add, later remove what old code used), declare the release's class in schema.class_file if old code does not use these, or set schema.breaking: maintenance to take a maintenance window on every node"
+    )]
+    Breaking {
+        release: PathBuf,
+        live: String,
+        declared: String,
+        findings: String,
+    },
+    #[error("schema analysis: {0}")]
+    Analysis(String),
 }
 
 /// Outcome of one `bin/magento` status check: 0 fine, 2 upgrade or import needed.
@@ -196,15 +239,257 @@ pub struct Attempting<'a> {
     pub retry: bool,
 }
 
+/// The releases the schema steps look at: the new one and the one this node serves now.
+pub struct Releases<'a> {
+    pub kind: crate::config::AppKind,
+    pub new: &'a crate::appdir::ReleaseDir,
+    /// The live release (id, handle), when this node serves one.
+    pub live: Option<(&'a str, &'a crate::appdir::ReleaseDir)>,
+}
+
+/// What `deployment/blue_green/enabled` is in a release's rendered env.php.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlueGreen {
+    On,
+    /// Set to a value PHP reads as false.
+    Off,
+    Unset,
+    /// The release has no app/etc/env.php.
+    NoEnvPhp,
+}
+
+impl BlueGreen {
+    /// The end of "its rendered app/etc/env.php ...".
+    fn says(self) -> &'static str {
+        match self {
+            BlueGreen::On => "sets deployment/blue_green/enabled",
+            BlueGreen::Off => "sets deployment/blue_green/enabled to a value PHP reads as false",
+            BlueGreen::Unset => "does not set deployment/blue_green/enabled",
+            BlueGreen::NoEnvPhp => "is missing (no template renders it)",
+        }
+    }
+}
+
+/// The schema gate's account of a release, kept with the deployment and shown in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SchemaReport {
+    /// deployment/blue_green/enabled in the new release's env.php (absent: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blue_green: Option<BlueGreen>,
+    /// The live release the new declaration was compared with (null: nothing to compare,
+    /// this node serves no release yet; the analysis was not run without magento_gate).
+    pub compared_with: Option<String>,
+    /// bgagent's own class of the change (see [`crate::dbschema`]).
+    pub analysed: Option<Class>,
+    /// The class the release declares in schema.class_file, if it does.
+    pub declared: Option<Class>,
+    /// The class the policy went by: the declared one, else the analysed one.
+    pub class: Option<Class>,
+    pub findings: Vec<Finding>,
+    /// What the gate did, in order: checks that said a step is needed, steps run or skipped.
+    pub outcome: Vec<String>,
+}
+
+const ENV_PHP: &str = "app/etc/env.php";
+
+/// Loads env.php as PHP does and prints only the flag's state, never a value.
+const READ_FLAG: &str = r#"$e = (static function ($f) { return include $f; })($argv[1]);
+$v = is_array($e) ? ($e['deployment']['blue_green']['enabled'] ?? null) : null;
+echo "\nBGAGENT_BLUE_GREEN=", !is_array($e) ? 'notarray' : ($v === null ? 'unset' : ($v ? 'on' : 'off')), "\n";"#;
+
+/// Reads deployment/blue_green/enabled from the release's rendered env.php by loading it
+/// with php (the file is opened through the release handle, never through a link, and php
+/// reads that very file through /proc/<pid>/fd). Its output is never shown: env.php holds
+/// secrets, and a PHP error may quote them.
+async fn blue_green(
+    php: &str,
+    release: &crate::appdir::ReleaseDir,
+    timeout: Duration,
+) -> Result<BlueGreen, SchemaError> {
+    use std::os::fd::AsRawFd;
+    let path = release.path().join(ENV_PHP);
+    let err = |message: String| SchemaError::EnvPhp {
+        path: path.clone(),
+        php: php.to_string(),
+        message,
+    };
+    let fd = match crate::appdir::open_file_beneath(release.fd(), Path::new(ENV_PHP)) {
+        Ok(None) => return Ok(BlueGreen::NoEnvPhp),
+        Ok(Some(fd)) => fd,
+        Err(e) => return Err(err(e.to_string())),
+    };
+    let via = format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd());
+    let argv: Vec<std::ffi::OsString> = [
+        php,
+        "-d",
+        "display_errors=0",
+        "-d",
+        "log_errors=0",
+        "-r",
+        READ_FLAG,
+        "--",
+        &via,
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let ran = tokio::task::spawn_blocking(move || {
+        let r = process::run_private(&argv, timeout);
+        drop(fd);
+        r
+    })
+    .await
+    .map_err(|e| err(format!("the check task failed: {e}")))?
+    .map_err(|e| err(e.to_string()))?;
+    let state = ran
+        .output
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("BGAGENT_BLUE_GREEN="));
+    match state {
+        Some("on") => Ok(BlueGreen::On),
+        Some("off") => Ok(BlueGreen::Off),
+        Some("unset") => Ok(BlueGreen::Unset),
+        Some(_) => Err(err(
+            "it does not return an array (Magento's env.php is `<?php return [...];`)".into(),
+        )),
+        None => Err(err(format!(
+            "php could not load it (exit {}; its output is not shown, it may quote a secret): run `php -l {}`",
+            ran.status.code().unwrap_or(-1),
+            path.display()
+        ))),
+    }
+}
+
+/// Compares the new release's declarative schema with the live one's; fills the report.
+fn analyse(
+    cfg: &SchemaConfig,
+    rel: &Releases<'_>,
+    rep: &mut SchemaReport,
+) -> Result<(), SchemaError> {
+    let read = |d: &crate::appdir::ReleaseDir| {
+        crate::dbschema::read_release(d.fd(), d.path())
+            .map_err(|e| SchemaError::Analysis(e.to_string()))
+    };
+    let new = read(rel.new)?;
+    let (analysed, findings) = match rel.live {
+        Some((id, live)) => {
+            let old = read(live)?;
+            rep.compared_with = Some(id.to_string());
+            let f = crate::dbschema::classify(&old, &new);
+            (crate::dbschema::overall(&f), f)
+        }
+        None => (Class::None, Vec::new()),
+    };
+    let declared = match &cfg.class_file {
+        None => None,
+        Some(rel_path) => {
+            let shown = rel.new.path().join(rel_path);
+            match crate::appdir::read_beneath(rel.new.fd(), rel_path, 4096) {
+                Ok(None) => {
+                    warn!(
+                        "schema.class_file {} is not in the release: going by bgagent's own analysis",
+                        shown.display()
+                    );
+                    None
+                }
+                Ok(Some(b)) => {
+                    let text = String::from_utf8_lossy(&b);
+                    let word = text
+                        .lines()
+                        .map(str::trim)
+                        .find(|l| !l.is_empty() && !l.starts_with('#'))
+                        .and_then(|l| l.split_whitespace().next())
+                        .unwrap_or("");
+                    Some(word.parse::<Class>().map_err(|e| {
+                        SchemaError::Analysis(format!(
+                            "{} (schema.class_file): {e}",
+                            shown.display()
+                        ))
+                    })?)
+                }
+                Err(e) => {
+                    return Err(SchemaError::Analysis(format!(
+                        "{} (schema.class_file): {e}",
+                        shown.display()
+                    )));
+                }
+            }
+        }
+    };
+    rep.analysed = Some(analysed);
+    rep.declared = declared;
+    rep.class = Some(declared.unwrap_or(analysed));
+    rep.findings = findings;
+    Ok(())
+}
+
 /// Everything schema-related for a new release, in AfterInstall (after env.php is rendered).
+/// `report` holds the gate's account as far as it got, also when it refuses the release.
 pub async fn prepare(
     cfg: &SchemaConfig,
-    release: &Path,
+    rel: &Releases<'_>,
     at: &Attempting<'_>,
     password_from_params: impl Fn(&str) -> Option<String>,
+    report: &mut Option<SchemaReport>,
 ) -> Result<Vec<String>, SchemaError> {
+    let release = rel.new.path();
     let mut done = Vec::new();
-    let mut upgrade_needed = false;
+    let magento = rel.kind == crate::config::AppKind::Magento;
+    // First of all, before any command runs against the shared database.
+    if magento && (cfg.magento_gate || cfg.policy == Policy::Upgrade) {
+        let bg = blue_green(
+            &cfg.php,
+            rel.new,
+            cfg.connect_timeout.max(Duration::from_secs(30)),
+        )
+        .await?;
+        report.get_or_insert_default().blue_green = Some(bg);
+        if cfg.policy == Policy::Upgrade && bg != BlueGreen::On {
+            return Err(SchemaError::BlueGreenOff {
+                release: release.to_path_buf(),
+                state: bg.says().into(),
+            });
+        }
+        done.push(format!("app/etc/env.php {}", bg.says()));
+    }
+    if magento && cfg.magento_gate {
+        let rep = report.get_or_insert_default();
+        analyse(cfg, rel, rep)?;
+        let class = rep.class.unwrap_or(Class::None);
+        match &rep.compared_with {
+            Some(live) => info!(
+                "schema change from release {live}: {} ({} finding(s)){}",
+                rep.analysed.unwrap_or(Class::None),
+                rep.findings.len(),
+                rep.declared
+                    .map(|d| format!("; the release declares it {d}"))
+                    .unwrap_or_default()
+            ),
+            None => {
+                info!("schema change: nothing to compare with (this node serves no release yet)")
+            }
+        }
+        for f in &rep.findings {
+            info!("  {f}");
+        }
+        if let (Some(d), Some(a)) = (rep.declared, rep.analysed)
+            && d != a
+            && rep.compared_with.is_some()
+        {
+            warn!(
+                "the release declares its schema change {d} ({}), bgagent's analysis says {a}: going by the declaration",
+                cfg.class_file
+                    .as_deref()
+                    .unwrap_or(Path::new("?"))
+                    .display()
+            );
+        }
+        done.push(format!("schema change class: {class}"));
+    }
+    let mut db_needed = false;
+    let mut config_needed = false;
     if cfg.magento_gate {
         for (check, what) in [
             (
@@ -228,26 +513,74 @@ pub async fn prepare(
                     Policy::Ignore => {
                         warn!("bin/magento {check}: {what}; ignored (schema.policy is ignore)")
                     }
-                    Policy::Upgrade => upgrade_needed = true,
+                    Policy::Upgrade => {
+                        report
+                            .get_or_insert_default()
+                            .outcome
+                            .push(format!("{check}: {what}"));
+                        if check == "setup:db:status" {
+                            db_needed = true;
+                        } else {
+                            config_needed = true;
+                        }
+                    }
                 }
             }
         }
         done.push("magento gate passed".to_string());
     }
-    let mut steps: Vec<(&str, CommandSpec)> = Vec::new();
-    if upgrade_needed {
-        let mut s = CommandSpec::new(&[
-            &cfg.php,
-            "bin/magento",
-            "setup:upgrade",
-            "--keep-generated",
-            "--no-ansi",
-        ]);
+    let class = report.as_ref().and_then(|r| r.class).unwrap_or(Class::None);
+    if db_needed && class == Class::Breaking && cfg.breaking == Breaking::Refuse {
+        let rep = report.get_or_insert_default();
+        rep.outcome
+            .push("refused: breaking schema change (schema.breaking: refuse)".into());
+        let findings: Vec<String> = rep
+            .findings
+            .iter()
+            .filter(|f| f.class == Class::Breaking)
+            .map(|f| f.to_string())
+            .collect();
+        return Err(SchemaError::Breaking {
+            release: release.to_path_buf(),
+            live: rep.compared_with.clone().unwrap_or_default(),
+            declared: match (rep.declared, &cfg.class_file) {
+                (Some(d), Some(f)) => format!("; it declares itself {d} in {}", f.display()),
+                _ => String::new(),
+            },
+            findings: if findings.is_empty() {
+                "(declared breaking by the release)".into()
+            } else {
+                findings.join("\n  ")
+            },
+        });
+    }
+    let mut steps: Vec<(&str, CommandSpec, Option<CommandSpec>)> = Vec::new();
+    let magento_cmd = |args: &[&str]| {
+        let mut argv = vec![cfg.php.as_str(), "bin/magento"];
+        argv.extend_from_slice(args);
+        argv.push("--no-ansi");
+        let mut s = CommandSpec::new(&argv);
         s.timeout = cfg.command_timeout;
-        steps.push(("setup:upgrade", s));
+        s
+    };
+    if db_needed {
+        steps.push((
+            "setup:upgrade",
+            magento_cmd(&["setup:upgrade", "--keep-generated"]),
+            None,
+        ));
+    }
+    if config_needed {
+        // setup:upgrade imports changed config too: the node that holds the lock asks
+        // app:config:status again and imports only when it still says so.
+        steps.push((
+            "app:config:import",
+            magento_cmd(&["app:config:import"]),
+            Some(magento_cmd(&["app:config:status"])),
+        ));
     }
     if let Some(m) = &cfg.migration {
-        steps.push(("migration", m.command(cfg.command_timeout)));
+        steps.push(("migration", m.command(cfg.command_timeout), None));
     }
     if steps.is_empty() {
         return Ok(done);
@@ -265,7 +598,7 @@ pub async fn prepare(
             .map(|s| s.trim_end().to_string()),
         _ => None,
     };
-    for (step, spec) in steps {
+    for (step, spec, precheck) in steps {
         let r = run_once(
             db,
             password.clone(),
@@ -273,9 +606,23 @@ pub async fn prepare(
             at,
             step,
             &spec,
+            precheck.as_ref(),
             release,
         )
-        .await?;
+        .await;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                report
+                    .get_or_insert_default()
+                    .outcome
+                    .push(format!("{step} failed"));
+                return Err(e);
+            }
+        };
+        if magento && cfg.magento_gate {
+            report.get_or_insert_default().outcome.push(r.clone());
+        }
         done.push(r);
     }
     Ok(done)
@@ -411,6 +758,7 @@ async fn run_once(
     who: &Attempting<'_>,
     step: &str,
     spec: &CommandSpec,
+    precheck: Option<&CommandSpec>,
     release: &Path,
 ) -> Result<String, SchemaError> {
     let (app, deployment, node) = (who.app, who.deployment, who.node);
@@ -563,6 +911,31 @@ async fn run_once(
             }
         };
         let command = spec.argv.join(" ");
+        // A step that may have become unnecessary meanwhile (app:config:import after another
+        // node's setup:upgrade imported the config) asks its check first, under the lock.
+        if let Some(check) = precheck {
+            match process::run(check, Some(release), &BTreeMap::new()).await {
+                Ok(_) => {
+                    let why = format!("not needed: `{}` says nothing to do", check.argv[1..].join(" "));
+                    conn.exec_drop(
+                        "INSERT INTO bgagent_migrations (deployment_id, step, attempt, node, command, started_at, finished_at, result, message) \
+                         VALUES (?, ?, ?, ?, ?, NOW(3), NOW(3), 'success', ?)",
+                        (deployment, step, attempt, node, &command, &why),
+                    )
+                    .await
+                    .map_err(dberr)?;
+                    info!("{step} for deployment {deployment}: {why}");
+                    return Ok(format!("{step} {why} (checked on this node, {node})"));
+                }
+                Err(process::ProcessError::Failed { code: 2, .. }) => {}
+                Err(e) => {
+                    return Err(SchemaError::Gate {
+                        check: check.argv[1..].join(" "),
+                        message: e.to_string(),
+                    });
+                }
+            }
+        }
         conn.exec_drop(
             "INSERT INTO bgagent_migrations (deployment_id, step, attempt, node, command, started_at, result) \
              VALUES (?, ?, ?, ?, ?, NOW(3), 'running')",

@@ -168,8 +168,58 @@ pub fn render_text(s: &Value) -> String {
                 );
             }
         }
+        render_schema(&mut o, &d["schema"]);
     }
     o
+}
+
+/// The schema gate's account of the last deployment (Magento).
+fn render_schema(o: &mut String, r: &Value) {
+    if r.is_null() {
+        return;
+    }
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    if !r["blue_green"].is_null() {
+        let _ = writeln!(
+            o,
+            "  schema: env.php deployment/blue_green/enabled: {}",
+            s(&r["blue_green"]).replace('_', " ")
+        );
+    }
+    if !r["class"].is_null() {
+        let against = match r["compared_with"].as_str() {
+            Some(live) => format!("against release {live}"),
+            None => "nothing to compare with".into(),
+        };
+        let declared = match r["declared"].as_str() {
+            Some(d) if r["declared"] != r["analysed"] => {
+                format!(
+                    " (declared {d}; bgagent's analysis says {})",
+                    s(&r["analysed"])
+                )
+            }
+            Some(_) => " (declared, and the analysis agrees)".into(),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            o,
+            "  schema: change {}{declared}, {against}",
+            s(&r["class"])
+        );
+        for f in r["findings"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                o,
+                "    {}: {}: {} ({})",
+                s(&f["class"]),
+                s(&f["element"]),
+                s(&f["what"]),
+                s(&f["file"])
+            );
+        }
+    }
+    for step in r["outcome"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "  schema: {}", s(step));
+    }
 }
 
 /// The php-fpm pools' opcache: memory, keys, hit rate, cached scripts per release, the last

@@ -140,7 +140,27 @@ impl Engine {
                 }
             };
         let final_dir = release.path().to_path_buf();
-        let params = match self.render_into(&id, release, &policy, &cache).await {
+        // The release serving now: the schema gate compares the new declaration with its.
+        let live = current
+            .as_deref()
+            .filter(|c| *c != id)
+            .and_then(|c| app.open_release(c).ok().map(|d| (c.to_string(), d)));
+        let mut schema_report = None;
+        let rendered = self
+            .render_into(
+                &id,
+                release,
+                &policy,
+                &cache,
+                &app,
+                live,
+                &mut schema_report,
+            )
+            .await;
+        if let Some(d) = self.doc.deployment.as_mut() {
+            d.schema = schema_report;
+        }
+        let params = match rendered {
             Ok(p) => p,
             Err(e) => {
                 // Never switched to, and never to be: remove it so only good releases exist.
@@ -190,12 +210,16 @@ impl Engine {
 
     /// Renders the configured templates into the release, then runs the schema steps (which
     /// need the rendered env.php); returns the parameter versions used (no values).
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn render_into(
         &self,
         release_id: &str,
         release: crate::appdir::ReleaseDir,
         policy: &Policy,
         cache: &serde_json::Value,
+        app: &crate::appdir::AppRoot,
+        live: Option<(String, crate::appdir::ReleaseDir)>,
+        schema_report: &mut Option<crate::schema::SchemaReport>,
     ) -> Result<serde_json::Value, EngineError> {
         let params = if self.cfg.templates.is_empty()
             && self.cfg.params == crate::params::ParamsConfig::None
@@ -204,7 +228,6 @@ impl Engine {
         } else {
             crate::params::load(&self.cfg.params, &self.cfg.base_dir).await?
         };
-        let dir = release.path().to_path_buf();
         let versions = self
             .render_with(&params, release_id, release, policy, cache)
             .await?;
@@ -222,7 +245,14 @@ impl Engine {
             node: &node,
             retry,
         };
-        for line in crate::schema::prepare(&self.cfg.schema, &dir, &at, lookup)
+        // Rendering took the handle into its blocking task: the schema steps open it again.
+        let new = app.open_release(release_id)?;
+        let rel = crate::schema::Releases {
+            kind: self.cfg.app.kind,
+            new: &new,
+            live: live.as_ref().map(|(id, d)| (id.as_str(), d)),
+        };
+        for line in crate::schema::prepare(&self.cfg.schema, &rel, &at, lookup, schema_report)
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?
         {
