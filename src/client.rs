@@ -97,6 +97,8 @@ pub fn request_with_fd(
     // next line: when the summary says the same, it is printed once, there (the
     // 2048-character tail).
     let mut held: Option<(String, String, String)> = None;
+    // Progress bars on a terminal only; lines are printed above them.
+    let mut term = crate::progress::Terminal::for_this_process();
     let reader = BufReader::new(stream);
     for l in reader.lines() {
         let l = match (l, &write_err) {
@@ -107,7 +109,7 @@ pub fn request_with_fd(
         match serde_json::from_str::<Reply>(&l) {
             Ok(Reply::Log { ts, level, message }) => {
                 if let Some((level, _, shown)) = held.take() {
-                    on_log(&level, &shown);
+                    term.above(|| on_log(&level, &shown));
                 }
                 let time = ts.get(11..23).unwrap_or(&ts);
                 let shown = format!("{time} {level:<5} {message}");
@@ -117,18 +119,20 @@ pub fn request_with_fd(
                 if closes_event(&level, &message) {
                     held = Some((level, message, shown));
                 } else {
-                    on_log(&level, &shown);
+                    term.above(|| on_log(&level, &shown));
                 }
             }
+            Ok(Reply::Progress(p)) => term.show(&p),
             Ok(Reply::Done {
                 outcome,
                 summary,
                 data,
             }) => {
+                term.clear();
                 if let Some((level, message, shown)) = held.take()
                     && message != summary
                 {
-                    on_log(&level, &shown);
+                    term.above(|| on_log(&level, &shown));
                 }
                 return Ok(Finished {
                     outcome,

@@ -383,6 +383,8 @@ pub async fn wait_until_healthy(cfg: &HealthConfig) -> Result<Duration, HealthFa
     let http = http_client();
     let mut probes: Vec<Probe> = cfg.checks.iter().map(|_| Probe::new(cfg)).collect();
     let mut history: Vec<Vec<Sample>> = cfg.checks.iter().map(|_| Vec::new()).collect();
+    let mut meter =
+        crate::progress::Meter::new("health", "ms", Some(cfg.deadline.as_millis() as u64));
     loop {
         let elapsed = t0.elapsed();
         // Checks of one round run concurrently; each has its own timeout.
@@ -453,6 +455,17 @@ pub async fn wait_until_healthy(cfg: &HealthConfig) -> Result<Duration, HealthFa
                 evidence: evidence(cfg, &history),
             });
         }
+        meter.update(
+            t0.elapsed().as_millis() as u64,
+            &format!(
+                "of the deadline; {} of {} check(s) passed",
+                probes
+                    .iter()
+                    .filter(|p| p.verdict() == Verdict::Passed)
+                    .count(),
+                probes.len()
+            ),
+        );
         tokio::time::sleep(cfg.period).await;
     }
 }

@@ -24,6 +24,7 @@ pub mod peer;
 pub mod perms;
 pub mod process;
 pub mod procs;
+pub mod progress;
 pub mod protocol;
 pub mod readiness;
 pub mod release;

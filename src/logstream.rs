@@ -108,13 +108,12 @@ where
             let Some(StreamId(sid)) = ext.get::<StreamId>() else {
                 continue;
             };
-            let mut f = Fields::default();
-            event.record(&mut f);
-            let message = format!("{}{}", f.message, f.rest);
-            let reply = Reply::Log {
-                ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                level: event.metadata().level().to_string(),
-                message,
+            let reply = if crate::progress::is_progress(event.metadata()) {
+                let mut f = crate::progress::Fields::default();
+                event.record(&mut f);
+                Reply::Progress(f.0)
+            } else {
+                log_reply(event)
             };
             if let Ok(m) = sinks().lock()
                 && let Some(tx) = m.get(sid)
@@ -123,5 +122,16 @@ where
             }
             return;
         }
+    }
+}
+
+fn log_reply(event: &Event<'_>) -> Reply {
+    let mut f = Fields::default();
+    event.record(&mut f);
+    let message = format!("{}{}", f.message, f.rest);
+    Reply::Log {
+        ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        level: event.metadata().level().to_string(),
+        message,
     }
 }

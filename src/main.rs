@@ -2,9 +2,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use bgagent::cli::{self, Cli, Command, ConfigCommand, CronCommand, exit};
 use bgagent::client;
@@ -50,12 +51,15 @@ fn init_daemon_logging() {
     let registry = tracing_subscriber::registry()
         .with(filter())
         .with(bgagent::logstream::StreamLayer);
+    // Progress reports go to the client that asked for the work, never into the journal.
+    let not_progress = || filter_fn(|m| !bgagent::progress::is_progress(m));
     match journald {
         Some(j) => registry
             // Fields as operators query them: DEPLOYMENT_ID=, not tracing-journald's F_ prefix.
             .with(
                 j.with_syslog_identifier("bgagent".into())
-                    .with_field_prefix(None),
+                    .with_field_prefix(None)
+                    .with_filter(not_progress()),
             )
             .init(),
         None => registry
@@ -63,22 +67,27 @@ fn init_daemon_logging() {
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
                     .with_target(false)
-                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_filter(not_progress()),
             )
             .init(),
     }
 }
 
 /// Logging for commands that do the work in this process: plain lines on stdout.
+/// On a terminal, intake, health waits and drain show a progress bar on stderr.
 fn init_cli_logging() {
+    let term = bgagent::progress::Local::for_this_process();
     tracing_subscriber::registry()
         .with(filter())
+        .with(term.clone())
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stdout)
+                .with_writer(term)
                 .with_target(false)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-                .with_timer(tracing_subscriber::fmt::time::uptime()),
+                .with_timer(tracing_subscriber::fmt::time::uptime())
+                .with_filter(filter_fn(|m| !bgagent::progress::is_progress(m))),
         )
         .init();
 }

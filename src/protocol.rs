@@ -49,6 +49,8 @@ pub enum Reply {
         level: String,
         message: String,
     },
+    /// How far a long step is (for a terminal; plain output ignores it).
+    Progress(crate::progress::Progress),
     Done {
         outcome: Outcome,
         /// One or two sentences: what ran, and on failure what failed and why.

@@ -453,9 +453,34 @@ pub fn intake_into(
             .unwrap_or(2)
             .clamp(2, 8);
         std::thread::scope(|s| {
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
             for _ in 0..workers {
-                s.spawn(|| worker(&shared, dest, strict, no_link));
+                let done_tx = done_tx.clone();
+                let shared = &shared;
+                s.spawn(move || {
+                    worker(shared, dest, strict, no_link);
+                    let _ = done_tx.send(());
+                });
             }
+            drop(done_tx);
+            // This thread carries the event's span: it reports progress for a terminal
+            // while the workers copy.
+            let mut meter = crate::progress::Meter::new("intake", "entries", None);
+            let count = || {
+                shared.files.load(Ordering::Relaxed)
+                    + shared.dirs.load(Ordering::Relaxed)
+                    + shared.symlinks.load(Ordering::Relaxed)
+            };
+            let mut finished = 0;
+            while finished < workers {
+                match done_rx.recv_timeout(crate::progress::Meter::EVERY) {
+                    Ok(()) => finished += 1,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => meter.update(count(), ""),
+                    // A worker that panicked: the scope reports it.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            }
+            meter.finish(count(), "");
         });
         if let Some(e) = shared.error.lock().map(|mut g| g.take()).unwrap_or(None) {
             return Err(e);

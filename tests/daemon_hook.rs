@@ -996,3 +996,56 @@ fn a_successful_hook_says_its_result_once() {
         "{stdout}"
     );
 }
+
+/// Progress (here the intake) is drawn for a person at a terminal, through the daemon as in
+/// a local deploy, and never reaches plain output (CodeDeploy's scripts.log) or the daemon's
+/// own log.
+#[test]
+fn progress_shows_on_a_terminal_and_never_in_plain_output_or_the_log() {
+    support::require("script");
+    let mut node = Node::new();
+    node.start();
+    for d in ["d-TTY", "d-PLAIN"] {
+        node.revision("g-1", d, d);
+        let out = node.hook("BeforeInstall", Some(d), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
+    // util-linux's script gives the hook a terminal; the command line is this test's own.
+    let cmdline = format!(
+        "'{}' --config '{}' hook AfterInstall",
+        BIN,
+        node.config().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmdline, "/dev/null"])
+        .env("LIFECYCLE_EVENT", "AfterInstall")
+        .env("DEPLOYMENT_ID", "d-TTY")
+        .env("DEPLOYMENT_GROUP_ID", "g-1")
+        .env("DEPLOYMENT_GROUP_NAME", "magento-prod")
+        .env("APPLICATION_NAME", "magento")
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains("AfterInstall succeeded for deployment d-TTY"),
+        "{tty}"
+    );
+    assert!(
+        tty.contains("intake") && tty.contains(" entries"),
+        "a terminal shows the intake's progress: {tty}"
+    );
+
+    let out = node.hook("AfterInstall", Some("d-PLAIN"), "g-1");
+    let plain = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{plain}");
+    assert!(
+        !plain.contains('\x1b') && !plain.contains(" entries"),
+        "plain output has no progress: {plain}"
+    );
+    let log = node.log();
+    assert!(
+        log.contains("AfterInstall succeeded") && !log.contains("task=") && !log.contains("done="),
+        "the daemon's log has no progress records: {log}"
+    );
+}
