@@ -13,8 +13,9 @@ event. This script turns them into a summary, time series and a plot:
                                                         # health startup budget (30 s)
     python3 bench/bench_blue_green.py --smoke           # the blue/green deployment only (CI)
 
-Writes blue_green_{summary.json,series.csv,events.csv,ready.csv} and blue_green.png into --out
-(--keep-requests: every request too, blue_green_requests.csv.gz). Exits non-zero when the test failed (the records and the plot are
+Writes NAME_{summary.json,series.csv,events.csv,ready.csv} and NAME.png into --out, NAME being
+blue_green (blue_green_packaged with --packaged-times); --keep-requests: every request too,
+NAME_requests.csv.gz. Exits non-zero when the test failed (the records and the plot are
 still written: they show what went wrong).
 """
 
@@ -145,6 +146,7 @@ def main():
     if a.smoke:
         a.rate = 50
     out = Path(a.out)
+    name = "blue_green_packaged" if a.packaged_times else "blue_green"
     out.mkdir(parents=True, exist_ok=True)
     raw = Path(a.records) if a.records else Path(tempfile.mkdtemp(prefix="bgagent-bg-"))
     try:
@@ -153,19 +155,19 @@ def main():
             raise SystemExit(f"the test wrote no records (exit {rc})")
         reqs, ready, events = load(raw)
         if a.keep_requests:
-            with open(raw / "requests.csv", "rb") as f, gzip.open(out / "blue_green_requests.csv.gz", "wb") as g:
+            with open(raw / "requests.csv", "rb") as f, gzip.open(out / f"{name}_requests.csv.gz", "wb") as g:
                 shutil.copyfileobj(f, g)
-        shutil.copy(raw / "ready.csv", out / "blue_green_ready.csv")
-        shutil.copy(raw / "events.csv", out / "blue_green_events.csv")
+        shutil.copy(raw / "ready.csv", out / f"{name}_ready.csv")
+        shutil.copy(raw / "events.csv", out / f"{name}_events.csv")
     finally:
         if not a.records:
             shutil.rmtree(raw, ignore_errors=True)
     s = analyse(reqs, ready, events, probe_ms=100)
     s["test_exit"] = rc
     s["packaged_times"] = a.packaged_times
-    (out / "blue_green_summary.json").write_text(json.dumps(s, indent=2))
+    (out / f"{name}_summary.json").write_text(json.dumps(s, indent=2))
     rows = series(reqs, 0.5)
-    with open(out / "blue_green_series.csv", "w") as f:
+    with open(out / f"{name}_series.csv", "w") as f:
         w = csv.DictWriter(f, fieldnames=["t", "blue", "green", "failed", "p99_ms"])
         w.writeheader()
         w.writerows(rows)
@@ -173,7 +175,7 @@ def main():
              + (", packaged drain delay and startup budget" if a.packaged_times else ""))
     # Debian's matplotlib (python3-matplotlib), whatever python runs this script
     py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", py, str(REPO / "bench/plot_blue_green.py"), str(out), title],
+    subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", py, str(REPO / "bench/plot_blue_green.py"), str(out), name, title],
                    check=False)
 
     print(f"## Blue/green end to end: {s['requests']} requests in {s['seconds']} s ({s['rate']}/s)\n")
@@ -186,7 +188,7 @@ def main():
     print("\n| event | runs | median ms | max ms |\n|---|---:|---:|---:|")
     for k, v in s["event_ms"].items():
         print(f"| {k} | {v['n']} | {v['median']} | {v['max']} |")
-    print(f"\nPlot: {out / 'blue_green.png'}")
+    print(f"\nPlot: {out / (name + '.png')}")
     sys.exit(rc)
 
 

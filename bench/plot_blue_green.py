@@ -3,7 +3,7 @@
 node's /ready, failed requests and p99 latency over time, every event marked (traffic moves
 solid and labelled, lifecycle events dotted; blue's in blue, green's in green).
 
-    python3 bench/plot_blue_green.py OUT_DIR TITLE    # reads blue_green_*.csv, writes blue_green.png
+    python3 bench/plot_blue_green.py OUT_DIR NAME TITLE    # reads NAME_*.csv, writes NAME.png
 """
 import csv
 import sys
@@ -18,12 +18,12 @@ COLORS = {"blue": "tab:blue", "green": "tab:green"}
 
 
 def main():
-    out, title = Path(sys.argv[1]), sys.argv[2]
-    rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(out / "blue_green_series.csv"))]
+    out, name, title = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(out / f"{name}_series.csv"))]
     ready = {}
-    for r in csv.DictReader(open(out / "blue_green_ready.csv")):
+    for r in csv.DictReader(open(out / f"{name}_ready.csv")):
         ready.setdefault(r["node"], []).append((float(r["t"]), int(r["ready"])))
-    events = list(csv.DictReader(open(out / "blue_green_events.csv")))
+    events = list(csv.DictReader(open(out / f"{name}_events.csv")))
     fig, axes = plt.subplots(4, 1, figsize=(14, 10), sharex=True,
                              gridspec_kw={"height_ratios": [3, 1.2, 1.2, 1.5]})
     t = [r["t"] for r in rows]
@@ -67,7 +67,7 @@ def main():
             axes[0].text(x, top * 0.98, label, rotation=90, fontsize=6, va="top", ha="right",
                          color="tab:red" if failed else COLORS.get(e["node"], "grey"))
     fig.tight_layout()
-    fig.savefig(out / "blue_green.png", dpi=90)
+    fig.savefig(out / f"{name}.png", dpi=90)
 
 
 if __name__ == "__main__":
