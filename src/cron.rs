@@ -591,7 +591,10 @@ async fn run_leased(
     let mut env = std::collections::BTreeMap::new();
     env.insert("BGAGENT_RELEASE_DIR".to_string(), dir.display().to_string());
     use std::os::fd::AsRawFd;
-    let run = crate::process::run_inheriting(spec, Some(&dir), &env, Some(lock.as_raw_fd()));
+    // On our own stdout and stderr (cron's, or the log its line redirects to): Magento's
+    // background group jobs keep cron:run's stderr, and must not be taken for processes
+    // left behind.
+    let run = crate::process::run_attached(spec, Some(&dir), &env, Some(lock.as_raw_fd()));
     tokio::pin!(run);
     let mut renew = tokio::time::interval(LEASE / 3);
     renew.tick().await;
@@ -607,10 +610,15 @@ async fn run_leased(
     };
     // Wait for the orphans (bounded by the command's own timeout).
     let deadline = Instant::now() + spec.timeout;
+    let mut waited_orphans = false;
     loop {
         match rustix::process::wait(rustix::process::WaitOptions::NOHANG) {
             Ok(Some(_)) => continue,
             Ok(None) if Instant::now() < deadline => {
+                if !waited_orphans {
+                    info!("waiting for the jobs it started in the background");
+                    waited_orphans = true;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     _ = renew.tick() => {
@@ -620,7 +628,14 @@ async fn run_leased(
                     }
                 }
             }
-            _ => break,
+            Ok(None) => {
+                warn!(
+                    "jobs it started still run after {} (cron.command.timeout); the lease ends, this node's lock stays with them",
+                    humantime::format_duration(spec.timeout)
+                );
+                break;
+            }
+            Err(_) => break,
         }
     }
     Ok(RunOutcome::Ran(match result {

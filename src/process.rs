@@ -159,24 +159,15 @@ fn resolve_ids(spec: &CommandSpec) -> Result<Ids, ProcessError> {
     })
 }
 
-/// Runs `spec`, streaming its output as log lines. `extra_env` is added to the spec's env.
-pub async fn run(
-    spec: &CommandSpec,
-    default_cwd: Option<&std::path::Path>,
-    extra_env: &BTreeMap<String, String>,
-) -> Result<Finished, ProcessError> {
-    run_inheriting(spec, default_cwd, extra_env, None).await
-}
-
-/// Like [`run`], and the child (and whatever it starts) also holds `inherit`, an open file
-/// descriptor of ours: what that descriptor keeps alive (a socket, a lock) then lives at
-/// least as long as the command, even if bgagent itself is killed.
-pub async fn run_inheriting(
+/// The command `spec` describes, ready to spawn: argv, env, stdin /dev/null, cwd, its own
+/// session, `inherit` kept open in the child, the user switched natively. Returns it with
+/// the command line as shown in messages.
+fn command(
     spec: &CommandSpec,
     default_cwd: Option<&std::path::Path>,
     extra_env: &BTreeMap<String, String>,
     inherit: Option<std::os::fd::RawFd>,
-) -> Result<Finished, ProcessError> {
+) -> Result<(tokio::process::Command, String), ProcessError> {
     let Some(prog) = spec.argv.first() else {
         return Err(ProcessError::Empty);
     };
@@ -187,8 +178,6 @@ pub async fn run_inheriting(
         .envs(extra_env)
         .envs(&spec.env)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .kill_on_drop(true);
     match (&spec.cwd, default_cwd) {
         (Some(c), Some(d)) if c.is_relative() => {
@@ -235,6 +224,30 @@ pub async fn run_inheriting(
             Ok(())
         });
     }
+    Ok((cmd, cmd_shown))
+}
+
+/// Runs `spec`, streaming its output as log lines. `extra_env` is added to the spec's env.
+pub async fn run(
+    spec: &CommandSpec,
+    default_cwd: Option<&std::path::Path>,
+    extra_env: &BTreeMap<String, String>,
+) -> Result<Finished, ProcessError> {
+    run_inheriting(spec, default_cwd, extra_env, None).await
+}
+
+/// Like [`run`], and the child (and whatever it starts) also holds `inherit`, an open file
+/// descriptor of ours: what that descriptor keeps alive (a socket, a lock) then lives at
+/// least as long as the command, even if bgagent itself is killed.
+pub async fn run_inheriting(
+    spec: &CommandSpec,
+    default_cwd: Option<&std::path::Path>,
+    extra_env: &BTreeMap<String, String>,
+    inherit: Option<std::os::fd::RawFd>,
+) -> Result<Finished, ProcessError> {
+    let (mut cmd, cmd_shown) = command(spec, default_cwd, extra_env, inherit)?;
+    let prog = &spec.argv[0];
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let t0 = Instant::now();
     let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
         cmd: cmd_shown.clone(),
@@ -324,6 +337,73 @@ pub async fn run_inheriting(
             cmd: cmd_shown,
             signal: 0,
             tail: take_tail(&tail),
+        }),
+    }
+}
+
+/// Runs `spec` on bgagent's own stdout and stderr (no pipes), holding `inherit` as
+/// [`run_inheriting`] does. For a job that starts workers in the background and may leave
+/// them running when it exits (Magento's `cron:run` starts its groups with
+/// `nohup ... > /dev/null &`, stderr kept): with no pipe to hold, they are not taken for a
+/// process left behind, and they are never ended here. At `timeout` the whole process
+/// group gets SIGTERM, then SIGKILL after [`KILL_GRACE`].
+pub async fn run_attached(
+    spec: &CommandSpec,
+    default_cwd: Option<&std::path::Path>,
+    extra_env: &BTreeMap<String, String>,
+    inherit: Option<std::os::fd::RawFd>,
+) -> Result<Finished, ProcessError> {
+    let (mut cmd, cmd_shown) = command(spec, default_cwd, extra_env, inherit)?;
+    cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| ProcessError::Spawn {
+        cmd: cmd_shown.clone(),
+        source,
+    })?;
+    let pid = child.id().unwrap_or(0) as i32;
+    let status = match tokio::time::timeout(spec.timeout, child.wait()).await {
+        Ok(s) => s.map_err(|source| ProcessError::Spawn {
+            cmd: cmd_shown.clone(),
+            source,
+        })?,
+        Err(_) => {
+            warn!(
+                "`{cmd_shown}` exceeded its timeout of {:?}: sending SIGTERM to its process group",
+                spec.timeout
+            );
+            kill_group(pid, libc::SIGTERM);
+            if tokio::time::timeout(KILL_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                kill_group(pid, libc::SIGKILL);
+                let _ = child.wait().await;
+            }
+            kill_group(pid, libc::SIGKILL);
+            return Err(ProcessError::TimedOut {
+                cmd: cmd_shown,
+                timeout: spec.timeout,
+                tail: Vec::new(),
+            });
+        }
+    };
+    let duration = t0.elapsed();
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(0), _) => Ok(Finished {
+            code: Some(0),
+            duration,
+            tail: Vec::new(),
+        }),
+        (Some(code), _) => Err(ProcessError::Failed {
+            cmd: cmd_shown,
+            code,
+            tail: Vec::new(),
+        }),
+        (_, signal) => Err(ProcessError::Killed {
+            cmd: cmd_shown,
+            signal: signal.unwrap_or(0),
+            tail: Vec::new(),
         }),
     }
 }

@@ -15,11 +15,18 @@ use support::text;
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
 /// `bin/magento` stand-in: `cron:run` writes `<id>.start` (its cwd), sleeps CRON_SLEEP
-/// seconds, writes `<id>.done`.
+/// seconds, writes `<id>.done`; with CRON_GROUPS set it starts that job in the background as
+/// Magento starts a cron group in its own process, and exits at once.
 const MAGENTO: &str = r#"#!/usr/bin/env php
 <?php
 if (($argv[1] ?? '') !== 'cron:run') { exit(0); }
 $dir = getenv('CRON_MARKS');
+if (getenv('CRON_GROUPS') && !in_array('--group=index', $argv, true)) {
+    // As ProcessCronQueueObserver with use_separate_process: the group runs in the
+    // background, rendered by CommandRendererBackground (`... > /dev/null &`, stderr kept).
+    exec(PHP_BINARY . ' ' . escapeshellarg(__FILE__) . ' cron:run --group=index --bootstrap=standaloneProcessStarted=1 > /dev/null &');
+    exit(0);
+}
 $id = getmypid() . '-' . uniqid();
 file_put_contents("$dir/$id.start", getcwd());
 sleep((int) getenv('CRON_SLEEP'));
@@ -255,4 +262,29 @@ fn without_redis_the_pause_holds_on_this_node_and_a_budget_overrun_fails_when_to
     assert!(o.status.success(), "{}", text(&o));
     assert!(!text(&o).contains("skipped"), "{}", text(&o));
     assert_eq!(n.count("start"), 2);
+}
+
+/// Magento's cron:run starts its groups in the background with stderr still on cron:run's
+/// stderr. `bgagent cron run` ran the job through the event-command runner, which ends a
+/// process left holding the command's output pipes after 0.5 s: the group job was killed
+/// half way. It now runs on the wrapper's own output and waits for the group (its lease
+/// lasts until the group is done).
+#[test]
+fn magento_cron_groups_started_in_the_background_are_waited_for_not_killed() {
+    let n = Node::new(None);
+    let o = n.deploy("v1");
+    assert!(o.status.success(), "{}", text(&o));
+    let cfg = std::fs::read_to_string(n.cfg())
+        .unwrap()
+        .replace("CRON_SLEEP: \"2\"", "CRON_SLEEP: \"2\", CRON_GROUPS: \"1\"");
+    std::fs::write(n.cfg(), cfg).unwrap();
+    let o = n.bgagent(&["cron", "run"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(n.count("start"), 1, "{}", text(&o));
+    assert_eq!(
+        n.count("done"),
+        1,
+        "the background group job was ended, or not waited for: {}",
+        text(&o)
+    );
 }
