@@ -760,12 +760,22 @@ fn place_file(
     strict: bool,
     no_link: bool,
 ) -> Result<(), ReleaseError> {
+    // A file that already has another name may be linked to anything on this filesystem
+    // (the artifact's owner made that link): linking it too would put the policy's mode and
+    // owner on that other file. It is copied; only files with one name are linked.
+    let shared_inode = st.st_nlink > 1;
+    let mut linked = false;
     loop {
         let strat = sh.strategy.load(Ordering::Relaxed);
         let attempt: io::Result<()> = match strat {
+            STRAT_HARDLINK if shared_inode => clone_or_copy(src_dir, dst_dir, name, pl.mode, false)
+                .map(|_| {
+                    sh.copied.fetch_add(1, Ordering::Relaxed);
+                }),
             STRAT_HARDLINK => rustix::fs::linkat(src_dir, name, dst_dir, name, AtFlags::empty())
                 .map_err(io::Error::from)
                 .map(|_| {
+                    linked = true;
                     sh.hardlinked.fetch_add(1, Ordering::Relaxed);
                 }),
             _ => clone_or_copy(src_dir, dst_dir, name, pl.mode, strat == STRAT_REFLINK).map(|_| {
@@ -794,7 +804,6 @@ fn place_file(
     // Owner first: chown clears setuid/setgid bits, chmod then sets the mode exactly.
     let same_mode = (st.st_mode & 0o7777) == pl.mode;
     let same_owner = pl.uid.is_none_or(|u| u == st.st_uid) && pl.gid.is_none_or(|g| g == st.st_gid);
-    let linked = sh.strategy.load(Ordering::Relaxed) == STRAT_HARDLINK;
     let chown = (pl.uid.is_some() || pl.gid.is_some()) && !(linked && same_owner);
     if chown {
         rustix::fs::chownat(

@@ -305,6 +305,18 @@ mod property {
         Dir,
         File,
         Link(&'static str),
+        /// A hard link to the sentinel's file (directories), or a tar hard-link entry naming
+        /// this target (archives).
+        Hard(&'static str),
+    }
+
+    /// How the artifact reaches bgagent: the directory as built, or the same entries, in
+    /// the same order, as a .tar.gz or a .zip.
+    #[derive(Debug, Clone, Copy)]
+    enum Form {
+        Dir,
+        Tar,
+        Zip,
     }
 
     fn entry() -> impl Strategy<Value = (Vec<&'static str>, Kind)> {
@@ -314,8 +326,92 @@ mod property {
                 2 => Just(Kind::Dir),
                 2 => Just(Kind::File),
                 3 => proptest::sample::select(TARGETS).prop_map(Kind::Link),
+                1 => proptest::sample::select(TARGETS).prop_map(Kind::Hard),
             ],
         )
+    }
+
+    fn form() -> impl Strategy<Value = Form> {
+        prop_oneof![2 => Just(Form::Dir), 1 => Just(Form::Tar), 1 => Just(Form::Zip)]
+    }
+
+    /// The entries as an archive, names written raw (the builders' own checks would stop
+    /// hostile ones), after a pub/index.php.
+    fn archive(
+        form: Form,
+        entries: &[(Vec<&'static str>, Kind)],
+        sentinel: &Path,
+        out: &Path,
+    ) -> PathBuf {
+        let resolve = |t: &str| t.replace("SENTINEL", sentinel.to_str().unwrap());
+        match form {
+            Form::Dir => unreachable!(),
+            Form::Tar => {
+                let mut b = tar::Builder::new(Vec::new());
+                let mut add =
+                    |name: &str, kind: tar::EntryType, data: &[u8], link: Option<&str>| {
+                        let mut h = tar::Header::new_gnu();
+                        {
+                            let g = h.as_gnu_mut().unwrap();
+                            let n = name.len().min(99);
+                            g.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+                            if let Some(l) = link {
+                                let n = l.len().min(99);
+                                g.linkname[..n].copy_from_slice(&l.as_bytes()[..n]);
+                            }
+                        }
+                        h.set_entry_type(kind);
+                        h.set_mode(if kind == tar::EntryType::Directory {
+                            0o755
+                        } else {
+                            0o644
+                        });
+                        h.set_size(data.len() as u64);
+                        h.set_cksum();
+                        b.append(&h, data).unwrap();
+                    };
+                add("pub/", tar::EntryType::Directory, b"", None);
+                add("pub/index.php", tar::EntryType::Regular, b"<?php", None);
+                for (path, kind) in entries {
+                    let name = path.join("/");
+                    match kind {
+                        Kind::Dir => add(&format!("{name}/"), tar::EntryType::Directory, b"", None),
+                        Kind::File => add(&name, tar::EntryType::Regular, b"f", None),
+                        Kind::Link(t) => {
+                            add(&name, tar::EntryType::Symlink, b"", Some(&resolve(t)))
+                        }
+                        Kind::Hard(t) => add(&name, tar::EntryType::Link, b"", Some(&resolve(t))),
+                    }
+                }
+                let bytes = b.into_inner().unwrap();
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                std::io::Write::write_all(&mut e, &bytes).unwrap();
+                let p = out.join("artifact.tar.gz");
+                std::fs::write(&p, e.finish().unwrap()).unwrap();
+                p
+            }
+            Form::Zip => {
+                let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+                let opts = zip::write::SimpleFileOptions::default()
+                    .compression_method(zip::CompressionMethod::Stored);
+                z.start_file("pub/index.php", opts).unwrap();
+                std::io::Write::write_all(&mut z, b"<?php").unwrap();
+                for (path, kind) in entries {
+                    let name = path.join("/");
+                    // A zip has no hard links: those become files.
+                    let _ = match kind {
+                        Kind::Dir => z.add_directory(name, opts),
+                        Kind::File | Kind::Hard(_) => z
+                            .start_file(name, opts)
+                            .and_then(|_| Ok(std::io::Write::write_all(&mut z, b"f")?)),
+                        Kind::Link(t) => z.add_symlink(name, resolve(t), opts),
+                    };
+                }
+                let p = out.join("artifact.zip");
+                std::fs::write(&p, z.finish().unwrap().into_inner()).unwrap();
+                p
+            }
+        }
     }
 
     /// One node for the whole run: each case gets a fresh app root beside the same sentinel.
@@ -336,6 +432,12 @@ mod property {
             let d = dir.path();
             std::fs::create_dir_all(d.join("sentinel/keep/deep")).unwrap();
             std::fs::write(d.join("sentinel/keep/deep/data"), "precious").unwrap();
+            // Not the policy's file mode: a chmod through a shared inode shows.
+            std::fs::set_permissions(
+                d.join("sentinel/keep/deep/data"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
             std::fs::write(d.join("p.yaml"), "db:\n  password: \"pw\"\n").unwrap();
             std::fs::write(
                 d.join("env.php.j2"),
@@ -352,7 +454,11 @@ mod property {
             }
         }
 
-        fn case(&self, entries: &[(Vec<&'static str>, Kind)]) -> Result<(), TestCaseError> {
+        fn case(
+            &self,
+            entries: &[(Vec<&'static str>, Kind)],
+            form: Form,
+        ) -> Result<(), TestCaseError> {
             let i = self.n.get();
             self.n.set(i + 1);
             let d = self.dir.path();
@@ -371,7 +477,7 @@ mod property {
                 &cfg_path,
                 format!(
                     "app_root: app\nstate_dir: state\nsocket: {{ path: run/s.sock, group: null }}\napp: {{ kind: php }}\n\
-                     release: {{ keep: 2, shared_paths: [pub/media, var/log, var/session] }}\n\
+                     release: {{ keep: 2, intake: hardlink, shared_paths: [pub/media, var/log, var/session] }}\n\
                      params: {{ source: file, path: {} }}\n\
                      templates:\n  - {{ source: {}, target: app/etc/env.php, check: [] }}\n",
                     d.join("p.yaml").display(),
@@ -397,8 +503,13 @@ mod property {
                         let t = t.replace("SENTINEL", sentinel.to_str().unwrap());
                         symlink(t, &full)
                     }
+                    Kind::Hard(_) => std::fs::hard_link(sentinel.join("keep/deep/data"), &full),
                 };
             }
+            let artifact = match form {
+                Form::Dir => src.clone(),
+                _ => archive(form, entries, &sentinel, &case),
+            };
             let snap = |p: &Path| {
                 let mut v = Vec::new();
                 walk(p, Path::new(""), &mut v);
@@ -414,11 +525,23 @@ mod property {
             // Twice: the second deploy links, renders and switches next to a live release.
             let mut outcomes = Vec::new();
             for _ in 0..2 {
-                outcomes.push(self.rt.block_on(engine.deploy_artifact(&src)));
+                outcomes.push(self.rt.block_on(engine.deploy_artifact(&artifact)));
             }
             let after = (snap(&sentinel), snap(&app.join("shared")));
-            prop_assert_eq!(&before.0, &after.0, "sentinel changed: {:?}", outcomes);
-            prop_assert_eq!(&before.1, &after.1, "shared/ changed: {:?}", outcomes);
+            prop_assert_eq!(
+                &before.0,
+                &after.0,
+                "{:?}: sentinel changed: {:?}",
+                form,
+                outcomes
+            );
+            prop_assert_eq!(
+                &before.1,
+                &after.1,
+                "{:?}: shared/ changed: {:?}",
+                form,
+                outcomes
+            );
             // A deploy that succeeded has env.php inside its release, as a regular file.
             if outcomes[1].is_success() {
                 let m = std::fs::symlink_metadata(app.join("current/app/etc/env.php"));
@@ -442,9 +565,43 @@ mod property {
             ..ProptestConfig::default()
         });
         runner
-            .run(&proptest::collection::vec(entry(), 0..8), |entries| {
-                world.case(&entries)
-            })
+            .run(
+                &(proptest::collection::vec(entry(), 0..8), form()),
+                |(entries, form)| world.case(&entries, form),
+            )
             .unwrap();
     }
+}
+
+/// A file in a directory artifact that is a hard link to a file outside it (the artifact's
+/// owner made it; CodeDeploy's revision directory is on the same filesystem as the app
+/// root): intake hard-linked it into the release and then chmodded the shared inode, so the
+/// policy's mode landed on the file outside. A file that already has another name is copied,
+/// never linked.
+#[test]
+fn a_hard_link_in_the_artifact_to_a_file_outside_got_its_mode_changed() {
+    let n = Node::new("release:\n  intake: hardlink\npermissions:\n  file_mode: \"0644\"\n");
+    let outside = n.p("outside/keep/data");
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = n.source("linked");
+    std::fs::hard_link(&outside, s.join("pub/data.txt")).unwrap();
+    let before = n.snapshot("outside");
+    let out = n.deploy(&s);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert_eq!(n.snapshot("outside"), before, "{t}");
+    let released = n.p("app/current/pub/data.txt");
+    assert_eq!(std::fs::read_to_string(&released).unwrap(), "precious");
+    assert_ne!(
+        std::fs::metadata(&released).unwrap().ino(),
+        std::fs::metadata(&outside).unwrap().ino(),
+        "the release's file is its own inode"
+    );
+    // Files with one name are still linked (the fast path stays).
+    assert_eq!(
+        std::fs::metadata(n.p("app/current/pub/index.php"))
+            .unwrap()
+            .ino(),
+        std::fs::metadata(s.join("pub/index.php")).unwrap().ino()
+    );
 }
