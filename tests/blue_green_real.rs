@@ -224,8 +224,9 @@ impl Node {
             .unwrap_or_else(|e| panic!("{}: status --json: {e}: {}", self.name, text(&out)))
     }
 
+    /// `/ready`, read from the watcher's address (not the load balancer's).
     fn ready(&self) -> u16 {
-        support::http_get(self.ready_port, "/ready").0
+        ready_from_watcher(self.ready_port)
     }
 }
 
@@ -777,6 +778,32 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
         );
         h.expect(
             "the blue/green rollback",
+            "green",
+            Want {
+                ready: false,
+                traffic: "idle",
+                current: d,
+                last: (r, "succeeded"),
+                lb: "out DOWN",
+            },
+        );
+
+        // A reboot or package upgrade of the blocked replacement: its restarted daemon must
+        // keep it out (503), not bring the release traffic was moved away from back to ready.
+        let t = clock.now();
+        h.restart_daemon("green");
+        h.mark(t, "green", "daemon restart", r, 0);
+        let log = h.green.dir.join("daemon.log");
+        wait_until(
+            30,
+            "green's daemon should say its readiness after the restart",
+            || {
+                std::fs::read_to_string(&log)
+                    .is_ok_and(|l| l.contains("readiness after the restart:"))
+            },
+        );
+        h.expect(
+            "a daemon restart on the blocked replacement",
             "green",
             Want {
                 ready: false,

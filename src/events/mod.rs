@@ -205,17 +205,30 @@ impl Engine {
 
     /// The node's readiness after a daemon start: a node serving a current release that no
     /// drain took out comes up through the health checks, not blindly.
+    /// Each outcome is logged (`readiness after the restart: ...`), so an operator (and a
+    /// test) can tell a node kept out on purpose from one still starting.
     pub async fn recover_readiness(&mut self) {
-        if self.layout.current().is_none() || self.doc.node.is_drained() {
+        let Some(current) = self.layout.current() else {
+            return;
+        };
+        if self.doc.node.is_drained() {
+            info!(
+                "readiness after the restart: a drain took this node out before it, so /ready stays 503 until a traffic-allowing event (BeforeAllowTraffic) or a deployment's ValidateService brings it back"
+            );
             return;
         }
         let _ = self.readiness.set_warming();
         match crate::health::wait_until_healthy(&self.cfg.health).await {
             Ok(_) => {
                 let _ = self.readiness.set_ready();
+                info!(
+                    "readiness after the restart: release {current} passed its health checks: ready"
+                );
             }
             Err(e) => {
-                warn!("the current release is not healthy after a restart: {e}");
+                warn!(
+                    "readiness after the restart: release {current} is current but not healthy, so /ready stays 503: {e}"
+                );
                 let _ = self.readiness.set_starting();
             }
         }
