@@ -101,7 +101,8 @@ class Redis:
 
 
 class Node:
-    def __init__(self, i, base: Path, db, redis, flag: bool, schema_yaml: str, bin_: str, upgrade_ms: int):
+    def __init__(self, i, base: Path, db, redis, flag: bool, schema_yaml: str, bin_: str, upgrade_ms: int,
+                 kind: str = "magento"):
         self.name = f"node{i}"
         self.d = base / self.name
         self.d.mkdir(parents=True)
@@ -122,7 +123,7 @@ class Node:
 state_dir: state
 socket: {{ path: run/s.sock, group: null }}
 codedeploy: {{ deployment_root: ../cd-root }}
-app: {{ kind: magento, name: shop }}
+app: {{ kind: {kind}, name: shop }}
 release: {{ shared_paths: [] }}
 params: {{ source: file, path: params.yaml }}
 templates: [ {{ source: env.php.j2, target: app/etc/env.php }} ]
@@ -282,8 +283,11 @@ def contender(name, a, work: Path):
     nodes, hap, steps, fails = [], None, [], []
     try:
         # v1 installed with the upgrade path first (the database starts empty).
-        setup = "  magento_gate: true\n  policy: upgrade\n"
-        nodes = [Node(i, base, db, redis, flag, setup, a.bin, a.upgrade_ms) for i in range(2)]
+        # (flag-off: bgagent refuses that release under policy: upgrade, so its own schema
+        # config, the plain migration, installs v1 too.)
+        setup = schema if name == "flag-off" else "  magento_gate: true\n  policy: upgrade\n"
+        kind = "php" if name == "flag-off" else "magento"
+        nodes = [Node(i, base, db, redis, flag, setup, a.bin, a.upgrade_ms, kind) for i in range(2)]
         revision(base, "d-1", None, "v1")
         for n in nodes:
             for ev in ["BeforeInstall", "AfterInstall", "ApplicationStart", "ValidateService"]:
@@ -293,8 +297,6 @@ def contender(name, a, work: Path):
         # The contender's own config, re-read on SIGHUP (between deployments).
         for n in nodes:
             cfg = (n.d / "bgagent.yaml").read_text().replace(setup, schema)
-            if name == "flag-off":
-                cfg = cfg.replace("app: { kind: magento,", "app: { kind: php,")
             (n.d / "bgagent.yaml").write_text(cfg)
             n.daemon.send_signal(signal.SIGHUP)
         time.sleep(0.5)
@@ -309,7 +311,10 @@ def contender(name, a, work: Path):
         def step(label, f):
             t0 = load.now()
             ok, out = f()
-            steps.append(dict(step=label, start=round(t0, 3), end=round(load.now(), 3), ok=ok))
+            # What the gate said (classification, flag, the once-per-fleet upgrade).
+            said = [ln.split("  ", 1)[-1].strip()[:300] for ln in out.splitlines()
+                    if any(k in ln for k in ("additive", "breaking", "blue_green", "setup:upgrade", "schema change"))]
+            steps.append(dict(step=label, start=round(t0, 3), end=round(load.now(), 3), ok=ok, said=said[:8]))
             if not ok:
                 fails.append(f"{label}: {out[-2000:]}")
 
