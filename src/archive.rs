@@ -53,19 +53,20 @@ pub enum ArchiveError {
         entry: String,
         reason: String,
     },
-    #[error("refusing to extract {archive}: {reason}")]
+    #[error("refusing to extract {}: {reason}", crate::text::path(.archive))]
     TooLarge { archive: PathBuf, reason: String },
     #[error(
-        "{0} is not a .tar, .tar.gz or .zip archive (checked its first bytes); give a directory or one of those"
+        "{} is not a .tar, .tar.gz or .zip archive (checked its first bytes); give a directory or one of those",
+        crate::text::path(.0)
     )]
     UnknownFormat(PathBuf),
-    #[error("the artifact {path} is {what}; give a directory or a .tar, .tar.gz or .zip file")]
+    #[error("the artifact {} is {what}; give a directory or a .tar, .tar.gz or .zip file", crate::text::path(.path))]
     NotAFile { path: PathBuf, what: &'static str },
-    #[error("the release directory {0} must exist and be empty before extraction")]
+    #[error("the release directory {} must exist and be empty before extraction", crate::text::path(.0))]
     DestNotEmpty(PathBuf),
-    #[error("failed to read {archive}: {source}")]
+    #[error("failed to read {}: {source}", crate::text::path(.archive))]
     Read { archive: PathBuf, source: io::Error },
-    #[error("failed to write `{entry}` from {archive}: {source}")]
+    #[error("failed to write `{entry}` from {}: {source}", crate::text::path(.archive))]
     Write {
         archive: PathBuf,
         entry: String,

@@ -777,7 +777,7 @@ fn holding(request: &Request) -> String {
                 .filter(|id| crate::events::check_id("DEPLOYMENT_ID", id).is_ok())
                 .map_or("-", String::as_str)
         ),
-        Request::Deploy { artifact } => format!("bgagent deploy {}", artifact.display()),
+        Request::Deploy { artifact } => format!("bgagent deploy {}", crate::text::path(artifact)),
         Request::Rollback { .. } => "bgagent rollback".into(),
         Request::Status => "status".into(),
     }

@@ -112,11 +112,11 @@ pub enum ReleaseError {
     Refused { path: PathBuf, reason: String },
     #[error("refusing to take {} into the release: {reason}", crate::text::path(.path))]
     Unsafe { path: PathBuf, reason: String },
-    #[error("release `{0}` does not exist under {1}")]
+    #[error("release `{}` does not exist under {}", crate::text::escape(.0), crate::text::path(.1))]
     NoSuchRelease(String, PathBuf),
-    #[error("the release source {0} does not exist or is not a directory")]
+    #[error("the release source {} does not exist or is not a directory", crate::text::path(.0))]
     NoSource(PathBuf),
-    #[error("the release directory {0} already exists; refusing to overwrite it")]
+    #[error("the release directory {} already exists; refusing to overwrite it", crate::text::path(.0))]
     Exists(PathBuf),
 }
 

@@ -265,3 +265,28 @@ services:
         assert!(hits[0].contains(what), "{key}: {}", hits[0]);
     }
 }
+
+/// An artifact path with a newline forged a log line ("revision at ...\nINFO fake: ...")
+/// in BeforeInstall's result; every path from outside is shown escaped, on one line.
+#[test]
+fn an_artifact_path_with_a_newline_forged_a_log_line() {
+    let n = Node::new("db: {}\n", "<?php return [];");
+    let evil = n.p("rel\nINFO forged: deployment succeeded");
+    std::fs::rename(n.p("rel"), &evil).unwrap();
+    let out = n.cmd(&["deploy", evil.to_str().unwrap()]);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        !t.lines().any(|l| l.starts_with("INFO forged")),
+        "a forged line: {t}"
+    );
+    assert!(t.contains("rel\\nINFO forged"), "shown escaped: {t}");
+    let missing = n.p("gone\nERROR forged");
+    let out = n.cmd(&["deploy", missing.to_str().unwrap()]);
+    let t = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{t}");
+    assert!(
+        !t.lines().any(|l| l.starts_with("ERROR forged")),
+        "a forged line: {t}"
+    );
+}

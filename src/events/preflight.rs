@@ -36,7 +36,7 @@ impl Engine {
         if !src.exists() {
             return Err(EngineError::Failed(format!(
                 "the revision {} does not exist; check codedeploy.deployment_root in the config",
-                src.display()
+                crate::text::path(&src)
             )));
         }
         self.layout.ensure()?;
@@ -77,7 +77,7 @@ impl Engine {
         Ok(format!(
             "{} MiB free, revision at {}",
             free >> 20,
-            src.display()
+            crate::text::path(&src)
         ))
     }
 }
