@@ -1049,3 +1049,288 @@ fn progress_shows_on_a_terminal_and_never_in_plain_output_or_the_log() {
         "the daemon's log has no progress records: {log}"
     );
 }
+
+/// A node whose ValidateService holds on a TCP health check of `health_port`, with its
+/// readiness listener on `ready_port`, `extra` appended.
+fn held_node(health_port: u16, ready_port: u16, extra: &str) -> Node {
+    Node::with_extra(&format!(
+        "readiness: {{ listen: \"127.0.0.1:{ready_port}\", status_listen: \"127.0.0.1:{}\" }}\n\
+         health:\n  checks: [ {{ name: app, tcp: {{ address: \"127.0.0.1:{health_port}\" }} }} ]\n  period: 50ms\n  success_threshold: 1\n  startup_budget: 120s\n  deadline: 120s\n{extra}",
+        support::free_port()
+    ))
+}
+
+/// `bgagent hook EVENT` as the CodeDeploy agent starts it: the leader of its own process
+/// group (the agent's timeout signals the group).
+fn spawn_hook(node: &Node, event: &str, dep: &str) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    Command::new(BIN)
+        .args(["--config", node.config().to_str().unwrap(), "hook", event])
+        .env("DEPLOYMENT_ID", dep)
+        .env("DEPLOYMENT_GROUP_ID", "g-1")
+        .env("APPLICATION_NAME", "magento")
+        .process_group(0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The record of `event` in the last deployment once it no longer runs.
+fn finished_record(node: &Node, event: &str) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let st = node.status_json();
+        let rec = st["last_deployment"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|e| e["event"] == event)
+            .cloned()
+            .unwrap_or_else(|| panic!("{event} not recorded: {st}"));
+        if rec["status"] != "running" {
+            return rec;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{event} still running: {st}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_for(node: &Node, what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{what}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_hook_ended(rec: &serde_json::Value) {
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert!(
+        rec["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("the hook ended before the result"),
+        "{rec}"
+    );
+}
+
+/// Issue 11 item 7: CodeDeploy's timeout (SIGTERM to the hook's group) during ValidateService
+/// while the health checks had not passed yet. The daemon went on checking; when the checks
+/// passed it made the node ready, then recorded the event failed: the load balancer sent
+/// traffic to a release CodeDeploy had failed. The event now stops at once (probes are safe
+/// to abandon), the release is left not ready, and the next hook is served.
+#[test]
+fn hook_sigterm_in_validate_service_no_longer_leaves_the_unvalidated_release_ready() {
+    let health_port = support::free_port();
+    let ready_port = support::free_port();
+    let mut node = held_node(health_port, ready_port, "");
+    let listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
+    node.start();
+    node.revision("g-1", "d-1", "one");
+    for ev in IN_PLACE {
+        let out = node.hook(ev, Some("d-1"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    assert_eq!(support::http_get(ready_port, "/ready").0, 200);
+    drop(listener);
+    node.revision("g-1", "d-2", "two");
+    for ev in &IN_PLACE[..6] {
+        let out = node.hook(ev, Some("d-2"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    let hook = spawn_hook(&node, "ValidateService", "d-2");
+    wait_for(&node, "the health check should fail first", || {
+        node.log().contains("health check app failed")
+    });
+    // CodeDeploy's timeout: SIGTERM to the hook's process group.
+    let _ = Command::new("kill")
+        .args(["-TERM", "--", &format!("-{}", hook.id())])
+        .status();
+    let out = hook.wait_with_output().unwrap();
+    let t = text(&out);
+    assert_ne!(out.status.code(), Some(0), "{t}");
+    assert!(t.contains("the hook got SIGTERM before the result"), "{t}");
+    // The app comes up just after: the checks would pass now.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
+    let rec = finished_record(&node, "ValidateService");
+    assert_hook_ended(&rec);
+    assert_eq!(
+        support::http_get(ready_port, "/ready").0,
+        503,
+        "a release whose ValidateService CodeDeploy failed is not ready: {rec}"
+    );
+    assert!(node.current().unwrap().ends_with("-d-2"));
+    assert_ne!(
+        node.status_json()["rollback_target"],
+        serde_json::Value::Null,
+        "the release left keeps its standing"
+    );
+    // The next hook is served: CodeDeploy's retry passes and the node is ready.
+    let out = node.hook("ValidateService", Some("d-2"), "g-1");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(support::http_get(ready_port, "/ready").0, 200);
+    drop(listener);
+}
+
+/// Issue 11 item 7: the hook killed (SIGKILL: its connection simply drops) while
+/// ApplicationStop's command ran. The event was recorded failed but the node stayed drained
+/// (/ready 503, services stopped) while the old release, unchanged, could serve. The drain
+/// is now undone: CodeDeploy failed the deployment, the node serves its release again.
+#[test]
+fn hook_sigkill_in_application_stop_no_longer_leaves_the_node_drained() {
+    let health_port = support::free_port();
+    let ready_port = support::free_port();
+    let mut node = held_node(health_port, ready_port, "");
+    let arm = node.path("arm");
+    let started = node.path("started");
+    let cfg = std::fs::read_to_string(node.config()).unwrap()
+        + &format!(
+            "commands:\n  ApplicationStop:\n    - {{ argv: [sh, -c, 'test -e {a} || exit 0; touch {s}; while test -e {a}; do sleep 0.05; done'], timeout: 60s }}\n",
+            a = arm.display(),
+            s = started.display()
+        );
+    std::fs::write(node.config(), cfg).unwrap();
+    let _listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
+    node.start();
+    node.revision("g-1", "d-1", "one");
+    // The first deployment has no ApplicationStop (nothing was installed before).
+    for ev in &IN_PLACE[3..] {
+        let out = node.hook(ev, Some("d-1"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    assert_eq!(support::http_get(ready_port, "/ready").0, 200);
+    std::fs::write(&arm, "").unwrap();
+    let mut hook = spawn_hook(&node, "ApplicationStop", "d-2");
+    wait_for(&node, "the command should start", || started.exists());
+    hook.kill().unwrap();
+    hook.wait().unwrap();
+    std::fs::remove_file(&arm).unwrap();
+    let rec = finished_record(&node, "ApplicationStop");
+    assert_hook_ended(&rec);
+    assert_eq!(
+        support::http_get(ready_port, "/ready").0,
+        200,
+        "the old release serves on: {rec}"
+    );
+    // The next hook is served: a retry drains, and the deployment goes through.
+    node.revision("g-1", "d-2", "two");
+    for ev in &IN_PLACE[2..] {
+        let out = node.hook(ev, Some("d-2"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    assert!(node.current().unwrap().ends_with("-d-2"));
+    assert_eq!(support::http_get(ready_port, "/ready").0, 200);
+}
+
+/// Issue 11 item 7: the hook killed (SIGKILL) while AfterInstall's command ran. The release
+/// it built stayed in releases/, recorded as this deployment's, though CodeDeploy failed the
+/// event. It is now left for the cleanup (never switched to), and the retry builds anew.
+#[test]
+fn hook_sigkill_in_after_install_leaves_the_unswitched_release_for_cleanup() {
+    let mut node = Node::new();
+    let arm = node.path("arm");
+    let started = node.path("started");
+    let cfg = std::fs::read_to_string(node.config()).unwrap()
+        + &format!(
+            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {a} || exit 0; touch {s}; while test -e {a}; do sleep 0.05; done'], timeout: 60s }}\n",
+            a = arm.display(),
+            s = started.display()
+        );
+    std::fs::write(node.config(), cfg).unwrap();
+    node.start();
+    node.revision("g-1", "d-1", "one");
+    for ev in IN_PLACE {
+        assert_eq!(node.hook(ev, Some("d-1"), "g-1").status.code(), Some(0));
+    }
+    node.revision("g-1", "d-2", "two");
+    for ev in &IN_PLACE[..4] {
+        assert_eq!(node.hook(ev, Some("d-2"), "g-1").status.code(), Some(0));
+    }
+    std::fs::write(&arm, "").unwrap();
+    let mut hook = spawn_hook(&node, "AfterInstall", "d-2");
+    wait_for(&node, "the command should start", || started.exists());
+    hook.kill().unwrap();
+    hook.wait().unwrap();
+    std::fs::remove_file(&arm).unwrap();
+    let rec = finished_record(&node, "AfterInstall");
+    assert_hook_ended(&rec);
+    let built: Vec<String> = std::fs::read_dir(node.path("app/releases"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("-d-2"))
+        .collect();
+    assert!(
+        built.is_empty(),
+        "the release CodeDeploy failed is not kept as one: {built:?} {rec}"
+    );
+    assert!(node.current().unwrap().ends_with("-d-1"));
+    for ev in &IN_PLACE[4..] {
+        let out = node.hook(ev, Some("d-2"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    assert!(node.current().unwrap().ends_with("-d-2"));
+}
+
+/// Issue 11 item 7: CodeDeploy's timeout during ApplicationStart's command, after the
+/// switch, with `validate.rollback_on_failure`. The new release stayed current though
+/// CodeDeploy failed the event; it now switches back to the release it left, which serves
+/// and is ready again, as after a failed ValidateService.
+#[test]
+fn hook_sigterm_in_application_start_switches_back_with_rollback_on_failure() {
+    let health_port = support::free_port();
+    let ready_port = support::free_port();
+    let mut node = held_node(
+        health_port,
+        ready_port,
+        "validate: { rollback_on_failure: true }\n",
+    );
+    let arm = node.path("arm");
+    let started = node.path("started");
+    let cfg = std::fs::read_to_string(node.config()).unwrap()
+        + &format!(
+            "commands:\n  ApplicationStart:\n    - {{ argv: [sh, -c, 'test -e {a} || exit 0; touch {s}; while test -e {a}; do sleep 0.05; done'], timeout: 60s }}\n",
+            a = arm.display(),
+            s = started.display()
+        );
+    std::fs::write(node.config(), cfg).unwrap();
+    let _listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
+    node.start();
+    node.revision("g-1", "d-1", "one");
+    for ev in IN_PLACE {
+        assert_eq!(node.hook(ev, Some("d-1"), "g-1").status.code(), Some(0));
+    }
+    let first = node.current().unwrap();
+    node.revision("g-1", "d-2", "two");
+    for ev in &IN_PLACE[..5] {
+        assert_eq!(node.hook(ev, Some("d-2"), "g-1").status.code(), Some(0));
+    }
+    std::fs::write(&arm, "").unwrap();
+    let hook = spawn_hook(&node, "ApplicationStart", "d-2");
+    wait_for(&node, "the command should start", || started.exists());
+    assert!(node.current().unwrap().ends_with("-d-2"), "switched");
+    let _ = Command::new("kill")
+        .args(["-TERM", "--", &format!("-{}", hook.id())])
+        .status();
+    let out = hook.wait_with_output().unwrap();
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    std::fs::remove_file(&arm).unwrap();
+    let rec = finished_record(&node, "ApplicationStart");
+    assert_hook_ended(&rec);
+    assert_eq!(
+        node.current().as_deref(),
+        Some(first.as_str()),
+        "switched back: {rec}"
+    );
+    assert_eq!(support::http_get(ready_port, "/ready").0, 200, "{rec}");
+    assert_eq!(node.status_json()["last_switch"]["reason"], "auto_rollback");
+}

@@ -115,6 +115,10 @@ impl Engine {
             crate::text::escape(&src.display().to_string()),
             t0.elapsed().as_secs_f64()
         );
+        if let Err(e) = self.checkpoint("linking the shared paths") {
+            discard_build(&self.layout, &app, &id);
+            return Err(e);
+        }
         let policy = Policy::resolve(&self.cfg.permissions)?;
         if let Err(e) = app.link_shared(&release, &self.cfg.release.shared_paths, &policy) {
             let _ = app.remove_release(&id);
@@ -162,6 +166,10 @@ impl Engine {
         }
         let params = match rendered {
             Ok(p) => p,
+            Err(e @ EngineError::Cancelled(_)) => {
+                discard_build(&self.layout, &app, &id);
+                return Err(e);
+            }
             Err(e) => {
                 // Never switched to, and never to be: remove it so only good releases exist.
                 let _ = app.remove_release(&id);
@@ -252,6 +260,8 @@ impl Engine {
             new: &new,
             live: live.as_ref().map(|(id, d)| (id.as_str(), d)),
         };
+        // Never in the middle of a migration: before it, or after the event.
+        self.checkpoint("the schema steps")?;
         for line in crate::schema::prepare(&self.cfg.schema, &rel, &at, lookup, schema_report)
             .await
             .map_err(|e| EngineError::Failed(e.to_string()))?
@@ -323,4 +333,16 @@ pub fn template_facts(
         "release_dir": cfg.app_root.join("releases").join(release_id),
         "cache": cache,
     })
+}
+
+/// A build this event stopped (the hook ended) is left for the background cleanup: moved
+/// into the trash at once (a rename), deleted at idle I/O priority, off the engine's time.
+pub(super) fn discard_build(layout: &release::Layout, app: &crate::appdir::AppRoot, id: &str) {
+    match crate::cleanup::move_to_trash(app, &[id.to_string()]) {
+        Ok(_) => {
+            info!("release {id} (built, never switched to) is left for the cleanup");
+            crate::cleanup::spawn_deleter(layout);
+        }
+        Err(e) => tracing::warn!("could not set release {id} aside for removal: {e}"),
+    }
 }

@@ -14,6 +14,7 @@
 //! `warm` (opcache around the switch) and `pause` (cron paused from AfterInstall until
 //! after ApplicationStart's switch).
 
+mod cancel;
 mod deploy;
 mod drain;
 mod install;
@@ -150,6 +151,9 @@ pub enum EngineError {
     Cache(#[from] crate::cache::CacheError),
     #[error("{0}")]
     Failed(String),
+    /// The hook ended before the result: the event stopped at a safe point, before `0`.
+    #[error("stopped before {0}")]
+    Cancelled(String),
 }
 
 pub struct Engine {
@@ -292,6 +296,27 @@ impl Engine {
             .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
     }
 
+    /// A safe point between two steps of an event: Err when the hook ended, so the event
+    /// stops here, before `next`, and [`Engine::undo_cancelled`] leaves the node right.
+    pub(super) fn checkpoint(&self, next: &str) -> Result<(), EngineError> {
+        if self.cancelled() {
+            info!("the hook ended: stopping before {next}");
+            return Err(EngineError::Cancelled(next.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Resolves when the hook ends (never without a hook): raced against waits that are
+    /// safe to abandon (health checks, warm-up), never against a step that changes the node.
+    pub(super) async fn hook_ended(&self) {
+        let Some(c) = self.cancel.clone() else {
+            return std::future::pending().await;
+        };
+        while !c.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs `event` inside a span whose fields every line of the event carries (the journal's
     /// DEPLOYMENT_ID, LIFECYCLE_EVENT and RELEASE_ID; `journalctl DEPLOYMENT_ID=d-...`).
     async fn run_event(&mut self, event: Event, id: &str, origin: Origin) -> Outcome {
@@ -360,16 +385,21 @@ impl Engine {
                 }
                 info!("{event} starts for deployment {id}");
                 let t0 = Instant::now();
+                let before = cancel::Before::of(self);
                 let mut result = self.perform(event).await;
                 if self.cancelled() {
-                    // CodeDeploy records the event failed: so does bgagent, and a retry runs
-                    // it again (each event's steps are safe to repeat).
+                    // CodeDeploy records the event failed: so does bgagent, after undoing
+                    // what is safe to undo (see `cancel`); a retry runs the event again.
                     let what = match &result {
-                        Ok(m) => format!("its work finished ({m})"),
+                        Ok(m) => format!("its work had finished ({m})"),
+                        Err(EngineError::Cancelled(next)) => {
+                            format!("it stopped at a safe point, before {next}")
+                        }
                         Err(e) => format!("its work failed ({e})"),
                     };
+                    let undone = self.undo_cancelled(event, result.is_ok(), &before).await;
                     result = Err(EngineError::Failed(format!(
-                        "the hook ended before the result (CodeDeploy's timeout?), so the event counts as failed; {what}; retry the event"
+                        "the hook ended before the result (CodeDeploy's timeout?), so the event counts as failed; {what}; {undone}; retry the event"
                     )));
                 }
                 let ms = t0.elapsed().as_millis() as u64;
@@ -456,6 +486,12 @@ impl Engine {
             self.cfg.app_root.display().to_string(),
         );
         for c in cmds {
+            // A command runs to its end (it may be a migration): the hook's end is seen
+            // between commands.
+            self.checkpoint(&format!(
+                "the command `{}`",
+                crate::text::truncate(&crate::text::escape(&c.argv.join(" ")), 80)
+            ))?;
             crate::process::run(c, Some(&release), &env)
                 .await
                 .map_err(|e| EngineError::Failed(e.to_string()))?;

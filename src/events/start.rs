@@ -43,6 +43,7 @@ impl Engine {
             crate::services::test_all(&self.cfg.services)
                 .await
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
+            self.checkpoint("registering the cache generation and precompiling")?;
             let _ = self.readiness.set_starting();
             if let Some(slot) = self.release_slot(&id) {
                 // Never serve a generation agreed in Redis state that has since been lost.
@@ -63,6 +64,9 @@ impl Engine {
             }
             // opcache.switch: warm: the new release goes into the pools' opcache first.
             no_reload = self.opcache_before_switch(&id, current.as_deref()).await?;
+            // The last safe point: the switch, the reloads and the start of what the drain
+            // stopped are one step (a switched release without its reload is half a switch).
+            self.checkpoint("the switch")?;
             self.switch(&id, SwitchReason::Deploy).await?;
             current
         };

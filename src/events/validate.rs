@@ -19,13 +19,25 @@ impl Engine {
             let _ = self.readiness.set_starting();
             let _ = self.readiness.set_warming();
         }
-        let checked = match crate::health::wait_until_healthy(&self.cfg.health).await {
-            Ok(took) => match crate::warmup::run(&self.cfg.warmup).await {
-                Ok(w) => Ok((took, w)),
-                Err(e) => Err(e.to_string()),
-            },
-            Err(failure) => Err(failure.to_string()),
+        // Probes and warm-up requests change nothing: when the hook ends they are abandoned.
+        let checks = async {
+            match crate::health::wait_until_healthy(&self.cfg.health).await {
+                Ok(took) => match crate::warmup::run(&self.cfg.warmup).await {
+                    Ok(w) => Ok((took, w)),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(failure) => Err(failure.to_string()),
+            }
         };
+        let checked = tokio::select! {
+            c = checks => c,
+            () = self.hook_ended() => {
+                return Err(EngineError::Cancelled("the health checks passed".into()));
+            }
+        };
+        if checked.is_ok() {
+            self.checkpoint("the node turns ready")?;
+        }
         match checked {
             Ok((took, warm)) => {
                 let _ = self.readiness.set_ready();
