@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::process::{self, CommandSpec};
 
@@ -101,6 +101,9 @@ pub enum Action {
         service: String,
         argv: Vec<String>,
         pid_file: Option<PathBuf>,
+        /// php-fpm signalled through its pid file: the reload is done when a new master
+        /// runs (see [`wait_reloaded`]), not when the signal is sent.
+        reexecs: bool,
     },
 }
 
@@ -181,6 +184,7 @@ pub fn plan_reload(cfg: &ServicesConfig) -> Vec<Action> {
                 service: s.name.clone(),
                 argv,
                 pid_file: s.pid_file.clone(),
+                reexecs: s.kind == ServiceKind::PhpFpm,
             });
         }
     }
@@ -217,6 +221,7 @@ pub async fn reload_service(cfg: &ServicesConfig, name: &str) -> Result<(), Serv
                 service: s.name.clone(),
                 argv: s.reload_argv(cfg.backend)?,
                 pid_file: s.pid_file.clone(),
+                reexecs: s.kind == ServiceKind::PhpFpm,
             })
         })
         .collect();
@@ -339,6 +344,7 @@ pub async fn apply(plan: &[Action]) -> Result<(), ServiceError> {
                 service,
                 argv,
                 pid_file,
+                reexecs,
             } => {
                 let pid = match pid_file {
                     Some(p) if uses_pid(argv) => {
@@ -349,15 +355,25 @@ pub async fn apply(plan: &[Action]) -> Result<(), ServiceError> {
                     }
                     _ => None,
                 };
-                let old = pid;
+                // Taken before the signal: what "the pid file was written again" compares to.
+                let before = pid_file
+                    .as_deref()
+                    .filter(|_| *reexecs)
+                    .zip(pid)
+                    .map(|(p, pid)| (p, PidFileMark::of(p, pid)));
                 run_argv(argv, pid)
                     .await
                     .map_err(|source| ServiceError::Reload {
                         service: service.clone(),
                         source,
                     })?;
-                if let (Some(p), Some(old)) = (pid_file, old) {
-                    wait_new_master(p, old).await;
+                if let Some((p, before)) = before {
+                    wait_reloaded(p, &before, RELOAD_WAIT)
+                        .await
+                        .map_err(|message| ServiceError::Other {
+                            service: service.clone(),
+                            message,
+                        })?;
                 }
                 info!("reloaded {service}");
             }
@@ -391,22 +407,68 @@ fn read_pid(p: &Path) -> Result<u32, String> {
         .map_err(|_| format!("pid file {} does not hold a pid", p.display()))
 }
 
-/// php-fpm daemonized re-execs on USR2: its pid file changes. Wait (bounded) for a live
-/// master again, so the next step does not race it.
-async fn wait_new_master(p: &Path, old: u32) {
-    for _ in 0..100 {
+/// How long a php-fpm reload may take: its old workers get `process_control_timeout` to
+/// finish their requests before the master re-execs.
+const RELOAD_WAIT: Duration = Duration::from_secs(60);
+
+/// The pid file as it was before a reload's signal.
+struct PidFileMark {
+    pid: u32,
+    written: Option<(std::time::SystemTime, u64)>,
+}
+
+impl PidFileMark {
+    fn of(p: &Path, pid: u32) -> PidFileMark {
+        use std::os::unix::fs::MetadataExt;
+        PidFileMark {
+            pid,
+            written: std::fs::metadata(p)
+                .ok()
+                .and_then(|m| Some((m.modified().ok()?, m.ino()))),
+        }
+    }
+}
+
+/// Whether `pid` is a process that has not ended (a zombie has ended: nobody may have
+/// reaped the old master yet).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.get(s.rfind(')')? + 2..)?;
+            rest.chars().next()
+        })
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// php-fpm takes USR2 by re-executing itself in place, once its old workers are done (up to
+/// `process_control_timeout`). Daemonized (`daemonize = yes`), the new image forks again: the
+/// new master writes its own pid to the pid file and the old pid exits once the new master
+/// is ready to handle connections. In the foreground (systemd's Type=notify) the pid stays
+/// and the re-executed master writes the pid file again. So the reload is done when the pid
+/// file was written since the signal and names a running master, and, when that master is
+/// a new process, the old one has ended. The old check returned at once: the pid file still
+/// named the old, running master.
+async fn wait_reloaded(p: &Path, before: &PidFileMark, within: Duration) -> Result<(), String> {
+    let t0 = std::time::Instant::now();
+    loop {
         if let Ok(pid) = read_pid(p) {
-            let alive = Path::new(&format!("/proc/{pid}")).exists();
-            if alive && (pid != old || Path::new(&format!("/proc/{old}")).exists()) {
-                return;
+            let rewritten = pid != before.pid || PidFileMark::of(p, pid).written != before.written;
+            if rewritten && running(pid) && (pid == before.pid || !running(before.pid)) {
+                return Ok(());
             }
+        }
+        if t0.elapsed() >= within {
+            return Err(format!(
+                "php-fpm did not come back from its reload within {} s: the pid file {} still names {} (the master before the reload was {}); see php-fpm's error_log",
+                within.as_secs(),
+                p.display(),
+                read_pid(p).map_or_else(|e| e, |pid| pid.to_string()),
+                before.pid
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    warn!(
-        "the pid file {} did not show a running master after the reload",
-        p.display()
-    );
 }
 
 /// Warns when php-fpm will drop requests on reload. Returns the warning, if any.
@@ -477,7 +539,8 @@ mod tests {
             Action::Reload {
                 service: "php8.2-fpm".into(),
                 argv: vec!["systemctl".into(), "reload".into(), "php8.2-fpm".into()],
-                pid_file: None
+                pid_file: None,
+                reexecs: true
             }
         );
     }
