@@ -215,7 +215,7 @@ fn shown(url: &str) -> String {
 }
 
 /// The URL of database `db` on the configured server.
-fn with_db(url: &str, db: u32) -> String {
+pub fn with_db(url: &str, db: u32) -> String {
     let base = match url.rfind('/') {
         Some(i)
             if i > url.find("://").map(|j| j + 2).unwrap_or(0)

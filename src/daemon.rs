@@ -170,6 +170,38 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
             });
         }
+        // schema.breaking: maintenance: this node follows the fleet's maintenance window.
+        {
+            let engine = shared.engine.lock().await;
+            let cfg = engine.config();
+            let watch = (cfg.schema.breaking == crate::schema::Breaking::Maintenance)
+                .then(|| cfg.cache.redis.clone())
+                .flatten()
+                .map(|url| {
+                    (
+                        crate::maintenance::Coordinator {
+                            url: crate::cache::with_db(&url, cfg.cache.session_db),
+                            app: String::new(),
+                            node: crate::cache::node_name(&cfg.cache),
+                            timeout: cfg.cache.timeout,
+                            wait: cfg.schema.maintenance_wait,
+                            ttl: cfg.schema.maintenance_ttl,
+                        },
+                        cfg.app.name.clone(),
+                        cfg.schema.php.clone(),
+                    )
+                });
+            drop(engine);
+            if let Some((co, app, php)) = watch {
+                tokio::spawn(crate::maintenance::watch(
+                    co,
+                    app,
+                    php,
+                    shared.layout.clone(),
+                    shared.state_dir.clone(),
+                ));
+            }
+        }
         // A restarted daemon on a live node comes back to ready through the health checks.
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -18,6 +18,7 @@ pub mod fsutil;
 pub mod health;
 pub mod lifecycle;
 pub mod logstream;
+pub mod maintenance;
 pub mod opcache;
 pub mod params;
 pub mod peer;

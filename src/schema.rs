@@ -69,6 +69,13 @@ pub struct SchemaConfig {
     /// schema change class: its first word is `additive`, `breaking` or `none`. The
     /// declaration decides; bgagent reports when its own analysis disagrees.
     pub class_file: Option<PathBuf>,
+    /// With `breaking: maintenance`: how long the node that runs setup:upgrade waits for
+    /// every node to turn maintenance on.
+    #[serde(with = "crate::config::duration")]
+    pub maintenance_wait: Duration,
+    /// With `breaking: maintenance`: the window closes by itself after this long.
+    #[serde(with = "crate::config::duration")]
+    pub maintenance_ttl: Duration,
 }
 
 /// What a breaking schema change gets.
@@ -96,6 +103,8 @@ impl Default for SchemaConfig {
             connect_timeout: Duration::from_secs(10),
             breaking: Breaking::Refuse,
             class_file: None,
+            maintenance_wait: Duration::from_secs(30),
+            maintenance_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -237,6 +246,9 @@ pub struct Attempting<'a> {
     /// This node's AfterInstall is a retry: a step that failed before this node began to
     /// wait for the lock runs again (a failure met by a first attempt fails it, naming where).
     pub retry: bool,
+    /// The fleet's Redis for a maintenance window (`schema.breaking: maintenance`), when
+    /// `cache.redis` is set.
+    pub maintenance: Option<&'a crate::maintenance::Coordinator>,
 }
 
 /// The releases the schema steps look at: the new one and the one this node serves now.
@@ -554,6 +566,22 @@ pub async fn prepare(
             },
         });
     }
+    // A breaking change with a maintenance window: every node stops serving old code right
+    // before setup:upgrade, and each comes back once it has switched.
+    let window = if db_needed && class == Class::Breaking && cfg.breaking == Breaking::Maintenance {
+        let Some(co) = at.maintenance else {
+            return Err(SchemaError::Config(
+                "schema.breaking: maintenance needs cache.redis: the fleet's Redis is how every node learns to turn Magento's maintenance flag on".into(),
+            ));
+        };
+        report
+            .get_or_insert_default()
+            .outcome
+            .push("breaking schema change: maintenance window on every node (schema.breaking: maintenance)".into());
+        Some(co)
+    } else {
+        None
+    };
     let mut steps: Vec<(&str, CommandSpec, Option<CommandSpec>)> = Vec::new();
     let magento_cmd = |args: &[&str]| {
         let mut argv = vec![cfg.php.as_str(), "bin/magento"];
@@ -607,6 +635,11 @@ pub async fn prepare(
             step,
             &spec,
             precheck.as_ref(),
+            if step == "setup:upgrade" {
+                window
+            } else {
+                None
+            },
             release,
         )
         .await;
@@ -759,6 +792,7 @@ async fn run_once(
     step: &str,
     spec: &CommandSpec,
     precheck: Option<&CommandSpec>,
+    window: Option<&crate::maintenance::Coordinator>,
     release: &Path,
 ) -> Result<String, SchemaError> {
     let (app, deployment, node) = (who.app, who.deployment, who.node);
@@ -935,6 +969,12 @@ async fn run_once(
                     });
                 }
             }
+        }
+        if let Some(co) = window {
+            co.open(deployment).await.map_err(|message| SchemaError::Step {
+                step: step.into(),
+                message,
+            })?;
         }
         conn.exec_drop(
             "INSERT INTO bgagent_migrations (deployment_id, step, attempt, node, command, started_at, result) \

@@ -43,6 +43,21 @@ const ENV_TEMPLATE: &str = "<?php return ['deployment' => ['blue_green' => ['ena
 
 impl Fleet {
     fn new(n: usize, blue_green: bool, upgrade_ms: u32, schema_yaml: &str) -> Fleet {
+        Fleet::build(n, blue_green, upgrade_ms, schema_yaml, false)
+    }
+
+    /// With cache.redis: the fleet's Redis (a maintenance window goes through it).
+    fn with_redis(n: usize, upgrade_ms: u32, schema_yaml: &str) -> Fleet {
+        Fleet::build(n, true, upgrade_ms, schema_yaml, true)
+    }
+
+    fn build(
+        n: usize,
+        blue_green: bool,
+        upgrade_ms: u32,
+        schema_yaml: &str,
+        with_redis: bool,
+    ) -> Fleet {
         support::require("php");
         let db = support::MariaDb::start();
         let redis = support::Redis::start();
@@ -65,8 +80,13 @@ impl Fleet {
                  app: {{ kind: magento, name: shop }}\nrelease: {{ shared_paths: [] }}\n\
                  params: {{ source: file, path: params.yaml }}\n\
                  templates: [ {{ source: env.php.j2, target: app/etc/env.php }} ]\n\
-                 cache: {{ node: node{i} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n\
+                 cache: {{ node: node{i}{} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n\
                  schema:\n  magento_gate: true\n  policy: upgrade\n  database: {{ host: 127.0.0.1, port: {}, user: app, database: app, password_param: db.password }}\n{schema_yaml}\n",
+                if with_redis {
+                    format!(", redis: \"{}\"", redis.url())
+                } else {
+                    String::new()
+                },
                 support::free_port(),
                 db.port
             );
@@ -473,4 +493,148 @@ fn app_config_import_runs_once_for_the_fleet_and_only_when_app_config_status_ask
         "{:?}",
         outs.iter().map(|n| text(&n[1])).collect::<Vec<_>>()
     );
+}
+
+const FULL: &[&str] = &[
+    "BeforeInstall",
+    "AfterInstall",
+    "ApplicationStart",
+    "ValidateService",
+    "BeforeAllowTraffic",
+    "AfterAllowTraffic",
+];
+
+#[test]
+fn a_breaking_change_with_schema_breaking_maintenance_takes_every_node_into_maintenance_until_it_has_switched()
+ {
+    let f = Fleet::with_redis(
+        2,
+        2000,
+        "  breaking: maintenance\n  maintenance_wait: 20s\n",
+    );
+    f.revision("d-1", None);
+    all_ok(&f.deploy("d-1", FULL));
+    let webs: Vec<support::Web> = f
+        .agents
+        .iter()
+        .map(|a| support::Web::start(&a.dir.join("app")))
+        .collect();
+    for w in &webs {
+        assert_eq!(w.get("/catalog").0, 200);
+    }
+    f.revision("d-2", Some("breaking"));
+    let stop = AtomicBool::new(false);
+    let (outs, seen, upgrading_503) = std::thread::scope(|s| {
+        let pollers: Vec<_> = webs
+            .iter()
+            .map(|w| s.spawn(|| poll(w, &stop, &["/catalog", "/write"])))
+            .collect();
+        // while setup:upgrade runs, every node must answer 503 (maintenance), never old code
+        let watcher = s.spawn(|| {
+            let mut checked = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let running = f
+                    .db
+                    .sql("SELECT COUNT(*) FROM app.model_runs WHERE command = 'setup:upgrade' AND finished_at IS NULL")
+                    .trim()
+                    == "1";
+                if running {
+                    for w in &webs {
+                        let (code, body) = w.get("/catalog");
+                        assert_eq!(code, 503, "a node served during the breaking upgrade: {body}");
+                    }
+                    checked += 1;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            checked
+        });
+        let outs = f.deploy("d-2", &["BeforeInstall", "AfterInstall"]);
+        stop.store(true, Ordering::Relaxed);
+        let seen: Vec<_> = pollers
+            .into_iter()
+            .flat_map(|p| p.join().unwrap())
+            .collect();
+        (outs, seen, watcher.join().unwrap())
+    });
+    all_ok(&outs);
+    assert!(upgrading_503 > 0, "setup:upgrade was never seen running");
+    assert_eq!(f.runs("setup:upgrade"), 2);
+    // old code never answered on the moved database: 200 before the window, 503 in it
+    let bad: Vec<_> = seen
+        .iter()
+        .filter(|(c, _)| *c != 200 && *c != 503)
+        .collect();
+    assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+    assert!(seen.iter().any(|(c, _)| *c == 503));
+    for (i, node) in outs.iter().enumerate() {
+        let t = text(&node[1]);
+        assert!(
+            t.contains("breaking: shop_product.price: column renamed to base_price"),
+            "{t}"
+        );
+        let sch = &f.status(i)["last_deployment"]["schema"];
+        assert!(
+            sch["outcome"].as_array().unwrap().iter().any(|o| o
+                .as_str()
+                .unwrap()
+                .contains("maintenance window on every node")),
+            "{sch}"
+        );
+    }
+    // not switched yet: both still in maintenance
+    for w in &webs {
+        assert_eq!(w.get("/catalog").0, 503);
+    }
+    // node0 switches: it serves the new code at once; node1 stays in maintenance
+    let out = hook(&f.agents[0].dir, "ApplicationStart", "d-2");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let (code, body) = webs[0].get("/catalog");
+    assert!(code == 200 && body.contains("release=d-2"), "{code} {body}");
+    assert_eq!(webs[1].get("/catalog").0, 503);
+    let out = hook(&f.agents[1].dir, "ApplicationStart", "d-2");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let (code, body) = webs[1].get("/catalog");
+    assert!(code == 200 && body.contains("release=d-2"), "{code} {body}");
+    // each node took the flag off the release it put into maintenance, and the window closed
+    for a in &f.agents {
+        let old = std::fs::read_dir(a.dir.join("app/releases"))
+            .unwrap()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with("-d-1"))
+            .unwrap()
+            .path();
+        let flag = old.join("var/.maintenance.flag");
+        // the watcher takes it off within a round or two (and logs it right after)
+        let said = || {
+            std::fs::read_to_string(a.dir.join("daemon.log"))
+                .unwrap()
+                .contains("this node has switched to the new release")
+        };
+        let t0 = std::time::Instant::now();
+        while flag.exists() || !said() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(30),
+                "{} stayed, or the daemon did not say it took it off",
+                flag.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    // the last node to switch closed the window
+    let closed = || {
+        f.agents.iter().any(|a| {
+            std::fs::read_to_string(a.dir.join("daemon.log"))
+                .unwrap()
+                .contains("maintenance window for deployment d-2 closed: every node has switched")
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while !closed() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the window was not closed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

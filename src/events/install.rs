@@ -247,11 +247,25 @@ impl Engine {
             .is_some_and(|r| r.attempts > 1);
         let node = crate::cache::node_name(&self.cfg.cache);
         let lookup = |key: &str| params.by_key.get(key).map(|p| p.value.expose().clone());
+        let window = self
+            .cfg
+            .cache
+            .redis
+            .as_ref()
+            .map(|url| crate::maintenance::Coordinator {
+                url: crate::cache::with_db(url, self.cfg.cache.session_db),
+                app: self.app_name(),
+                node: node.clone(),
+                timeout: self.cfg.cache.timeout,
+                wait: self.cfg.schema.maintenance_wait,
+                ttl: self.cfg.schema.maintenance_ttl,
+            });
         let at = crate::schema::Attempting {
             app: &self.app_name(),
             deployment: &dep,
             node: &node,
             retry,
+            maintenance: window.as_ref(),
         };
         // Rendering took the handle into its blocking task: the schema steps open it again.
         let new = app.open_release(release_id)?;
