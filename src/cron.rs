@@ -238,34 +238,43 @@ impl Board {
         }
     }
 
-    /// The pause in force, if any (a lapsed one is none).
-    async fn pause(&mut self) -> Result<Option<Pause>, CronError> {
-        let raw: Option<String> = match self {
-            Board::Fleet(c) => redis::cmd("GET")
-                .arg(format!("{}cron:pause", c.prefix))
-                .query_async(&mut c.conn)
-                .await
-                .map_err(|e| Board::err(c, e))?,
+    /// The pause in force, if any (a lapsed one is none). Content that cannot be read
+    /// counts as a pause (when in doubt, cron waits) that lapses `ttl` after it was written.
+    async fn pause(&mut self, ttl: Duration) -> Result<Option<Pause>, CronError> {
+        let unknown = |written: u64| Pause {
+            deployment: "?".into(),
+            node: "?".into(),
+            since: written,
+            until: written.saturating_add(ttl.as_secs()),
+        };
+        let p = match self {
+            Board::Fleet(c) => {
+                let raw: Option<String> = redis::cmd("GET")
+                    .arg(format!("{}cron:pause", c.prefix))
+                    .query_async(&mut c.conn)
+                    .await
+                    .map_err(|e| Board::err(c, e))?;
+                // The key's own TTL bounds an unreadable one.
+                raw.map(|r| serde_json::from_str::<Pause>(&r).unwrap_or(unknown(now_secs())))
+            }
             Board::Local(dir) => {
                 let path = Board::local_file(dir);
                 match std::fs::read_to_string(&path) {
-                    Ok(s) => Some(s),
+                    Ok(r) => Some(serde_json::from_str::<Pause>(&r).unwrap_or_else(|_| {
+                        let written = std::fs::metadata(&path)
+                            .and_then(|m| m.modified())
+                            .ok()
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        unknown(written)
+                    })),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                     Err(source) => return Err(CronError::Io { path, source }),
                 }
             }
         };
-        // Unreadable content counts as a pause: when in doubt, cron waits (until the TTL).
-        Ok(raw
-            .map(|r| {
-                serde_json::from_str::<Pause>(&r).unwrap_or(Pause {
-                    deployment: "?".into(),
-                    node: "?".into(),
-                    since: 0,
-                    until: u64::MAX,
-                })
-            })
-            .filter(|p| p.until > now_secs()))
+        Ok(p.filter(|p| p.until > now_secs()))
     }
 
     /// Removes the pause if it names `deployment`. Returns whether it did.
@@ -565,7 +574,7 @@ async fn run_leased(
     member: &str,
     lock: &std::fs::File,
 ) -> Result<RunOutcome, CronError> {
-    if let Some(p) = board.pause().await? {
+    if let Some(p) = board.pause(cfg.cron.pause_ttl).await? {
         return Ok(RunOutcome::Skipped(format!(
             "cron is paused by deployment {} (node {}) until {}; this run is skipped",
             crate::text::escape(&p.deployment),
@@ -677,5 +686,30 @@ mod tests {
         };
         assert_eq!(c.validate()[0].0, "cron.pause_ttl");
         assert!(CronConfig::default().validate().is_empty());
+    }
+
+    /// A local pause file that cannot be read holds cron back, but only for pause_ttl after
+    /// it was written (it has no TTL of its own, unlike the Redis key).
+    #[tokio::test]
+    async fn an_unreadable_local_pause_holds_until_its_ttl_from_the_write() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("cron-pause.json");
+        std::fs::write(&path, "{not json").unwrap();
+        let mut b = Board::Local(d.path().to_path_buf());
+        let ttl = Duration::from_secs(3600);
+        let p = b.pause(ttl).await.unwrap().expect("a pause");
+        assert_eq!(p.deployment, "?");
+        let old = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: (now_secs() - 7200) as i64,
+                tv_nsec: 0,
+            },
+        };
+        rustix::fs::utimensat(rustix::fs::CWD, &path, &old, rustix::fs::AtFlags::empty()).unwrap();
+        assert_eq!(b.pause(ttl).await.unwrap(), None);
     }
 }
