@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::CacheConfig;
+use crate::drain::DrainConfig;
 use crate::health::HealthConfig;
 use crate::params::ParamsConfig;
 use crate::perms::PermsConfig;
@@ -55,6 +56,7 @@ pub struct Config {
     pub opcache: crate::opcache::OpcacheConfig,
     /// The readiness listener for the load balancer.
     pub readiness: ReadinessConfig,
+    /// When a drain may end: the load balancer's probes, in-flight requests, an upper bound.
     pub drain: DrainConfig,
     pub validate: ValidateConfig,
     /// Magento's cron paused for the fleet while a deployment may upgrade the database.
@@ -99,16 +101,6 @@ impl Default for Config {
             file: PathBuf::from(DEFAULT_PATH),
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, Default)]
-#[serde(default)]
-pub struct DrainConfig {
-    /// How long in-flight requests get after /ready turns 503, before anything stops: the
-    /// target group's deregistration delay (or the load balancer's health-check interval
-    /// times its unhealthy threshold, whichever is longer).
-    #[serde(with = "duration")]
-    pub deregistration_delay: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
@@ -430,6 +422,7 @@ impl Config {
         out.extend(self.cache.validate());
         out.extend(self.processes.validate());
         out.extend(self.cron.validate());
+        out.extend(self.drain.validate());
         out.extend(self.opcache.validate(&self.app_root));
         for (i, s) in self.services.list.iter().enumerate() {
             if let Some(a) = &s.fastcgi

@@ -13,6 +13,7 @@ pub mod config;
 pub mod cron;
 pub mod daemon;
 pub mod dbschema;
+pub mod drain;
 pub mod events;
 pub mod fsutil;
 pub mod health;

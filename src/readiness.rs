@@ -8,9 +8,13 @@
 //! release paths, deployment ids, parameter names) and `/metrics` (OpenMetrics text, encoded
 //! by prometheus-client so label values are escaped) are for operators and go to a separate
 //! listener (`readiness.status_listen`), on loopback by default.
+//!
+//! The listener also keeps a log of who probes `/ready` (by source address: an ALB probes
+//! from one address per availability zone) and how each probe was answered since the last
+//! drain began: the evidence [`crate::drain`] ends a drain on.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
@@ -92,6 +96,23 @@ struct Inner {
     events: BTreeMap<(String, &'static str), (u64, f64)>,
     checks: BTreeMap<(String, &'static str), u64>,
     status: serde_json::Value,
+    /// Who probed /ready, by source address (at most [`MAX_PROBERS`], the stalest dropped).
+    probes: BTreeMap<IpAddr, ProbeLog>,
+    /// The last probe: (from, when, status code), for `status`.
+    last_probe: Option<(IpAddr, SystemTime, u16)>,
+}
+
+/// A scan of the health check port from many addresses must not grow memory without end;
+/// a load balancer has a handful of probing nodes.
+const MAX_PROBERS: usize = 64;
+
+#[derive(Debug, Clone, Copy)]
+struct ProbeLog {
+    last: Instant,
+    prev: Option<Instant>,
+    last_before_drain: Option<Instant>,
+    prev_before_drain: Option<Instant>,
+    refused_since_drain: u32,
 }
 
 /// Shared handle to the node's readiness.
@@ -116,6 +137,8 @@ impl Readiness {
                 events: BTreeMap::new(),
                 checks: BTreeMap::new(),
                 status: serde_json::Value::Null,
+                probes: BTreeMap::new(),
+                last_probe: None,
             })),
             started: Instant::now(),
         }
@@ -140,6 +163,14 @@ impl Readiness {
             });
         }
         info!("readiness: {} -> {}", g.state.name(), to.name());
+        if to == State::Draining {
+            // The drain's evidence counts from here: who probed before, and 503s since.
+            for p in g.probes.values_mut() {
+                p.last_before_drain = Some(p.last);
+                p.prev_before_drain = p.prev;
+                p.refused_since_drain = 0;
+            }
+        }
         g.state = to;
         g.since = SystemTime::now();
         Ok(())
@@ -175,10 +206,62 @@ impl Readiness {
             Ok(g) => g,
             Err(_) => return serde_json::Value::Null,
         };
+        let last_probe = g.last_probe.map(|(from, at, code)| {
+            serde_json::json!({
+                "from": from.to_string(),
+                "at": humantime::format_rfc3339_millis(at).to_string(),
+                "answered": code,
+            })
+        });
         serde_json::json!({
             "state": g.state.name(),
             "since": humantime::format_rfc3339_millis(g.since).to_string(),
+            "last_probe": last_probe,
         })
+    }
+
+    /// Records a probe of /ready from `from`, answered `ready` (200) or not (503).
+    fn record_probe(&self, from: IpAddr, ready: bool) {
+        let Ok(mut g) = self.inner.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if !g.probes.contains_key(&from)
+            && g.probes.len() >= MAX_PROBERS
+            && let Some(stalest) = g.probes.iter().min_by_key(|(_, p)| p.last).map(|(a, _)| *a)
+        {
+            g.probes.remove(&stalest);
+        }
+        let p = g.probes.entry(from).or_insert(ProbeLog {
+            last: now,
+            prev: None,
+            last_before_drain: None,
+            prev_before_drain: None,
+            refused_since_drain: 0,
+        });
+        p.prev = (p.last != now).then_some(p.last);
+        p.last = now;
+        if !ready {
+            p.refused_since_drain = p.refused_since_drain.saturating_add(1);
+        }
+        g.last_probe = Some((from, SystemTime::now(), if ready { 200 } else { 503 }));
+    }
+
+    /// Who probed /ready and how they were answered since the last drain began.
+    pub fn probers(&self) -> Vec<crate::drain::Prober> {
+        let Ok(g) = self.inner.lock() else {
+            return Vec::new();
+        };
+        g.probes
+            .iter()
+            .map(|(addr, p)| crate::drain::Prober {
+                addr: *addr,
+                last_before_drain: p.last_before_drain,
+                prev_before_drain: p.prev_before_drain,
+                last: p.last,
+                refused_since_drain: p.refused_since_drain,
+            })
+            .collect()
     }
 
     pub fn record_event(&self, event: &str, ok: bool, seconds: f64) {
@@ -315,10 +398,16 @@ impl Readiness {
         out
     }
 
-    fn respond(&self, path: &str, surface: Surface) -> (StatusCode, &'static str, String) {
+    fn respond(
+        &self,
+        path: &str,
+        surface: Surface,
+        peer: IpAddr,
+    ) -> (StatusCode, &'static str, String) {
         match (surface, path) {
             (Surface::LoadBalancer, "/ready") => {
                 let s = self.state();
+                self.record_probe(peer, s == State::Ready);
                 let code = if s == State::Ready {
                     StatusCode::OK
                 } else {
@@ -384,7 +473,7 @@ pub async fn serve(addr: &str, r: Readiness, surface: Surface) -> Result<SocketA
     })?;
     tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!("readiness listener: accept failed: {e}");
@@ -394,7 +483,7 @@ pub async fn serve(addr: &str, r: Readiness, surface: Surface) -> Result<SocketA
             let r = r.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (code, ctype, body) = r.respond(req.uri().path(), surface);
+                    let (code, ctype, body) = r.respond(req.uri().path(), surface, peer.ip());
                     async move {
                         Ok::<_, std::convert::Infallible>(
                             Response::builder()
@@ -420,16 +509,65 @@ pub async fn serve(addr: &str, r: Readiness, surface: Surface) -> Result<SocketA
 mod tests {
     use super::*;
 
+    impl Readiness {
+        fn respond_local(
+            &self,
+            path: &str,
+            surface: Surface,
+        ) -> (StatusCode, &'static str, String) {
+            self.respond(path, surface, IpAddr::from([127, 0, 0, 1]))
+        }
+    }
+
+    #[test]
+    fn probes_are_counted_per_source_from_the_start_of_the_drain() {
+        let r = Readiness::new();
+        let alb_a = IpAddr::from([10, 0, 1, 5]);
+        let alb_b = IpAddr::from([10, 0, 2, 7]);
+        r.set_warming().unwrap();
+        r.respond("/ready", Surface::LoadBalancer, alb_a);
+        r.set_ready().unwrap();
+        r.respond("/ready", Surface::LoadBalancer, alb_a);
+        r.respond("/ready", Surface::LoadBalancer, alb_b);
+        r.respond("/live", Surface::LoadBalancer, IpAddr::from([10, 0, 3, 3]));
+        let p = r.probers();
+        assert_eq!(p.len(), 2, "/live is not a probe of /ready: {p:?}");
+        assert!(p.iter().all(|p| p.last_before_drain.is_none()));
+        r.start_draining().unwrap();
+        r.respond("/ready", Surface::LoadBalancer, alb_a);
+        r.respond("/ready", Surface::LoadBalancer, alb_a);
+        let p = r.probers();
+        let a = p.iter().find(|p| p.addr == alb_a).unwrap();
+        let b = p.iter().find(|p| p.addr == alb_b).unwrap();
+        assert_eq!((a.refused_since_drain, b.refused_since_drain), (2, 0));
+        assert!(a.last_before_drain.is_some() && b.last_before_drain.is_some());
+        assert!(a.prev_before_drain.is_some() && b.prev_before_drain.is_none());
+        assert_eq!(r.snapshot()["last_probe"]["answered"], 503);
+        assert_eq!(r.snapshot()["last_probe"]["from"], "10.0.1.5");
+        // a scan from many addresses keeps the log bounded
+        for i in 0..200u8 {
+            r.respond(
+                "/ready",
+                Surface::LoadBalancer,
+                IpAddr::from([192, 168, 0, i]),
+            );
+        }
+        assert_eq!(r.probers().len(), MAX_PROBERS);
+    }
+
     #[test]
     fn ready_only_through_warming() {
         let r = Readiness::new();
         assert!(r.set_ready().is_err());
         r.set_warming().unwrap();
         r.set_ready().unwrap();
-        assert_eq!(r.respond("/ready", Surface::LoadBalancer).0, StatusCode::OK);
+        assert_eq!(
+            r.respond_local("/ready", Surface::LoadBalancer).0,
+            StatusCode::OK
+        );
         r.start_draining().unwrap();
         assert_eq!(
-            r.respond("/ready", Surface::LoadBalancer).0,
+            r.respond_local("/ready", Surface::LoadBalancer).0,
             StatusCode::SERVICE_UNAVAILABLE
         );
         r.set_stopped().unwrap();
@@ -453,19 +591,26 @@ mod tests {
         r.set_status(serde_json::json!({ "current_release": { "id": "r1" } }));
         for p in ["/status", "/metrics"] {
             assert_eq!(
-                r.respond(p, Surface::LoadBalancer).0,
+                r.respond_local(p, Surface::LoadBalancer).0,
                 StatusCode::NOT_FOUND,
                 "{p}"
             );
-            assert_eq!(r.respond(p, Surface::Operator).0, StatusCode::OK, "{p}");
+            assert_eq!(
+                r.respond_local(p, Surface::Operator).0,
+                StatusCode::OK,
+                "{p}"
+            );
         }
         for p in ["/ready", "/live"] {
             assert_ne!(
-                r.respond(p, Surface::LoadBalancer).0,
+                r.respond_local(p, Surface::LoadBalancer).0,
                 StatusCode::NOT_FOUND,
                 "{p}"
             );
-            assert_eq!(r.respond(p, Surface::Operator).0, StatusCode::NOT_FOUND);
+            assert_eq!(
+                r.respond_local(p, Surface::Operator).0,
+                StatusCode::NOT_FOUND
+            );
         }
         assert_eq!(
             ReadinessConfig::default().status_listen.as_deref(),

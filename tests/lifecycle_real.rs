@@ -841,9 +841,11 @@ fn application_start_retried_after_a_crash_completes_the_steps_after_the_switch(
     e.start_daemon();
     let out = e.hook("ApplicationStart", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // nginx, stopped by the drain, is started before the reloads (a stopped service cannot
+    // be reloaded), so the crashed attempt had started it; the retry redoes the reload.
     assert!(
-        text(&out).contains("reloaded php-fpm") && text(&out).contains("started nginx"),
-        "the retry reloads and starts what the drain stopped: {}",
+        text(&out).contains("reloaded php-fpm"),
+        "the retry reloads: {}",
         text(&out)
     );
     assert!(

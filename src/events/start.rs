@@ -70,6 +70,14 @@ impl Engine {
             self.switch(&id, SwitchReason::Deploy).await?;
             current
         };
+        // Services the drain stopped come back now, serving the new release. Before the
+        // reloads: a stopped php-fpm cannot be reloaded (no pid, or `systemctl reload` of an
+        // inactive unit fails), and one just started needs no reload.
+        let started =
+            crate::services::drain_control(&self.cfg.services, crate::services::Verb::Start)
+                .await
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
+        no_reload.extend(started);
         if let Err(e) =
             crate::services::reload_after_switch_except(&self.cfg.services, &no_reload).await
         {
@@ -80,10 +88,6 @@ impl Engine {
             }
             return Err(EngineError::Failed(e.to_string()));
         }
-        // Services the drain stopped come back now, serving the new release.
-        crate::services::drain_control(&self.cfg.services, crate::services::Verb::Start)
-            .await
-            .map_err(|e| EngineError::Failed(e.to_string()))?;
         // Consumers and workers still running the release left behind keep its code: they
         // are ended now, and their supervisor starts them from the new release.
         let swept = self.sweep_old_processes(&id).await;

@@ -642,6 +642,7 @@ pub fn nginx_conf(d: &Path, app_root: &Path, port: u16) -> String {
            uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;\n\
            server {{ listen 127.0.0.1:{port}; root {app}/current/pub; index index.php;\n\
              location / {{ try_files $uri /index.php$is_args$args; }}\n\
+             location = /nginx_status {{ stub_status; allow 127.0.0.1; deny all; }}\n\
              location ~ \\.php$ {{ include /etc/nginx/fastcgi_params;\n\
                fastcgi_param SCRIPT_FILENAME $realpath_root$fastcgi_script_name;\n\
                fastcgi_param DOCUMENT_ROOT $realpath_root;\n\
@@ -711,6 +712,55 @@ impl Haproxy {
             .unwrap();
         wait_port(port, "haproxy", &dir.path().join("haproxy.err"));
         Haproxy { port, child, dir }
+    }
+
+    /// HAProxy in front of several servers `(name, web port, check port)`, each checked with
+    /// `GET /ready` on its check port and `check` (e.g. "inter 100ms fall 2 rise 2").
+    pub fn start_pool(servers: &[(&str, u16, u16)], check: &str) -> Haproxy {
+        let bin = require("haproxy");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cfg = format!(
+            "global\n  stats socket {d}/admin.sock mode 600 level admin\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
+             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
+             backend be\n  balance roundrobin\n  option httpchk GET /ready\n",
+            d = dir.path().display()
+        );
+        for (name, web, ready) in servers {
+            cfg.push_str(&format!(
+                "  server {name} 127.0.0.1:{web} check port {ready} {check}\n"
+            ));
+        }
+        std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
+        let child = Command::new(bin)
+            .arg("-Ws")
+            .arg("-f")
+            .arg(dir.path().join("haproxy.cfg"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("haproxy.err")).unwrap())
+            .spawn()
+            .unwrap();
+        wait_port(port, "haproxy", &dir.path().join("haproxy.err"));
+        Haproxy { port, child, dir }
+    }
+
+    /// A backend server's status as HAProxy sees it (UP, DOWN, ...), via the admin socket.
+    pub fn status_of(&self, server: &str) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.dir.path().join("admin.sock"))
+        else {
+            return String::new();
+        };
+        let _ = s.write_all(b"show stat\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        let prefix = format!("be,{server},");
+        out.lines()
+            .find(|l| l.starts_with(&prefix))
+            .and_then(|l| l.split(',').nth(17))
+            .unwrap_or("")
+            .to_string()
     }
 
     /// The backend server's status as HAProxy sees it (UP, DOWN, ...), via the admin socket.

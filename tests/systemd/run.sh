@@ -11,7 +11,7 @@
 # used with its defaults (permission policy with owner and group, writable dirs 2770, shared
 # paths, the systemd backend reloading php8.2-fpm, the health check at
 # http://127.0.0.1/health_check.php) and changed only where the test must: the params file and
-# the env.php template, and a shorter drain delay.
+# the env.php template.
 #
 # Checks: postinst (group, state dir, enable + start), Type=notify, the socket's group and
 # mode, a first and a second deployment through the hooks (modes and owners on disk, shared
@@ -51,9 +51,10 @@ trap '[ -n "$NSPAWN" ] && { kill -TERM $NSPAWN 2>/dev/null; wait $NSPAWN 2>/dev/
 
 # --- The test's few changes to the packaged config --------------------------------------
 mkdir -p "$S/etc"
-sed -e 's/^drain: { deregistration_delay: 30s }$/drain: { deregistration_delay: 1s }/' \
-  packaging/bgagent.yaml > "$S/etc/bgagent.yaml"
-grep -q 'deregistration_delay: 1s' "$S/etc/bgagent.yaml" || fail "packaging/bgagent.yaml has no drain line to shorten"
+# The packaged drain ends on evidence: no load balancer probes /ready in here, so a drain
+# goes on at once (checked after the second deployment), without a shortened delay.
+cp packaging/bgagent.yaml "$S/etc/bgagent.yaml"
+grep -q '^drain:' "$S/etc/bgagent.yaml" || fail "packaging/bgagent.yaml has no drain section"
 cat >> "$S/etc/bgagent.yaml" <<'YAML'
 # --- added by tests/systemd/run.sh ---
 params: { source: file, path: /etc/bgagent/params.yaml }
@@ -247,6 +248,7 @@ D2=d-NSPAWN0002
 unpack 2 $D2
 for ev in ApplicationStop BeforeInstall AfterInstall ApplicationStart ValidateService BeforeAllowTraffic AfterAllowTraffic; do hook $ev $D2; done
 grep -q '\[echo\] config-reloaded' "$S/hook-$D2-ApplicationStop.log" || { cat "$S/hook-$D2-ApplicationStop.log"; fail "the reloaded config's command did not run"; }
+grep -q 'no load balancer was probing /ready' "$S/hook-$D2-ApplicationStop.log" || { cat "$S/hook-$D2-ApplicationStop.log"; fail "the drain does not say it went on because nobody probes /ready"; }
 [ "$(ctr curl -s http://127.0.0.1/)" = "release=r2" ] || fail "nginx does not serve release r2"
 pid_after=$(ctr systemctl show -p MainPID --value php8.2-fpm)
 [ "$pid_before" = "$pid_after" ] || fail "php8.2-fpm's main process changed ($pid_before -> $pid_after): restarted, not reloaded"
