@@ -9,8 +9,8 @@ node and release answered, status, latency), every change of each node's /ready 
 event. This script turns them into a summary, time series and a plot:
 
     python3 bench/bench_blue_green.py                   # the test's scenario, 200 req/s
-    python3 bench/bench_blue_green.py --packaged-times  # the packaged drain delay (30 s) and
-                                                        # health startup budget (30 s)
+    python3 bench/bench_blue_green.py --packaged-times  # the packaged health startup budget
+                                                        # (30 s); the drain is packaged either way
     python3 bench/bench_blue_green.py --smoke           # the blue/green deployment only (CI)
 
 Writes NAME_{summary.json,series.csv,events.csv,ready.csv} and NAME.png into --out, NAME being
@@ -136,7 +136,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=int, default=200, help="requests per second through HAProxy")
     ap.add_argument("--packaged-times", action="store_true",
-                    help="keep packaging/bgagent.yaml's drain delay and health startup budget")
+                    help="keep packaging/bgagent.yaml's health startup budget (the drain is packaged either way)")
     ap.add_argument("--release", action="store_true", help="cargo test --release")
     ap.add_argument("--smoke", action="store_true", help="the blue/green deployment only, 50 req/s")
     ap.add_argument("--out", default=str(REPO / "bench/results"))
@@ -172,7 +172,7 @@ def main():
         w.writeheader()
         w.writerows(rows)
     title = (f"blue/green through HAProxy, {a.rate} req/s"
-             + (", packaged drain delay and startup budget" if a.packaged_times else ""))
+             + (", packaged startup budget" if a.packaged_times else ""))
     # Debian's matplotlib (python3-matplotlib), whatever python runs this script
     py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
     subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", py, str(REPO / "bench/plot_blue_green.py"), str(out), name, title],

@@ -12,8 +12,8 @@
 //! drains). `bench/bench_blue_green.py` runs the same scenario and plots it.
 //!
 //! Knobs, for the benchmark (the test's defaults need none): `BGAGENT_BG_RATE` (requests/s,
-//! default 200), `BGAGENT_BG_PACKAGED_TIMES=1` (keep the packaged drain delay and health
-//! startup budget instead of shortening them), `BGAGENT_BG_SMOKE=1` (the blue/green
+//! default 200), `BGAGENT_BG_PACKAGED_TIMES=1` (keep the packaged health startup budget
+//! instead of shortening it; the drain is the packaged one either way), `BGAGENT_BG_SMOKE=1` (the blue/green
 //! deployment only), `BGAGENT_BG_OUT=DIR` (write requests.csv, ready.csv, events.csv).
 
 mod support;
@@ -88,9 +88,8 @@ fn replace_line(cfg: &str, prefix: &str, with: &str) -> String {
 
 /// packaging/bgagent.yaml with the node's paths and ports, and the exec backend for the
 /// private nginx and php-fpm (no systemd on this host). Nothing else changes, except, unless
-/// `packaged_times`, the drain's deregistration delay and the health checks' startup budget
-/// (30 s each: the test's wall time), and `validate.rollback_on_failure`, which the scenario
-/// is about.
+/// `packaged_times`, the health checks' startup budget (30 s: the test's wall time), and
+/// `validate.rollback_on_failure`, which the scenario is about.
 fn node_config(
     dir: &Path,
     web: &support::Web,
@@ -143,9 +142,9 @@ fn node_config(
         "http://127.0.0.1/",
         &format!("http://127.0.0.1:{}/", web.port),
     );
+    // The packaged drain is used as it is: it ends when HAProxy's probes were answered 503
+    // (drain.unhealthy_threshold), not after a fixed delay.
     if !packaged_times {
-        assert!(cfg.contains("deregistration_delay: 30s"), "{cfg}");
-        cfg = cfg.replace("deregistration_delay: 30s", "deregistration_delay: 2s");
         cfg = replace_line(&cfg, "health:", "health:\n  startup_budget: 2s");
     }
     cfg.push_str("validate: { rollback_on_failure: true }\n");

@@ -404,8 +404,8 @@ impl Web {
     }
 
     /// One node of a fleet: every response carries `X-Node: <node>` (set by nginx, so even a
-    /// response PHP never saw names the node), and nginx's stub_status answers on
-    /// `/nginx_status` (loopback only) for the drain's in-flight count.
+    /// response PHP never saw names the node). nginx's stub_status answers on `/nginx_status`
+    /// (loopback only) for the drain's in-flight count on every [`Web`] (see [`nginx_conf`]).
     pub fn start_node(app_root: &Path, node: &str) -> Web {
         Web::start_full(app_root, &[], Some(node))
     }
@@ -441,10 +441,7 @@ impl Web {
             assert!(conf.contains(&server), "{conf}");
             conf = conf.replace(
                 &server,
-                &format!(
-                    "{server} add_header X-Node {node} always;\n\
-                     location = /nginx_status {{ stub_status; allow 127.0.0.1; deny all; }}\n"
-                ),
+                &format!("{server} add_header X-Node {node} always;\n"),
             );
         }
         std::fs::write(d.join("nginx.conf"), conf).unwrap();
