@@ -464,6 +464,19 @@ impl Config {
         if let Some(m) = &self.schema.migration {
             out.extend(unknown_placeholders("schema.migration.argv", &m.argv, &[]));
         }
+        if self.schema.breaking == crate::schema::Breaking::Maintenance
+            && self.cache.redis.is_none()
+        {
+            out.push((
+                "schema.breaking".into(),
+                "`maintenance` needs cache.redis: the fleet's Redis is how every node learns to turn Magento's maintenance flag on".into(),
+            ));
+        }
+        if let Some(f) = &self.schema.class_file
+            && let Err(m) = crate::perms::check_relative(f)
+        {
+            out.push(("schema.class_file".into(), m));
+        }
         for (i, s) in self.services.list.iter().enumerate() {
             for (verb, argv) in [
                 ("test", &s.test),
@@ -891,6 +904,21 @@ mod tests {
             Path::new("/etc/bgagent/bgagent.yaml"),
             Path::new("/etc/bgagent"),
         )
+    }
+
+    #[test]
+    fn schema_breaking_maintenance_needs_cache_redis_and_class_file_is_a_release_path() {
+        let e = parse("app_root: /a\nschema:\n  breaking: maintenance\n  class_file: /etc/x\n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("`schema.breaking`: `maintenance` needs cache.redis"),
+            "{e}"
+        );
+        assert!(e.contains("`schema.class_file`"), "{e}");
+        parse("app_root: /a\ncache: { redis: \"redis://127.0.0.1:6379\" }\nschema:\n  breaking: maintenance\n  class_file: etc/schema-change\n")
+            .unwrap();
     }
 
     #[test]

@@ -1210,6 +1210,63 @@ mod tests {
     }
 
     #[test]
+    fn a_release_is_read_through_its_handle_and_links_are_never_followed() {
+        use std::os::fd::AsFd;
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(
+            outside.path().join("secret.xml"),
+            format!("{HEAD}</schema>"),
+        )
+        .unwrap();
+        let shop = r.join("app/code/Vendor/Shop/etc");
+        std::fs::create_dir_all(&shop).unwrap();
+        std::fs::write(
+            shop.join("module.xml"),
+            r#"<config><module name="Vendor_Shop" setup_version="1.0.0"/></config>"#,
+        )
+        .unwrap();
+        std::fs::write(
+            shop.join("db_schema.xml"),
+            format!("{HEAD}{PRODUCT}</schema>"),
+        )
+        .unwrap();
+        // a vendor module that is a link: listed as unreadable, a breaking finding
+        std::fs::create_dir_all(r.join("vendor/acme")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), r.join("vendor/acme/module-x")).unwrap();
+        let root = rustix::fs::open(
+            r,
+            rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let s = read_release(root.as_fd(), r).unwrap();
+        assert_eq!(s.table_count(), 1);
+        assert_eq!(
+            s.unreadable,
+            vec![(
+                "vendor/acme/module-x".to_string(),
+                "vendor/acme/module-x".to_string()
+            )]
+        );
+        let f = classify(&s, &s);
+        assert_eq!(only(&f).class, Class::Breaking, "{f:#?}");
+        // a db_schema.xml that is a link to a file outside: refused, naming the path
+        std::fs::remove_file(shop.join("db_schema.xml")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.xml"),
+            shop.join("db_schema.xml"),
+        )
+        .unwrap();
+        let e = read_release(root.as_fd(), r).unwrap_err().to_string();
+        assert!(
+            e.contains("app/code/Vendor/Shop/etc/db_schema.xml") && e.contains("symlink"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_xml_names_the_file_and_line() {
         let e = merge(&[ModuleFiles {
             name: "X".into(),
