@@ -64,9 +64,10 @@ impl Meter {
 
     /// The final report: a client's bar for this task ends here.
     pub fn finish(self, done: u64, note: &str) {
-        // done == total tells the client this task is over, also when the total was unknown.
+        // done == total tells the client this task is over, also when it ended early (a
+        // drain before its bound) or the total was unknown.
         Meter {
-            total: Some(self.total.unwrap_or(done).max(done)),
+            total: Some(done),
             ..self
         }
         .emit(done, note);

@@ -130,10 +130,22 @@ async fn wait_for_evidence(
     let mut watch = Watch::new(cfg, started, stops_services);
     let client = crate::health::http_client();
     let mut warned = false;
+    let mut meter = crate::progress::Meter::new(
+        "drain",
+        "ms",
+        Some(cfg.deregistration_delay.as_millis() as u64),
+    );
     loop {
         match watch.step(Instant::now(), &readiness.probers()) {
-            Step::Done(e) => return e,
+            Step::Done(e) => {
+                meter.finish(started.elapsed().as_millis() as u64, "");
+                return e;
+            }
             Step::Wait { read_in_flight } => {
+                meter.update(
+                    started.elapsed().as_millis() as u64,
+                    "of the bound; waiting for the load balancer's probes",
+                );
                 if read_in_flight && let Some(url) = &cfg.active_requests_url {
                     let reading = read_in_flight_requests(&client, url).await;
                     if let InFlight::Unknown(why) = &reading
