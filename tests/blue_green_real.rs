@@ -497,6 +497,10 @@ impl Harness {
     }
 
     /// Runs `events` of deployment `dep` on `node` in order; each must succeed.
+    /// Runs `events` of deployment `dep` on `node` in order; each must succeed, and leave the
+    /// node ready exactly when CodeDeploy may send it traffic next: after ValidateService and
+    /// the traffic-allowing events, and not after any other (in every order here the other
+    /// events run on a node that is drained, being drained, or has never served).
     fn hooks(&self, node: &str, dep: &str, events: &[&str]) {
         for ev in events {
             let out = self.hook(node, dep, ev);
@@ -505,6 +509,23 @@ impl Harness {
                 Some(0),
                 "{node}: {ev} of {dep}:\n{}",
                 text(&out)
+            );
+            let ready = matches!(
+                *ev,
+                "ValidateService" | "BeforeAllowTraffic" | "AfterAllowTraffic"
+            );
+            let n = self.node(node);
+            assert_eq!(
+                n.ready() == 200,
+                ready,
+                "{node}: /ready after {ev} of {dep}:\n{}",
+                text(&out)
+            );
+            let st = n.status();
+            assert_eq!(
+                st["node"]["readiness"]["state"] == "ready",
+                ready,
+                "{node}: readiness after {ev} of {dep}: {st}"
             );
         }
     }
