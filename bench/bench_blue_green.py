@@ -66,11 +66,13 @@ def load(raw: Path):
 
 
 def ready_at(changes, t):
+    """(since when, code) of /ready at t: since when it has not said 200 if it does not."""
     code = None
     for (tc, c) in changes:
         if tc > t:
             break
-        code = (tc, c)
+        if code is None or c == 200 or code[1] == 200:
+            code = (tc, c)
     return code
 
 

@@ -433,10 +433,15 @@ fn answered_while_not_ready<'a>(
         .filter(|r| !r.node.is_empty())
         .filter_map(|r| {
             let (_, changes) = ready.iter().find(|(n, _)| *n == r.node)?;
-            // The last change the watcher saw before the request was sent: the watcher sees
-            // a change up to WATCH late, which only makes this lenient.
-            let &(since, code) = changes.iter().rev().find(|(t, _)| *t <= r.start)?;
-            (code != 200 && r.start - since > grace).then_some((r, r.start - since))
+            // The changes the watcher saw before the request was sent (it sees a change up to
+            // WATCH late, which only makes this lenient); if the last one is not 200, since
+            // when /ready has not said 200 (503, or nothing while the daemon restarts).
+            let before: Vec<_> = changes.iter().filter(|(t, _)| *t <= r.start).collect();
+            if before.last()?.1 == 200 {
+                return None;
+            }
+            let since = before.iter().rev().take_while(|(_, c)| *c != 200).last()?.0;
+            (r.start - since > grace).then_some((r, r.start - since))
         })
         .collect()
 }
