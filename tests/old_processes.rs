@@ -1,6 +1,6 @@
 //! Processes still running an old release's code after a switch (issue 15, item 3): real
-//! PHP CLI consumers started the way cron and supervisors start them, found by cwd and by
-//! command line, listed in `bgagent status`, then ended (SIGTERM, SIGKILL after the grace)
+//! PHP CLI consumers started the way cron and supervisors start them, found by cwd, by
+//! command line and (a native worker shipped in the release) by executable, listed in `bgagent status`, then ended (SIGTERM, SIGKILL after the grace)
 //! by the next deploy's ApplicationStart; a process outside the old release is untouched.
 //! Run through the real binary as `bgagent deploy DIR`.
 
@@ -63,6 +63,8 @@ impl Node {
             "<?php pcntl_signal(SIGTERM, SIG_IGN); while (true) { sleep(1); pcntl_signal_dispatch(); }",
         )
         .unwrap();
+        // A native worker shipped in the release (found by its executable).
+        std::fs::copy("/bin/sleep", s.join("bin/worker")).unwrap();
         let o = self.bgagent(&["deploy", s.to_str().unwrap()]);
         assert!(o.status.success(), "deploy {version}: {}", text(&o));
         o
@@ -128,12 +130,34 @@ fn old_release_consumers_are_listed_then_ended_after_the_switch_and_others_untou
     // Started elsewhere, naming the release's script by its path.
     let by_arg = php(&n.p(""), &[old.join("bin/consumer.php").to_str().unwrap()]);
     let stubborn = php(&old, &["bin/stubborn.php"]);
+    // Started through `current` from elsewhere: its argv names `current`, its executable
+    // (resolved by the kernel) is releases/<v1>/bin/worker.
+    let mut w = Command::new(n.p("app/current/bin/worker"));
+    w.arg("300")
+        .current_dir(n.p(""))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    unsafe {
+        w.pre_exec(|| {
+            let _ = rustix::process::setsid();
+            Ok(())
+        });
+    }
+    let by_exe = w.spawn().unwrap();
     // A PHP process of something else: never touched.
     std::fs::create_dir_all(n.p("elsewhere")).unwrap();
     std::fs::copy(old.join("bin/consumer.php"), n.p("elsewhere/consumer.php")).unwrap();
     let bystander = php(&n.p("elsewhere"), &["consumer.php"]);
-    let ids = [by_cwd.id(), by_arg.id(), stubborn.id(), bystander.id()].map(|i| i as i64);
-    let mut kids = Reap(vec![by_cwd, by_arg, stubborn, bystander]);
+    let ids = [
+        by_cwd.id(),
+        by_arg.id(),
+        stubborn.id(),
+        bystander.id(),
+        by_exe.id(),
+    ]
+    .map(|i| i as i64);
+    let mut kids = Reap(vec![by_cwd, by_arg, stubborn, bystander, by_exe]);
     // Give php a moment to exec (its cmdline is `php ...` from the start; this only avoids
     // reading a process still in fork).
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -152,6 +176,7 @@ fn old_release_consumers_are_listed_then_ended_after_the_switch_and_others_untou
     );
     assert!(listed.contains(&(ids[1], "cmdline".into())), "{listed:?}");
     assert!(listed.contains(&(ids[2], "cwd".into())), "{listed:?}");
+    assert!(listed.contains(&(ids[4], "exe".into())), "{listed:?}");
     assert!(!listed.iter().any(|(p, _)| *p == ids[3]), "{listed:?}");
     let release_v1 = old.file_name().unwrap().to_str().unwrap();
     assert!(
@@ -188,13 +213,14 @@ fn old_release_consumers_are_listed_then_ended_after_the_switch_and_others_untou
     assert_eq!(sig(&mut kids.0[0]), Some(15), "{log}");
     assert_eq!(sig(&mut kids.0[1]), Some(15), "{log}");
     assert_eq!(sig(&mut kids.0[2]), Some(9), "{log}");
+    assert_eq!(sig(&mut kids.0[4]), Some(15), "{log}");
     assert!(
         kids.0[3].try_wait().unwrap().is_none(),
         "the bystander was signalled: {log}"
     );
     assert!(log.contains("ended by SIGTERM"), "{log}");
     assert!(log.contains("ended by SIGKILL"), "{log}");
-    assert!(log.contains("3 process(es) of old releases ended"), "{log}");
+    assert!(log.contains("4 process(es) of old releases ended"), "{log}");
 
     let s = n.status();
     assert_eq!(s["old_processes"], serde_json::json!([]), "{s:#}");
@@ -215,7 +241,8 @@ fn old_release_consumers_are_listed_then_ended_after_the_switch_and_others_untou
         vec![
             (ids[0], "terminated".into()),
             (ids[1], "terminated".into()),
-            (ids[2], "killed".into())
+            (ids[2], "killed".into()),
+            (ids[4], "terminated".into())
         ]
         .into_iter()
         .collect::<std::collections::BTreeSet<_>>()
