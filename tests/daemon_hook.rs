@@ -1334,3 +1334,45 @@ fn hook_sigterm_in_application_start_switches_back_with_rollback_on_failure() {
     assert_eq!(support::http_get(ready_port, "/ready").0, 200, "{rec}");
     assert_eq!(node.status_json()["last_switch"]["reason"], "auto_rollback");
 }
+
+/// ValidateService's own `commands:` (an operator's smoke test) ran after the node had
+/// turned ready and the release had been recorded as passed: a failing smoke test failed the
+/// event while /ready answered 200 on the release and it stayed a rollback target. The
+/// commands are part of validation: they run before the node turns ready, and a failure
+/// leaves the node out and the release never a rollback target.
+#[test]
+fn a_failing_validate_service_command_left_the_node_ready_and_the_release_passed() {
+    let mut node = Node::with_extra(
+        "commands:\n  ValidateService:\n    - { argv: [sh, -c, 'test ! -e \"$BGAGENT_RELEASE_DIR/SMOKE_FAILS\"'] }\n",
+    );
+    node.start();
+    node.revision("g-1", "d-GOOD", "good");
+    for ev in IN_PLACE {
+        let out = node.hook(ev, Some("d-GOOD"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    let good = node.current().unwrap();
+    node.revision("g-1", "d-SMOKE", "smoke");
+    std::fs::write(
+        node.path("cd-root/g-1/d-SMOKE/deployment-archive/SMOKE_FAILS"),
+        "",
+    )
+    .unwrap();
+    for ev in &IN_PLACE[..6] {
+        let out = node.hook(ev, Some("d-SMOKE"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    let out = node.hook("ValidateService", Some("d-SMOKE"), "g-1");
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    let st = node.status_json();
+    assert_ne!(st["node"]["readiness"]["state"], "ready", "{st:#}");
+    let smoke = node.current().unwrap();
+    let rec = st["releases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == smoke.as_str())
+        .unwrap();
+    assert_eq!(rec["validation"], "failed", "{st:#}");
+    assert_eq!(st["rollback_target"], good.as_str(), "{st:#}");
+}

@@ -452,7 +452,9 @@ impl Engine {
     async fn perform(&mut self, event: Event) -> Result<String, EngineError> {
         let t0 = Instant::now();
         let mut result = self.perform_builtin(event).await;
+        // ValidateService runs its commands itself, before the node turns ready.
         if result.is_ok()
+            && event != Event::ValidateService
             && let Err(e) = self.run_commands(event).await
         {
             result = Err(e);
@@ -463,7 +465,7 @@ impl Engine {
     }
 
     /// The extra commands configured for `event`, run by argv in the new release.
-    async fn run_commands(&self, event: Event) -> Result<(), EngineError> {
+    pub(super) async fn run_commands(&self, event: Event) -> Result<(), EngineError> {
         let Some(cmds) = self.cfg.commands.get(event.name()) else {
             return Ok(());
         };

@@ -3,6 +3,7 @@
 use crate::state::{SwitchReason, Validation};
 
 use super::{Engine, EngineError};
+use crate::lifecycle::Event;
 
 impl Engine {
     pub(super) async fn validate(&mut self) -> Result<String, EngineError> {
@@ -34,6 +35,16 @@ impl Engine {
             () = self.hook_ended() => {
                 return Err(EngineError::Cancelled("the health checks passed".into()));
             }
+        };
+        // The event's own commands (an operator's smoke test) are part of validation: they
+        // run before the node turns ready, and their failure is a failed validation.
+        let checked = match checked {
+            Ok(v) => match self.run_commands(Event::ValidateService).await {
+                Ok(()) => Ok(v),
+                Err(e @ EngineError::Cancelled(_)) => return Err(e),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e),
         };
         if checked.is_ok() {
             self.checkpoint("the node turns ready")?;
