@@ -824,6 +824,12 @@ pub async fn rolled_back(cfg: &CacheConfig, app: &str, slot: usize) -> Result<()
     Ok(())
 }
 
+/// The serving registry of `slot` (node -> unix seconds of its last heartbeat): which nodes
+/// serve a generation, for other fleet-wide steps (a maintenance window) to wait for.
+pub fn serving_key(app: &str, slot: usize) -> String {
+    format!("bgagent:{}:serving:{slot}", sanitize(app))
+}
+
 fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })

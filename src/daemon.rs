@@ -186,6 +186,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                             timeout: cfg.cache.timeout,
                             wait: cfg.schema.maintenance_wait,
                             ttl: cfg.schema.maintenance_ttl,
+                            slots: cfg.cache.slots.len(),
+                            stale_after: cfg.cache.stale_after,
                         },
                         cfg.app.name.clone(),
                         cfg.schema.php.clone(),

@@ -18,7 +18,9 @@
 //!   that was not switched when the window closed takes its flag off then. Its heartbeat in
 //!   `bgagent:{app}:maintenance:nodes` tells the opener which nodes to wait for;
 //! - the node that runs setup:upgrade (under the fleet's lock) opens the window and waits
-//!   until every watching node has its flag on (`schema.maintenance_wait`); if one does not,
+//!   until every node has its flag on (`schema.maintenance_wait`): every node that watches,
+//!   and every node registered as serving a cache generation (`cache::serving_key`), so a
+//!   serving node whose daemon is down is waited for, not forgotten; if one does not,
 //!   it closes the window again and fails before anything changed. The window is deleted
 //!   when every node that turned maintenance on has switched.
 //!
@@ -47,6 +49,11 @@ pub struct Coordinator {
     pub wait: Duration,
     /// The window's safety TTL.
     pub ttl: Duration,
+    /// The cache generations' slot count and staleness: nodes registered as serving one
+    /// (`cache::serving_key`) are waited for too, so a node whose daemon does not watch
+    /// (down, or configured otherwise) keeps the window from opening.
+    pub slots: usize,
+    pub stale_after: Duration,
 }
 
 /// A heartbeat older than this is a node that no longer watches: not waited for.
@@ -109,7 +116,20 @@ impl Coordinator {
                 .filter(|(_, t)| now.saturating_sub(*t) <= HEARTBEAT_FRESH.as_secs())
                 .map(|(n, _)| n)
                 .collect();
+            for slot in 0..self.slots {
+                let serving: std::collections::HashMap<String, u64> = c
+                    .hgetall(crate::cache::serving_key(&self.app, slot))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                want.extend(
+                    serving
+                        .into_iter()
+                        .filter(|(_, t)| now.saturating_sub(*t) <= self.stale_after.as_secs())
+                        .map(|(n, _)| n),
+                );
+            }
             want.sort();
+            want.dedup();
             let missing: Vec<&String> = want.iter().filter(|n| !on.contains(n)).collect();
             if missing.is_empty() && want.contains(&self.node) {
                 info!("maintenance on for nodes {}", want.join(", "));
@@ -123,7 +143,7 @@ impl Coordinator {
                     vec![self.node.clone()]
                 };
                 return Err(format!(
-                    "maintenance could not be confirmed within {:?} (schema.maintenance_wait) on node(s) {}: their daemon did not turn Magento's maintenance flag on (is it running, with schema.breaking: maintenance and the same cache.redis?). Nothing was changed and the window is closed",
+                    "maintenance could not be confirmed within {:?} (schema.maintenance_wait) on node(s) {}: they serve (or their daemon watches) but did not turn Magento's maintenance flag on (is their daemon running, with schema.breaking: maintenance and the same cache.redis?). Nothing was changed and the window is closed",
                     self.wait,
                     missing.join(", ")
                 ));

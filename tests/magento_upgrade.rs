@@ -29,7 +29,7 @@ impl Drop for Agent {
 struct Fleet {
     base: tempfile::TempDir,
     db: support::MariaDb,
-    _redis: support::Redis,
+    redis: support::Redis,
     agents: Vec<Agent>,
 }
 
@@ -102,7 +102,7 @@ impl Fleet {
         Fleet {
             base,
             db,
-            _redis: redis,
+            redis,
             agents,
         }
     }
@@ -634,6 +634,53 @@ fn a_breaking_change_with_schema_breaking_maintenance_takes_every_node_into_main
         assert!(
             t0.elapsed() < std::time::Duration::from_secs(30),
             "the window was not closed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_node_that_serves_but_does_not_turn_maintenance_on_keeps_the_window_from_opening() {
+    let mut f = Fleet::with_redis(2, 0, "  breaking: maintenance\n  maintenance_wait: 3s\n");
+    f.revision("d-1", None);
+    all_ok(&f.deploy("d-1", FULL));
+    let web0 = support::Web::start(&f.agents[0].dir.join("app"));
+    // node1 still serves (its web server runs, it is registered), but its daemon is down:
+    // and its watcher's heartbeat is gone too (as for a node that never watched)
+    support::stop_daemon(&mut f.agents[1].daemon);
+    let out = Command::new(support::require("redis-cli"))
+        .args([
+            "-u",
+            &f.redis.url(),
+            "-n",
+            "2",
+            "HDEL",
+            "bgagent:shop:maintenance:nodes",
+            "node1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out).trim(), "1", "{}", text(&out));
+    f.revision("d-2", Some("breaking"));
+    assert_eq!(
+        hook(&f.agents[0].dir, "BeforeInstall", "d-2").status.code(),
+        Some(0)
+    );
+    let out = hook(&f.agents[0].dir, "AfterInstall", "d-2");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains("maintenance could not be confirmed within 3s (schema.maintenance_wait) on node(s) node1")
+            && t.contains("Nothing was changed and the window is closed"),
+        "{t}"
+    );
+    assert_eq!(f.runs("setup:upgrade"), 1, "setup:upgrade did not run");
+    // node0 took its flag off again once the window closed
+    let t0 = std::time::Instant::now();
+    while web0.get("/catalog").0 != 200 {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "node0 stayed in maintenance"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }

@@ -259,6 +259,8 @@ impl Engine {
                 timeout: self.cfg.cache.timeout,
                 wait: self.cfg.schema.maintenance_wait,
                 ttl: self.cfg.schema.maintenance_ttl,
+                slots: self.cfg.cache.slots.len(),
+                stale_after: self.cfg.cache.stale_after,
             });
         let at = crate::schema::Attempting {
             app: &self.app_name(),
