@@ -8,13 +8,15 @@
 //! DEPLOYMENT_GROUP_ID, BUNDLE_*), while a bounded constant-rate client sends requests
 //! through HAProxy for the whole run and records which node and release answered each.
 //!
-//! HEAVY: one test, about a minute of wall time (two nodes, HAProxy, 200 requests/s, five
-//! drains). `bench/bench_blue_green.py` runs the same scenario and plots it.
+//! HEAVY: one test, 35-50 s of wall time here (two nodes, HAProxy, 200 requests/s, about 25
+//! s of load; most of the rest is a failing release's ValidateService and the set-up).
+//! `bench/bench_blue_green.py` runs the same scenario and plots it.
 //!
 //! Knobs, for the benchmark (the test's defaults need none): `BGAGENT_BG_RATE` (requests/s,
 //! default 200), `BGAGENT_BG_PACKAGED_TIMES=1` (keep the packaged health startup budget
-//! instead of shortening it; the drain is the packaged one either way), `BGAGENT_BG_SMOKE=1` (the blue/green
-//! deployment only), `BGAGENT_BG_OUT=DIR` (write requests.csv, ready.csv, events.csv).
+//! instead of shortening it; the drain is the packaged one either way), `BGAGENT_BG_SMOKE=1`
+//! (the blue/green deployment only), `BGAGENT_BG_OUT=DIR` (write requests.csv, ready.csv,
+//! events.csv).
 
 mod support;
 
