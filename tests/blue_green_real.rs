@@ -8,8 +8,8 @@
 //! DEPLOYMENT_GROUP_ID, BUNDLE_*), while a bounded constant-rate client sends requests
 //! through HAProxy for the whole run and records which node and release answered each.
 //!
-//! HEAVY: one test, 35-50 s of wall time here (two nodes, HAProxy, 200 requests/s, about 25
-//! s of load; most of the rest is a failing release's ValidateService and the set-up).
+//! HEAVY: one test, 35-50 s of wall time here (two nodes, HAProxy, 200 requests/s for the
+//! 22-32 s the steps take under load; the rest is set-up, the first deployment and tear-down).
 //! `bench/bench_blue_green.py` runs the same scenario and plots it.
 //!
 //! Knobs, for the benchmark (the test's defaults need none): `BGAGENT_BG_RATE` (requests/s,
