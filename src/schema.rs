@@ -801,9 +801,13 @@ async fn run_once(
         at: at.clone(),
         message: e.to_string(),
     };
+    // TCP, always: the command inherits this node's end of the lock connection, found by
+    // its ports; mysql_async would otherwise move a connection to a local server onto its
+    // unix socket (prefer_socket), which has none, and the lock would die with the daemon.
     let opts = mysql_async::OptsBuilder::default()
         .ip_or_hostname(db.host.clone())
         .tcp_port(db.port)
+        .prefer_socket(false)
         .user(Some(db.user.clone()))
         .pass(password)
         .db_name(Some(db.database.clone()));

@@ -312,6 +312,15 @@ fn killing_the_lock_holder_mid_migration_never_runs_the_migration_twice_at_once(
         (deploy.join().unwrap(), killed)
     });
     let _ = f.agents[killed].daemon.wait();
+    // The command held the lock connection: the lock outlived the killed daemon because the
+    // node found its own end of that connection to pass on.
+    for a in &f.agents {
+        let log = std::fs::read_to_string(a.dir.join("daemon.log")).unwrap_or_default();
+        assert!(
+            !log.contains("could not find this node's end of the lock connection"),
+            "{log}"
+        );
+    }
     for (i, node) in outs.iter().enumerate() {
         if i != killed {
             assert_eq!(node[1].0.status.code(), Some(0), "{}", text(&node[1].0));
