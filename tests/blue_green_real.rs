@@ -701,7 +701,8 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
             ("blue", blue.web.port, blue.ready_port),
             ("green", green.web.port, green.ready_port),
         ],
-        PROBE,
+        &format!("inter {}ms fall 1 rise 1", PROBE.as_millis()),
+        false,
     );
     let h = Harness {
         clock,

@@ -295,13 +295,14 @@ fn drain_with_stop_on_drain_behind_haproxy_fails_no_request() {
     std::fs::write(peer_release.join("pub/index.php"), INDEX_PHP).unwrap();
     std::fs::write(peer_release.join("RELEASE_ID"), "peer").unwrap();
     std::os::unix::fs::symlink(&peer_release, peer_root.path().join("current")).unwrap();
-    let lb = support::Haproxy::start_pool(
+    let lb = support::Pool::start(
         &[
             ("node", n.web.port, n.ready_port),
             ("peer", peer.port, peer.port),
         ],
         // an ALB target group's default unhealthy threshold (HAProxy's fall), probing fast
         "inter 100ms fall 2 rise 2",
+        true,
     );
 
     n.revision("d-1", "one");
@@ -309,7 +310,7 @@ fn drain_with_stop_on_drain_behind_haproxy_fails_no_request() {
         ok(&n.hook(ev, "d-1"));
     }
     wait_until(10, "HAProxy should see both servers UP", || {
-        lb.status_of("node") == "UP" && lb.status_of("peer") == "UP"
+        lb.stat("node").status == "UP" && lb.stat("peer").status == "UP"
     });
 
     let load = Load::start(lb.port, 200, 40_000);
@@ -323,7 +324,7 @@ fn drain_with_stop_on_drain_behind_haproxy_fails_no_request() {
         }
     }
     wait_until(10, "HAProxy should take the node in again", || {
-        lb.status_of("node") == "UP"
+        lb.stat("node").status == "UP"
     });
     // some more requests with the node back in
     let at = load.count();

@@ -711,55 +711,6 @@ impl Haproxy {
         Haproxy { port, child, dir }
     }
 
-    /// HAProxy in front of several servers `(name, web port, check port)`, each checked with
-    /// `GET /ready` on its check port and `check` (e.g. "inter 100ms fall 2 rise 2").
-    pub fn start_pool(servers: &[(&str, u16, u16)], check: &str) -> Haproxy {
-        let bin = require("haproxy");
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut cfg = format!(
-            "global\n  stats socket {d}/admin.sock mode 600 level admin\ndefaults\n  mode http\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\n\
-             frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
-             backend be\n  balance roundrobin\n  option httpchk GET /ready\n",
-            d = dir.path().display()
-        );
-        for (name, web, ready) in servers {
-            cfg.push_str(&format!(
-                "  server {name} 127.0.0.1:{web} check port {ready} {check}\n"
-            ));
-        }
-        std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
-        let child = Command::new(bin)
-            .arg("-Ws")
-            .arg("-f")
-            .arg(dir.path().join("haproxy.cfg"))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("haproxy.err")).unwrap())
-            .spawn()
-            .unwrap();
-        wait_port(port, "haproxy", &dir.path().join("haproxy.err"));
-        Haproxy { port, child, dir }
-    }
-
-    /// A backend server's status as HAProxy sees it (UP, DOWN, ...), via the admin socket.
-    pub fn status_of(&self, server: &str) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::os::unix::net::UnixStream::connect(self.dir.path().join("admin.sock"))
-        else {
-            return String::new();
-        };
-        let _ = s.write_all(b"show stat\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        let prefix = format!("be,{server},");
-        out.lines()
-            .find(|l| l.starts_with(&prefix))
-            .and_then(|l| l.split(',').nth(17))
-            .unwrap_or("")
-            .to_string()
-    }
-
     /// The backend server's status as HAProxy sees it (UP, DOWN, ...), via the admin socket.
     pub fn server_status(&self) -> String {
         use std::io::{Read, Write};
@@ -787,8 +738,8 @@ impl Drop for Haproxy {
 
 /// HAProxy as an ALB with one target group over several nodes: `(name, web_port,
 /// ready_port)` each, health-checked on the node's readiness endpoint (`/ready` every
-/// `inter`, one failure takes it out, one success brings it in). Every server starts
-/// deregistered (weight 0); the harness registers and deregisters targets through the admin
+/// `inter 100ms fall 1 rise 1`, say). Servers start registered or deregistered (weight 0);
+/// the harness registers and deregisters targets through the admin
 /// socket ([`Pool::register`]), as CodeDeploy's AllowTraffic and BlockTraffic move them in an
 /// ALB. Weights, not maintenance mode: HAProxy stops health-checking a server in maintenance
 /// and brings it back UP before any check has passed, while an ALB routes to a newly
@@ -813,7 +764,9 @@ pub struct ServerStat {
 }
 
 impl Pool {
-    pub fn start(servers: &[(&str, u16, u16)], inter: Duration) -> Pool {
+    /// `check`: the server line's check parameters (`inter 100ms fall 1 rise 1`: the target
+    /// group's interval and thresholds); `registered`: whether the targets start registered.
+    pub fn start(servers: &[(&str, u16, u16)], check: &str, registered: bool) -> Pool {
         let bin = require("haproxy");
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -824,10 +777,10 @@ impl Pool {
              backend be\n  balance roundrobin\n  option httpchk GET /ready\n",
             d = dir.path().display()
         );
+        let weight = u32::from(registered);
         for (name, web, ready) in servers {
             cfg.push_str(&format!(
-                "  server {name} 127.0.0.1:{web} check port {ready} inter {}ms fall 1 rise 1 weight 0\n",
-                inter.as_millis()
+                "  server {name} 127.0.0.1:{web} check port {ready} {check} weight {weight}\n"
             ));
         }
         std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
