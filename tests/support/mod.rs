@@ -421,7 +421,7 @@ impl Web {
             })
             .expect("php-fpm is not installed: run scripts/install-test-deps.sh");
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
+        let d = &dir.path().to_path_buf();
         for sub in ["run", "logs", "tmp"] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
@@ -445,7 +445,9 @@ impl Web {
             );
         }
         std::fs::write(d.join("nginx.conf"), conf).unwrap();
-        let out = Command::new(&fpm_bin)
+        // Built before anything starts: if nginx fails, dropping it stops php-fpm.
+        let web = Web { port, dir, fpm_bin };
+        let out = Command::new(&web.fpm_bin)
             .args(fpm_args)
             .arg("-R")
             .arg("-y")
@@ -472,7 +474,7 @@ impl Web {
             String::from_utf8_lossy(&out.stderr)
         );
         wait_port(port, "nginx", &d.join("logs/nginx.err"));
-        Web { port, dir, fpm_bin }
+        web
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
