@@ -862,3 +862,169 @@ fn application_start_retried_after_a_crash_completes_the_steps_after_the_switch(
     all_ok(&e.deploy("d-2", &ALL[4..]));
     assert_eq!(e.ready(), 200);
 }
+
+impl Env {
+    /// Restarts the daemon so that it pauses at the step boundary `at` (the engine's
+    /// BGAGENT_TEST_PAUSE_AT), where the test kills it with SIGKILL.
+    fn start_daemon_pausing_at(&mut self, at: &str) {
+        if let Some(mut c) = self.daemon.take() {
+            support::stop_daemon(&mut c);
+        }
+        self.daemon = Some(support::spawn_daemon_with(
+            BIN,
+            &self.p("bgagent.yaml"),
+            &self.p("run/bgagent.sock"),
+            &self.p("daemon.log"),
+            &[("BGAGENT_TEST_PAUSE_AT", at)],
+        ));
+    }
+
+    /// Waits until the daemon pauses at `at`, then kills it with SIGKILL (a crash there).
+    fn crash_at(&mut self, at: &str) {
+        let log = self.p("daemon.log");
+        wait_until(60, &format!("the daemon should reach {at}"), || {
+            std::fs::read_to_string(&log)
+                .is_ok_and(|l| l.contains(&format!("pausing at step boundary {at}")))
+        });
+        let mut daemon = self.daemon.take().unwrap();
+        daemon.kill().unwrap();
+        daemon.wait().unwrap();
+    }
+
+    fn current(&self) -> String {
+        let l = std::fs::read_link(self.p("app/current")).unwrap();
+        l.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    fn cli(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config").arg(self.p("bgagent.yaml")).args(args);
+        c
+    }
+}
+
+/// Issue 11 item 5, at every step boundary: the daemon killed (SIGKILL) at each boundary of
+/// ApplicationStart, restarted, and the event retried. The retry must complete what did not
+/// happen (switch, php-fpm reload, nginx started again after the drain stopped it, previous
+/// release recorded), and the deployment then goes through: the new release serves, /ready
+/// is 200 and status tells the previous release. A guard: it passed on the code before the
+/// boundaries were named (item 5's retry already completes the steps after the switch); the
+/// previous release is now also written to disk before the switch, not only by the steps
+/// that happen to save the state first.
+#[test]
+fn application_start_killed_at_each_step_boundary_then_retried_leaves_the_node_right() {
+    let mut e = Env::with_nginx("", &stop_on_drain_nginx());
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    let boundaries = [
+        "start:tested",
+        "start:registered",
+        "start:precompiled",
+        "switch:unrecorded",
+        "start:switched",
+        "start:started",
+        "start:reloaded",
+    ];
+    for (i, at) in boundaries.iter().enumerate() {
+        let dep = format!("d-{}", i + 2);
+        let tag = format!("r{}", i + 2);
+        let before = e.current();
+        e.start_daemon_pausing_at(at);
+        e.revision(&dep, &tag, false);
+        all_ok(&e.deploy(&dep, &ALL[..3]));
+        let hook = Command::new(BIN)
+            .arg("--config")
+            .arg(e.p("bgagent.yaml"))
+            .args(["hook", "ApplicationStart"])
+            .env("DEPLOYMENT_ID", &dep)
+            .env("DEPLOYMENT_GROUP_ID", "g-1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        e.crash_at(at);
+        let out = hook.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(5), "{at}: {}", text(&out));
+        e.start_daemon();
+        let out = e.hook("ApplicationStart", &dep);
+        assert_eq!(out.status.code(), Some(0), "{at}: retry: {}", text(&out));
+        for ev in &ALL[4..] {
+            let out = e.hook(ev, &dep);
+            assert_eq!(out.status.code(), Some(0), "{at}: {ev}: {}", text(&out));
+        }
+        assert!(e.current().ends_with(&format!("-{dep}")), "{at}");
+        let (code, body) = e.web.get("/");
+        assert!(
+            code == 200 && body.contains(&format!("release={tag}")),
+            "{at}: nginx started again and php-fpm serves the new release: {code} {body}"
+        );
+        assert_eq!(e.ready(), 200, "{at}");
+        let st = e.status();
+        assert_eq!(st["last_deployment"]["status"], "succeeded", "{at}: {st}");
+        assert_eq!(
+            st["last_deployment"]["previous_release"],
+            before.as_str(),
+            "{at}: the release left is recorded: {st}"
+        );
+    }
+}
+
+/// Issue 11 items 4 and 5 for `bgagent rollback`: the daemon killed (SIGKILL) at each step
+/// boundary of a rollback, restarted, and the rollback repeated with `--from` (the release it
+/// meant to leave). A crash after the switch made the repeat answer "already rolled back;
+/// nothing to do" without the php-fpm reload the first attempt never reached; a crash
+/// between the switch and its record made the repeat refuse ("something else switched
+/// it"). The repeat now records the switch if needed and reloads; the node serves the
+/// rollback target, ready.
+#[test]
+fn rollback_killed_at_each_step_boundary_then_repeated_leaves_the_node_right() {
+    let mut e = Env::new("");
+    e.revision("d-1", "one", false);
+    all_ok(&e.deploy("d-1", &ALL[1..]));
+    e.revision("d-2", "two", false);
+    all_ok(&e.deploy("d-2", &ALL));
+    let tag_of = |e: &Env, id: &str| {
+        std::fs::read_to_string(e.p(&format!("app/releases/{id}/RELEASE_ID"))).unwrap()
+    };
+    for at in [
+        "rollback:registered",
+        "switch:unrecorded",
+        "rollback:switched",
+        "rollback:reloaded",
+    ] {
+        let leaving = e.current();
+        let target = e.status()["rollback_target"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{at}: no rollback target"))
+            .to_string();
+        e.start_daemon_pausing_at(at);
+        let first = e
+            .cli(&["rollback", "--from", &leaving])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        e.crash_at(at);
+        let out = first.wait_with_output().unwrap();
+        assert_ne!(out.status.code(), Some(0), "{at}: {}", text(&out));
+        e.start_daemon();
+        let out = e.cli(&["rollback", "--from", &leaving]).output().unwrap();
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{at}: repeat: {t}");
+        assert!(
+            t.contains("reloaded php-fpm"),
+            "{at}: the repeat reloads: {t}"
+        );
+        assert_eq!(e.current(), target, "{at}: {t}");
+        let (code, body) = e.web.get("/");
+        let tag = tag_of(&e, &target);
+        assert!(
+            code == 200 && body.contains(&format!("release={tag}")),
+            "{at}: {code} {body}"
+        );
+        assert_eq!(e.ready(), 200, "{at}");
+        let st = e.status();
+        assert_eq!(st["last_switch"]["reason"], "rollback", "{at}: {st}");
+        assert_eq!(st["last_switch"]["to"], target.as_str(), "{at}: {st}");
+    }
+}

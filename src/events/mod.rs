@@ -306,6 +306,17 @@ impl Engine {
         Ok(())
     }
 
+    /// A step boundary that the crash tests kill the daemon at: with
+    /// `BGAGENT_TEST_PAUSE_AT=<name>` in the daemon's environment it logs "pausing at step
+    /// boundary <name>" and waits there for ever (the test then kills it with SIGKILL).
+    /// Without the variable, one lookup of the environment.
+    pub(super) async fn boundary(&self, name: &str) {
+        if std::env::var_os("BGAGENT_TEST_PAUSE_AT").is_some_and(|v| v == name) {
+            warn!("pausing at step boundary {name} (BGAGENT_TEST_PAUSE_AT)");
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Resolves when the hook ends (never without a hook): raced against waits that are
     /// safe to abandon (health checks, warm-up), never against a step that changes the node.
     pub(super) async fn hook_ended(&self) {

@@ -3,7 +3,8 @@
 //!
 //! Idempotent: the client sends the release it expects to leave, so a repeat of a rollback
 //! whose answer was lost (the connection broke after the switch) answers "already rolled
-//! back" instead of switching back to the release it left.
+//! back" instead of switching back to the release it left, and completes the reload the
+//! first attempt may not have reached (the daemon killed after the switch).
 
 use std::time::Instant;
 
@@ -22,16 +23,55 @@ impl Engine {
         if let Some(leaving) = leaving
             && current.as_deref() != Some(leaving)
         {
-            let done_before = self.doc.switches.last().is_some_and(|s| {
+            let recorded = self.doc.switches.last().is_some_and(|s| {
                 s.reason == SwitchReason::Rollback
                     && s.from.as_deref() == Some(leaving)
                     && current.as_deref() == Some(s.to.as_str())
             });
+            // The daemon killed between the switch and its record: the record still says
+            // `leaving` is current, and the switch a rollback from it makes is to its
+            // rollback target, which is current.
+            let on_disk = self.layout.list().unwrap_or_default();
+            let unrecorded = !recorded
+                && current.is_some()
+                && self.doc.switches.last().is_some_and(|s| s.to == leaving)
+                && self.doc.rollback_target(Some(leaving), &on_disk) == current;
             let now = current.as_deref().unwrap_or("none");
-            if done_before {
-                let msg = format!("already rolled back to {now} (from {leaving}); nothing to do");
-                info!("{msg}");
-                return Outcome::AlreadyDone(msg);
+            if recorded || unrecorded {
+                if unrecorded {
+                    info!("the switch from {leaving} to {now} was not recorded: recording it");
+                    self.doc.record_switch(crate::state::Switch {
+                        at: crate::lifecycle::timestamp(std::time::SystemTime::now()),
+                        from: Some(leaving.to_string()),
+                        to: now.to_string(),
+                        reason: SwitchReason::Rollback,
+                        deployment_id: self.doc.deployment.as_ref().map(|d| d.id.clone()),
+                        duration_ms: 0,
+                    });
+                    if let Err(e) = self.persist() {
+                        let msg = format!("rollback failed: {e}");
+                        error!("{msg}");
+                        return Outcome::Failed(msg);
+                    }
+                }
+                // The earlier attempt may have been cut short before its reload (the daemon
+                // killed): a graceful reload is safe to repeat, so the repeat does it.
+                return match crate::services::reload_after_switch(&self.cfg.services).await {
+                    Ok(()) => {
+                        let msg = format!(
+                            "already rolled back to {now} (from {leaving}); services reloaded again"
+                        );
+                        info!("{msg}");
+                        Outcome::AlreadyDone(msg)
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "already rolled back to {now} (from {leaving}), but the reload failed: {e}"
+                        );
+                        error!("{msg}");
+                        Outcome::Failed(msg)
+                    }
+                };
             }
             let msg = format!(
                 "current is {now}, not {leaving} as this rollback expected: something else switched it; check `bgagent status`, then run `bgagent rollback` again to roll back from {now}"
@@ -58,13 +98,20 @@ impl Engine {
                 return Outcome::Failed(msg);
             }
         }
+        self.boundary("rollback:registered").await;
         let switched = self.switch(&prev, SwitchReason::Rollback).await;
         let switched = match switched {
-            Ok(()) => crate::services::reload_after_switch(&self.cfg.services)
-                .await
-                .map_err(|e| EngineError::Failed(e.to_string())),
+            Ok(()) => {
+                self.boundary("rollback:switched").await;
+                crate::services::reload_after_switch(&self.cfg.services)
+                    .await
+                    .map_err(|e| EngineError::Failed(e.to_string()))
+            }
             Err(e) => Err(e),
         };
+        if switched.is_ok() {
+            self.boundary("rollback:reloaded").await;
+        }
         match switched {
             Ok(()) => {
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;

@@ -43,6 +43,7 @@ impl Engine {
             crate::services::test_all(&self.cfg.services)
                 .await
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
+            self.boundary("start:tested").await;
             self.checkpoint("registering the cache generation and precompiling")?;
             let _ = self.readiness.set_starting();
             if let Some(slot) = self.release_slot(&id) {
@@ -58,16 +59,21 @@ impl Engine {
                 // Registered before the switch, so the slot is never flushed under this node.
                 crate::cache::mark_serving(&self.cfg.cache, &self.app_name(), slot).await?;
             }
-            // Recorded before the switch, so a retry after a crash knows what was left.
+            // Recorded (on disk) before the switch, so a retry after a crash between the
+            // switch and its record still knows what was left.
             if let Some(d) = self.doc.deployment.as_mut() {
                 d.previous_release = current.clone();
             }
+            self.persist()?;
+            self.boundary("start:registered").await;
             // opcache.switch: warm: the new release goes into the pools' opcache first.
             no_reload = self.opcache_before_switch(&id, current.as_deref()).await?;
+            self.boundary("start:precompiled").await;
             // The last safe point: the switch, the reloads and the start of what the drain
             // stopped are one step (a switched release without its reload is half a switch).
             self.checkpoint("the switch")?;
             self.switch(&id, SwitchReason::Deploy).await?;
+            self.boundary("start:switched").await;
             current
         };
         // Services the drain stopped come back now, serving the new release. Before the
@@ -78,6 +84,7 @@ impl Engine {
                 .await
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
         no_reload.extend(started);
+        self.boundary("start:started").await;
         if let Err(e) =
             crate::services::reload_after_switch_except(&self.cfg.services, &no_reload).await
         {
@@ -88,6 +95,7 @@ impl Engine {
             }
             return Err(EngineError::Failed(e.to_string()));
         }
+        self.boundary("start:reloaded").await;
         // Consumers and workers still running the release left behind keep its code: they
         // are ended now, and their supervisor starts them from the new release.
         let swept = self.sweep_old_processes(&id).await;
@@ -155,6 +163,7 @@ impl Engine {
         let t0 = Instant::now();
         let from = self.layout.current();
         self.layout.switch_to(id)?;
+        self.boundary("switch:unrecorded").await;
         let ms = t0.elapsed().as_millis() as u64;
         info!("switched current to {id} in {ms} ms");
         self.doc.record_switch(Switch {

@@ -855,11 +855,23 @@ pub fn text(o: &std::process::Output) -> String {
 /// control socket accepts connections; a daemon not up within 10 s fails the test with its
 /// log.
 pub fn spawn_daemon(bin: &str, config: &Path, socket: &Path, log: &Path) -> Child {
+    spawn_daemon_with(bin, config, socket, log, &[])
+}
+
+/// The same, with more variables in the daemon's environment.
+pub fn spawn_daemon_with(
+    bin: &str,
+    config: &Path,
+    socket: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     let out = std::fs::File::create(log).unwrap();
     let child = Command::new(bin)
         .arg("--config")
         .arg(config)
         .arg("daemon")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out)
