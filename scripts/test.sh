@@ -19,3 +19,4 @@ python3 bench/bench_release.py --smoke --bin target/debug/bgagent
 python3 bench/bench_warm_switch.py --smoke --bin target/debug/bgagent --out target/bench-smoke
 python3 bench/bench_blue_green.py --smoke --out target/bench-smoke
 python3 bench/bench_magento_upgrade.py --smoke --bin target/debug/bgagent --out target/bench-smoke
+python3 bench/bench_deploy_path.py --smoke --bin target/debug/bgagent > /dev/null
