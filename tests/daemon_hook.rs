@@ -1376,3 +1376,41 @@ fn a_failing_validate_service_command_left_the_node_ready_and_the_release_passed
     assert_eq!(rec["validation"], "failed", "{st:#}");
     assert_eq!(st["rollback_target"], good.as_str(), "{st:#}");
 }
+
+/// The hook killed while ApplicationStop's drain waited for the load balancer's evidence:
+/// the drain held the event until its upper bound (`deregistration_delay`, here an hour)
+/// before anything was undone. Waiting changes nothing, so it is abandoned when the hook
+/// ends, and the node serves its release again.
+#[test]
+fn hook_killed_during_the_drain_wait_no_longer_holds_the_event_until_the_bound() {
+    let health_port = support::free_port();
+    let ready_port = support::free_port();
+    let mut node = held_node(
+        health_port,
+        ready_port,
+        "drain: { deregistration_delay: 1h, health_check_interval: 1h, unhealthy_threshold: 2 }\n",
+    );
+    let _listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
+    node.start();
+    node.revision("g-1", "d-1", "one");
+    for ev in &IN_PLACE[3..] {
+        let out = node.hook(ev, Some("d-1"), "g-1");
+        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
+    }
+    // Probed like a load balancer does (two probes within the interval), then never again:
+    // the drain waits for more probes, up to the bound.
+    for _ in 0..2 {
+        assert_eq!(support::http_get(ready_port, "/ready").0, 200);
+    }
+    let mut hook = spawn_hook(&node, "ApplicationStop", "d-2");
+    wait_for(&node, "the drain should wait for the probes", || {
+        node.log().contains("draining: /ready answers 503")
+    });
+    hook.kill().unwrap();
+    hook.wait().unwrap();
+    let rec = finished_record(&node, "ApplicationStop");
+    assert_hook_ended(&rec);
+    wait_for(&node, "the old release serves again", || {
+        support::http_get(ready_port, "/ready").0 == 200
+    });
+}

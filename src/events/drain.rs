@@ -23,7 +23,16 @@ impl Engine {
         let serving = was == State::Ready || self.doc.node.traffic == Traffic::Live;
         let evidence = if serving {
             let stops = self.cfg.services.list.iter().any(|s| s.stop_on_drain);
-            let e = wait_for_evidence(&self.cfg.drain, &self.readiness, stops).await;
+            // Waiting changes nothing: when the hook ends (CodeDeploy's timeout), the wait
+            // is abandoned and the node restored, not held until the bound.
+            let e = tokio::select! {
+                e = wait_for_evidence(&self.cfg.drain, &self.readiness, stops) => e,
+                () = self.hook_ended() => {
+                    return Err(EngineError::Cancelled(
+                        "the end of the drain's wait (services were not stopped)".into(),
+                    ));
+                }
+            };
             if e.bound {
                 warn!("drain: {e}");
             } else {
