@@ -276,20 +276,7 @@ pub async fn run_inheriting(
             source,
         })?,
         Err(_) => {
-            warn!(
-                "`{cmd_shown}` exceeded its timeout of {:?}: sending SIGTERM to its process group",
-                spec.timeout
-            );
-            kill_group(pid, libc::SIGTERM);
-            if tokio::time::timeout(KILL_GRACE, child.wait())
-                .await
-                .is_err()
-            {
-                kill_group(pid, libc::SIGKILL);
-                let _ = child.wait().await;
-            }
-            // Children that ignored SIGTERM are gone with the group kill.
-            kill_group(pid, libc::SIGKILL);
+            end_group_at_timeout(&mut child, pid, &cmd_shown, spec.timeout).await;
             let _ = drain_readers(&mut readers, Duration::from_secs(1)).await;
             return Err(ProcessError::TimedOut {
                 cmd: cmd_shown,
@@ -367,19 +354,7 @@ pub async fn run_attached(
             source,
         })?,
         Err(_) => {
-            warn!(
-                "`{cmd_shown}` exceeded its timeout of {:?}: sending SIGTERM to its process group",
-                spec.timeout
-            );
-            kill_group(pid, libc::SIGTERM);
-            if tokio::time::timeout(KILL_GRACE, child.wait())
-                .await
-                .is_err()
-            {
-                kill_group(pid, libc::SIGKILL);
-                let _ = child.wait().await;
-            }
-            kill_group(pid, libc::SIGKILL);
+            end_group_at_timeout(&mut child, pid, &cmd_shown, spec.timeout).await;
             return Err(ProcessError::TimedOut {
                 cmd: cmd_shown,
                 timeout: spec.timeout,
@@ -512,6 +487,28 @@ pub fn run_private(
         status,
         output: String::from_utf8_lossy(&kept).into_owned(),
     })
+}
+
+/// A command past its timeout: SIGTERM to its process group, SIGKILL after [`KILL_GRACE`]
+/// (and once more for children that ignored SIGTERM), the command reaped.
+async fn end_group_at_timeout(
+    child: &mut tokio::process::Child,
+    pid: i32,
+    cmd_shown: &str,
+    timeout: Duration,
+) {
+    warn!(
+        "`{cmd_shown}` exceeded its timeout of {timeout:?}: sending SIGTERM to its process group"
+    );
+    kill_group(pid, libc::SIGTERM);
+    if tokio::time::timeout(KILL_GRACE, child.wait())
+        .await
+        .is_err()
+    {
+        kill_group(pid, libc::SIGKILL);
+        let _ = child.wait().await;
+    }
+    kill_group(pid, libc::SIGKILL);
 }
 
 fn take_tail(t: &std::sync::Mutex<std::collections::VecDeque<String>>) -> Vec<String> {
