@@ -699,17 +699,7 @@ impl Haproxy {
              backend be\n  option httpchk GET /ready\n  server node1 127.0.0.1:{web_port} check port {ready_port} inter 100ms fall 1 rise 1\n",
             d = dir.path().display()
         );
-        std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
-        let child = Command::new(bin)
-            .arg("-Ws")
-            .arg("-f")
-            .arg(dir.path().join("haproxy.cfg"))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("haproxy.err")).unwrap())
-            .spawn()
-            .unwrap();
-        wait_port(port, "haproxy", &dir.path().join("haproxy.err"));
+        let child = spawn_haproxy(bin, dir.path(), &cfg, port);
         Haproxy { port, child, dir }
     }
 
@@ -785,17 +775,7 @@ impl Pool {
                 "  server {name} 127.0.0.1:{web} check port {ready} {check} weight {weight}\n"
             ));
         }
-        std::fs::write(dir.path().join("haproxy.cfg"), cfg).unwrap();
-        let child = Command::new(bin)
-            .arg("-Ws")
-            .arg("-f")
-            .arg(dir.path().join("haproxy.cfg"))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
-            .stderr(std::fs::File::create(dir.path().join("haproxy.err")).unwrap())
-            .spawn()
-            .unwrap();
-        wait_port(port, "haproxy", &dir.path().join("haproxy.err"));
+        let child = spawn_haproxy(bin, dir.path(), &cfg, port);
         Pool { port, child, dir }
     }
 
@@ -897,4 +877,21 @@ pub fn stop_daemon(child: &mut Child) {
         .args(["-TERM", &child.id().to_string()])
         .status();
     let _ = child.wait();
+}
+
+/// Writes `cfg` to `dir`/haproxy.cfg, starts HAProxy on it (logs beside it) and waits for
+/// its frontend on `port`.
+fn spawn_haproxy(bin: PathBuf, dir: &Path, cfg: &str, port: u16) -> Child {
+    std::fs::write(dir.join("haproxy.cfg"), cfg).unwrap();
+    let child = Command::new(bin)
+        .arg("-Ws")
+        .arg("-f")
+        .arg(dir.join("haproxy.cfg"))
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(dir.join("haproxy.log")).unwrap())
+        .stderr(std::fs::File::create(dir.join("haproxy.err")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_port(port, "haproxy", &dir.join("haproxy.err"));
+    child
 }
