@@ -224,6 +224,9 @@ pub fn render_one(
     // Debug info would print the context (secrets) with an error: never.
     #[cfg(debug_assertions)]
     env.set_debug(false);
+    // Parameters are strings (SSM has no other type): `boolean` turns "false" into PHP's
+    // false, where the string 'false' would read as true.
+    env.add_filter("boolean", boolean);
     let php = is_php(target);
     let json = target.extension().is_some_and(|e| e == "json");
     if php || json {
@@ -295,6 +298,41 @@ pub fn render_one(
         .map_err(err)?;
     let tmpl = env.get_template(&name).map_err(err)?;
     tmpl.render(ctx).map_err(err)
+}
+
+/// The `boolean` filter: a parameter's text as a boolean, strictly. `true`, `yes`, `on`, `1`
+/// and `false`, `no`, `off`, `0` (any case, surrounding spaces ignored), booleans, and the
+/// numbers 1 and 0; anything else is an error that does not quote the value (it may be a
+/// secret), so a typo can never render as true.
+fn boolean(v: &Value) -> Result<bool, minijinja::Error> {
+    let b = match v.kind() {
+        ValueKind::Bool => Some(v.is_true()),
+        ValueKind::Number => match v.as_i64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => None,
+        },
+        ValueKind::String => match v
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "true" | "yes" | "on" | "1" => Some(true),
+            "false" | "no" | "off" | "0" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    };
+    b.ok_or_else(|| {
+        minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "{OWN_DETAIL}the boolean filter takes true/false, yes/no, on/off or 1/0 (any case); this value is none of them (not shown: it may be a secret)"
+            ),
+        )
+    })
 }
 
 /// A PHP string literal that PHP reads back byte for byte: single quotes, only `\` and `'`
@@ -526,6 +564,43 @@ mod tests {
             out,
             "<?php return ['a\\'b', 3306, 1.5, true, [1, 'x'], ['k' => 'v'], null];"
         );
+    }
+
+    #[test]
+    fn a_string_parameter_false_rendered_as_the_string_false_which_php_reads_as_true() {
+        // SSM parameters are strings: {{ params.x }} of "false" is 'false', truthy in PHP.
+        // The boolean filter gives the PHP literal.
+        let ctx = serde_json::json!({"p": {"a": "false", "b": "TRUE", "c": " off ", "d": "1", "e": true, "f": 0}});
+        let out = render(
+            "<?php return [{{ p.a | boolean }}, {{ p.b | boolean }}, {{ p.c | boolean }}, {{ p.d | boolean }}, {{ p.e | boolean }}, {{ p.f | boolean }}, {{ p.a }}];",
+            "env.php",
+            ctx,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "<?php return [false, true, false, true, true, false, 'false'];"
+        );
+        // Anything else is an error at its line that does not quote the value.
+        for bad in ["flase", "", "7", "s3cr3t-value"] {
+            let e = render(
+                "<?php\nreturn [\n 'x' => {{ p.x | boolean }},\n];",
+                "env.php",
+                serde_json::json!({"p": {"x": bad}}),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("line 3") && e.contains("boolean filter"), "{e}");
+            assert!(bad.is_empty() || !e.contains(bad), "the value leaked: {e}");
+        }
+        // In a condition as well (not only in output).
+        let out = render(
+            "{% if p.a | boolean %}on{% else %}off{% endif %}",
+            "x.conf",
+            serde_json::json!({"p": {"a": "No"}}),
+        )
+        .unwrap();
+        assert_eq!(out, "off");
     }
 
     #[test]
