@@ -196,6 +196,18 @@ pub enum CacheError {
 }
 
 /// This node's name.
+/// The app's name as the fleet's keys use it: `app.name`, else CodeDeploy's APPLICATION_NAME
+/// of the deployment in the state, else "app".
+pub fn app_name(configured: Option<&str>, doc: Option<&crate::state::StateDoc>) -> String {
+    configured
+        .map(str::to_string)
+        .or_else(|| {
+            doc.and_then(|d| d.deployment.as_ref())
+                .and_then(|d| d.origin.application_name.clone())
+        })
+        .unwrap_or_else(|| "app".into())
+}
+
 pub fn node_name(cfg: &CacheConfig) -> String {
     if let Some(n) = &cfg.node {
         return n.clone();
@@ -206,7 +218,8 @@ pub fn node_name(cfg: &CacheConfig) -> String {
         .into_owned()
 }
 
-fn shown(url: &str) -> String {
+/// A Redis URL as it may be shown: the password (everything before `@`) replaced.
+pub fn shown(url: &str) -> String {
     // never print a password from the URL
     match (url.find("://"), url.rfind('@')) {
         (Some(a), Some(b)) if a < b => format!("{}***{}", &url[..a + 3], &url[b..]),

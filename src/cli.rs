@@ -124,6 +124,9 @@ pub enum Command {
     /// Magento's cron, run so that a deployment can pause it for the fleet (cron.pause).
     #[command(subcommand)]
     Cron(CronCommand),
+    /// The fleet's maintenance window (schema.breaking: maintenance), through cache.redis.
+    #[command(subcommand)]
+    Maintenance(MaintenanceCommand),
     /// Print the completion script for a shell (the packages install them).
     ///
     /// bash: `bgagent completions bash > /usr/share/bash-completion/completions/bgagent`;
@@ -162,6 +165,28 @@ pub enum CronCommand {
     /// `* * * * * root /usr/bin/bgagent cron run`. Exit 0 when run or skipped, 1 when the
     /// job failed or the pause could not be read (the job is then not run).
     Run,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MaintenanceCommand {
+    /// Show whether a maintenance window is open, for which deployment, and how long until
+    /// its TTL (schema.maintenance_ttl) closes it. Exit 0 either way.
+    Status {
+        /// Print JSON: {"open": bool, "deployment": ..., "closes_in_s": ...}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Close the open window now, for the whole fleet: every node's daemon turns Magento's
+    /// maintenance flag off within a second. A window stays open after a failed
+    /// setup:upgrade on purpose (old code may not run on a half-upgraded database): close it
+    /// when the database is fit for the release that serves, or retry the deployment.
+    #[command(after_help = AFTER_HELP)]
+    Close {
+        /// Close it only if it is this deployment's window (safe against closing a newer
+        /// deployment's window by mistake).
+        #[arg(long, value_name = "DEPLOYMENT_ID")]
+        deployment: Option<String>,
+    },
 }
 
 /// The config path in force.

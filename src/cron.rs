@@ -531,17 +531,10 @@ pub enum RunOutcome {
 pub async fn run_guarded(cfg: &Config) -> Result<RunOutcome, CronError> {
     let spec = cfg.cron.command.clone().ok_or(CronError::NoCommand)?;
     // The app name, as the daemon uses it: the config's, else CodeDeploy's from the state.
-    let app = cfg
-        .app
-        .name
-        .clone()
-        .or_else(|| {
-            crate::state::read(&cfg.state_dir)
-                .ok()
-                .and_then(|d| d.deployment)
-                .and_then(|d| d.origin.application_name)
-        })
-        .unwrap_or_else(|| "app".into());
+    let app = crate::cache::app_name(
+        cfg.app.name.as_deref(),
+        crate::state::read(&cfg.state_dir).ok().as_ref(),
+    );
     // The lease comes first, then the pause is read (see the module doc).
     let lock = open_lock(&cfg.state_dir)?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared).map_err(|e| {

@@ -156,14 +156,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
                     let Some(slot) = rec.cache["slot"].as_u64() else {
                         continue;
                     };
-                    let app = app
-                        .clone()
-                        .or_else(|| {
-                            doc.deployment
-                                .as_ref()
-                                .and_then(|d| d.origin.application_name.clone())
-                        })
-                        .unwrap_or_else(|| "app".into());
+                    let app = crate::cache::app_name(app.as_deref(), Some(&doc));
                     if let Err(e) = crate::cache::mark_serving(&cache, &app, slot as usize).await {
                         warn!("could not refresh this node's cache-generation heartbeat: {e}");
                     }
@@ -175,24 +168,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             let engine = shared.engine.lock().await;
             let cfg = engine.config();
             let watch = (cfg.schema.breaking == crate::schema::Breaking::Maintenance)
-                .then(|| cfg.cache.redis.clone())
+                .then(|| crate::maintenance::Coordinator::from_config(cfg, String::new()))
                 .flatten()
-                .map(|url| {
-                    (
-                        crate::maintenance::Coordinator {
-                            url: crate::cache::with_db(&url, cfg.cache.session_db),
-                            app: String::new(),
-                            node: crate::cache::node_name(&cfg.cache),
-                            timeout: cfg.cache.timeout,
-                            wait: cfg.schema.maintenance_wait,
-                            ttl: cfg.schema.maintenance_ttl,
-                            slots: cfg.cache.slots.len(),
-                            stale_after: cfg.cache.stale_after,
-                        },
-                        cfg.app.name.clone(),
-                        cfg.schema.php.clone(),
-                    )
-                });
+                .map(|co| (co, cfg.app.name.clone(), cfg.schema.php.clone()));
             drop(engine);
             if let Some((co, app, php)) = watch {
                 tokio::spawn(crate::maintenance::watch(

@@ -7,7 +7,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use bgagent::cli::{self, Cli, Command, ConfigCommand, CronCommand, exit};
+use bgagent::cli::{self, Cli, Command, ConfigCommand, CronCommand, MaintenanceCommand, exit};
 use bgagent::client;
 use bgagent::events::{Engine, Outcome};
 use bgagent::protocol::Request;
@@ -207,9 +207,85 @@ fn run(cli: &Cli) -> i32 {
                 }
             }
         }
+        Command::Maintenance(m) => {
+            let cfg = match cli::load_config(&path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            maintenance(&cfg, m)
+        }
         Command::Render { dry_run, check } => render(cli, *dry_run, *check),
         Command::Status { json } => status(cli, *json, false),
         Command::Releases { json } => status(cli, *json, true),
+    }
+}
+
+/// `bgagent maintenance status|close`: straight to the fleet's Redis (no daemon needed:
+/// the window is the fleet's, not this node's).
+fn maintenance(cfg: &bgagent::config::Config, cmd: &MaintenanceCommand) -> i32 {
+    let app = bgagent::cache::app_name(
+        cfg.app.name.as_deref(),
+        bgagent::state::read(&cfg.state_dir).ok().as_ref(),
+    );
+    let Some(co) = bgagent::maintenance::Coordinator::from_config(cfg, app.clone()) else {
+        eprintln!(
+            "error: cache.redis is not set: a maintenance window goes through the fleet's Redis, and without it there is none"
+        );
+        return exit::CONFIG;
+    };
+    let shown = bgagent::text::escape(&app);
+    match cmd {
+        MaintenanceCommand::Status { json } => match runtime().block_on(co.window()) {
+            Ok(w) => {
+                if *json {
+                    let v = serde_json::json!({
+                        "app": app,
+                        "open": w.is_some(),
+                        "deployment": w.as_ref().map(|(d, _)| d.clone()),
+                        "closes_in_s": w.as_ref().and_then(|(_, t)| t.map(|t| t.as_secs())),
+                    });
+                    println!("{v}");
+                } else {
+                    match w {
+                        None => println!("no maintenance window is open for {shown}"),
+                        Some((d, ttl)) => println!(
+                            "maintenance window open for {shown}, deployment {}{}; close it with `bgagent maintenance close --deployment {}`",
+                            bgagent::text::escape(&d),
+                            ttl.map(|t| format!(
+                                ", closes by itself in {}",
+                                humantime::format_duration(t)
+                            ))
+                            .unwrap_or_default(),
+                            bgagent::text::escape(&d),
+                        ),
+                    }
+                }
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit::FAILED
+            }
+        },
+        MaintenanceCommand::Close { deployment } => {
+            match runtime().block_on(co.close(deployment.as_deref())) {
+                Ok(Some(d)) => {
+                    println!(
+                        "closed the maintenance window of deployment {} for {shown}: every node's daemon turns Magento's maintenance flag off within a second",
+                        bgagent::text::escape(&d)
+                    );
+                    exit::OK
+                }
+                Ok(None) => {
+                    println!("no maintenance window is open for {shown}; nothing to close");
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::FAILED
+                }
+            }
+        }
     }
 }
 

@@ -68,6 +68,78 @@ fn now_secs() -> u64 {
 }
 
 impl Coordinator {
+    /// The coordinator the config describes (`cache.redis`, its session database, the
+    /// `schema.maintenance_*` bounds), or None without `cache.redis`. `app` as the
+    /// deployments name it (see [`crate::cache::app_name`]).
+    pub fn from_config(cfg: &crate::config::Config, app: String) -> Option<Coordinator> {
+        cfg.cache.redis.as_ref().map(|url| Coordinator {
+            url: crate::cache::with_db(url, cfg.cache.session_db),
+            app,
+            node: crate::cache::node_name(&cfg.cache),
+            timeout: cfg.cache.timeout,
+            wait: cfg.schema.maintenance_wait,
+            ttl: cfg.schema.maintenance_ttl,
+            slots: cfg.cache.slots.len(),
+            stale_after: cfg.cache.stale_after,
+        })
+    }
+
+    /// The server as it may be shown: never a password from the URL.
+    fn shown(&self) -> String {
+        crate::text::escape(&crate::cache::shown(&self.url))
+    }
+
+    /// The open window: the deployment it is open for and how long until its TTL closes
+    /// it; None when no window is open.
+    pub async fn window(&self) -> Result<Option<(String, Option<Duration>)>, String> {
+        let fail = |e: String| format!("Redis at {}: {e}", self.shown());
+        let mut c = self.conn().await.map_err(fail)?;
+        let open: Option<String> = c.get(self.key("")).await.map_err(|e| fail(e.to_string()))?;
+        let Some(dep) = open else { return Ok(None) };
+        let ttl: i64 = c.ttl(self.key("")).await.map_err(|e| fail(e.to_string()))?;
+        Ok(Some((
+            dep,
+            u64::try_from(ttl).ok().map(Duration::from_secs),
+        )))
+    }
+
+    /// `bgagent maintenance close`: closes the open window now (an operator's decision, for
+    /// a window a failed setup:upgrade left open), if it is `expected`'s when that is given.
+    /// Every node's watcher then takes its maintenance flag off within a round. Returns the
+    /// deployment whose window was closed; None when none was open.
+    pub async fn close(&self, expected: Option<&str>) -> Result<Option<String>, String> {
+        let fail = |e: String| format!("Redis at {}: {e}", self.shown());
+        let mut c = self.conn().await.map_err(fail)?;
+        let open: Option<String> = c.get(self.key("")).await.map_err(|e| fail(e.to_string()))?;
+        let Some(dep) = open else { return Ok(None) };
+        if let Some(x) = expected
+            && x != dep
+        {
+            return Err(format!(
+                "the open maintenance window is deployment {}'s, not {}'s: nothing was closed",
+                crate::text::escape(&dep),
+                crate::text::escape(x)
+            ));
+        }
+        // Deleted only if it is still the same deployment's window (a new one may have
+        // opened since it was read).
+        let deleted: i64 = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end",
+        )
+        .key(self.key(""))
+        .arg(&dep)
+        .invoke_async(&mut c)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+        if deleted == 0 {
+            return Err(format!(
+                "the maintenance window of deployment {} changed while it was being closed: nothing was closed; look again",
+                crate::text::escape(&dep)
+            ));
+        }
+        Ok(Some(dep))
+    }
+
     fn key(&self, rest: &str) -> String {
         if rest.is_empty() {
             format!("bgagent:{}:maintenance", self.app)
@@ -90,7 +162,7 @@ impl Coordinator {
     /// Opens the window for `deployment` and waits until every watching node has turned
     /// maintenance on. Returns the nodes.
     pub async fn open(&self, deployment: &str) -> Result<Vec<String>, String> {
-        let shown = crate::text::escape(&self.url);
+        let shown = self.shown();
         let fail = |e: String| format!("Redis at {shown}: {e}");
         let mut c = self.conn().await.map_err(fail)?;
         let _: () = c
@@ -240,10 +312,7 @@ pub async fn watch(
                 Ok(c) => conn = Some(c),
                 Err(e) => {
                     if e != last_error {
-                        warn!(
-                            "maintenance watcher: Redis at {}: {e}",
-                            crate::text::escape(&co.url)
-                        );
+                        warn!("maintenance watcher: Redis at {}: {e}", co.shown());
                         last_error = e;
                     }
                     continue;
@@ -255,14 +324,7 @@ pub async fn watch(
             let current = layout.current();
             let doc = crate::state::read(&state_dir).ok();
             // the app's name as the deployments name it (app.name, else CodeDeploy's)
-            co.app = app
-                .clone()
-                .or_else(|| {
-                    doc.as_ref()
-                        .and_then(|d| d.deployment.as_ref())
-                        .and_then(|d| d.origin.application_name.clone())
-                })
-                .unwrap_or_else(|| "app".into());
+            co.app = crate::cache::app_name(app.as_deref(), doc.as_ref());
             let _: () = c.hset(co.key("nodes"), &co.node, now_secs()).await?;
             let window: Option<String> = c.get(co.key("")).await?;
             let cur_dep = current.as_ref().and_then(|id| {
@@ -347,10 +409,7 @@ pub async fn watch(
         }
         .await;
         if let Err(e) = round {
-            warn!(
-                "maintenance watcher: Redis at {}: {e}",
-                crate::text::escape(&co.url)
-            );
+            warn!("maintenance watcher: Redis at {}: {e}", co.shown());
             conn = None;
         }
     }
@@ -364,6 +423,28 @@ mod tests {
         Enabled {
             deployment: dep.into(),
             release: rel.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_redis_password_in_cache_redis_was_printed_in_maintenance_errors() {
+        let co = Coordinator {
+            url: "redis://:s3cr3t-pw@127.0.0.1:1/2".into(),
+            app: "shop".into(),
+            node: "n".into(),
+            timeout: Duration::from_secs(2),
+            wait: Duration::from_secs(1),
+            ttl: Duration::from_secs(60),
+            slots: 2,
+            stale_after: Duration::from_secs(60),
+        };
+        for e in [
+            co.open("d-1").await.unwrap_err(),
+            co.close(None).await.unwrap_err(),
+            co.window().await.unwrap_err(),
+        ] {
+            assert!(e.contains("redis://***@127.0.0.1:1/2"), "{e}");
+            assert!(!e.contains("s3cr3t"), "the password leaked: {e}");
         }
     }
 

@@ -203,17 +203,7 @@ impl Engine {
     }
 
     pub(super) fn app_name(&self) -> String {
-        self.cfg
-            .app
-            .name
-            .clone()
-            .or_else(|| {
-                self.doc
-                    .deployment
-                    .as_ref()
-                    .and_then(|d| d.origin.application_name.clone())
-            })
-            .unwrap_or_else(|| "app".into())
+        crate::cache::app_name(self.cfg.app.name.as_deref(), Some(&self.doc))
     }
 
     /// Renders the configured templates into the release, then runs the schema steps (which
@@ -247,21 +237,7 @@ impl Engine {
             .is_some_and(|r| r.attempts > 1);
         let node = crate::cache::node_name(&self.cfg.cache);
         let lookup = |key: &str| params.by_key.get(key).map(|p| p.value.expose().clone());
-        let window = self
-            .cfg
-            .cache
-            .redis
-            .as_ref()
-            .map(|url| crate::maintenance::Coordinator {
-                url: crate::cache::with_db(url, self.cfg.cache.session_db),
-                app: self.app_name(),
-                node: node.clone(),
-                timeout: self.cfg.cache.timeout,
-                wait: self.cfg.schema.maintenance_wait,
-                ttl: self.cfg.schema.maintenance_ttl,
-                slots: self.cfg.cache.slots.len(),
-                stale_after: self.cfg.cache.stale_after,
-            });
+        let window = crate::maintenance::Coordinator::from_config(&self.cfg, self.app_name());
         let at = crate::schema::Attempting {
             app: &self.app_name(),
             deployment: &dep,
