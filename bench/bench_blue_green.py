@@ -31,7 +31,9 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, markdown_table, read_csv, run_plot  # noqa: E402
+
 TEST = "blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready_node"
 
 
@@ -52,15 +54,15 @@ def run_test(a, raw: Path) -> int:
 def load(raw: Path):
     reqs = [
         dict(t=float(r["t"]), ms=float(r["took_ms"]), status=int(r["status"]), node=r["node"], release=r["release"])
-        for r in csv.DictReader(open(raw / "requests.csv"))
+        for r in read_csv(raw / "requests.csv")
     ]
     ready = defaultdict(list)
-    for r in csv.DictReader(open(raw / "ready.csv")):
+    for r in read_csv(raw / "ready.csv"):
         ready[r["node"]].append((float(r["t"]), int(r["ready"])))
     events = [
         dict(start=float(e["start"]), end=float(e["end"]), node=e["node"], event=e["event"],
              deployment=e["deployment"], exit=int(e["exit"]))
-        for e in csv.DictReader(open(raw / "events.csv"))
+        for e in read_csv(raw / "events.csv")
     ]
     return reqs, dict(ready), events
 
@@ -175,21 +177,17 @@ def main():
         w.writerows(rows)
     title = (f"blue/green through HAProxy, {a.rate} req/s"
              + (", packaged startup budget" if a.packaged_times else ""))
-    # Debian's matplotlib (python3-matplotlib), whatever python runs this script
-    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", py, str(REPO / "bench/plot_blue_green.py"), str(out), name, title],
-                   check=False)
+    run_plot(str(REPO / "bench/plot_blue_green.py"), str(out), name, title)
 
     print(f"## Blue/green end to end: {s['requests']} requests in {s['seconds']} s ({s['rate']}/s)\n")
-    print("| requests | failed | answered after /ready 503 (any) | max ms after /ready 503 | past the 100 ms probe interval | p50 ms | p99 ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    l = s["latency_ms"]
-    print(f"| {s['requests']} | {s['failed']} | {s['answered_after_ready_503']} | {s['answered_after_ready_503_max_ms']} "
-          f"| {s['answered_past_probe_interval']} | {l['p50']:.1f} | {l['p99']:.1f} |")
+    lat = s["latency_ms"]
+    print(markdown_table(["requests", "failed", "answered after /ready 503 (any)", "max ms after /ready 503",
+                          "past the 100 ms probe interval", "p50 ms", "p99 ms"],
+                         [[s["requests"], s["failed"], s["answered_after_ready_503"], s["answered_after_ready_503_max_ms"],
+                           s["answered_past_probe_interval"], f"{lat['p50']:.1f}", f"{lat['p99']:.1f}"]], "rrrrrrr"))
     print("\nAnswered by node and release: " + ", ".join(f"{k}: {v}" for k, v in s["answered_by_release"].items()))
-    print("\n| event | runs | median ms | max ms |\n|---|---:|---:|---:|")
-    for k, v in s["event_ms"].items():
-        print(f"| {k} | {v['n']} | {v['median']} | {v['max']} |")
+    print("\n" + markdown_table(["event", "runs", "median ms", "max ms"],
+                                [[k, v["n"], v["median"], v["max"]] for k, v in s["event_ms"].items()], "lrrr"))
     print(f"\nPlot: {out / (name + '.png')}")
     sys.exit(rc)
 

@@ -30,45 +30,18 @@ Writes Markdown to stdout and the raw figures to --json.
 import argparse
 import json
 import os
-import shutil
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import bench_zero_downtime as zd  # noqa: E402  (Web: private nginx + php-fpm)
-
-EVENTS = ["ApplicationStop", "BeforeInstall", "AfterInstall", "ApplicationStart", "ValidateService",
-          "BeforeAllowTraffic", "AfterAllowTraffic"]
-
-
-def gen(out: Path, files: int, total: str, rid: str, seed: int):
-    subprocess.run([sys.executable, str(REPO / "bench/gen-magento-tree"), "--files", str(files),
-                    "--total-bytes", total, "--out", str(out), "--seed", str(seed), "--release-id", rid],
-                   check=True, stdout=subprocess.DEVNULL)
-
-
-def warm(path: Path):
-    """Syncs, then reads every file of `path` once (tar to a pipe reads the contents)."""
-    subprocess.run(["sync"], check=True)
-    tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(path), "."], stdout=subprocess.PIPE)
-    while tar.stdout.read(1 << 20):
-        pass
-    tar.wait()
-
-
-def get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode(errors="replace")
-    except Exception as e:  # noqa: BLE001  (a refused or failed request is "not yet")
-        return 0, str(e)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (REPO, Web, free_port, gen_magento_tree, http_get, lifecycle_events, markdown_table,  # noqa: E402
+                    run_hook, settle, start_daemon, stop_daemon, wait_port)
 
 
 class Node:
@@ -78,8 +51,7 @@ class Node:
         self.a, self.root = a, root
         self.app = root / "app"
         self.app.mkdir(parents=True)
-        self.web = zd.Web(root / "web", f"{self.app}/current/pub")
-        w = self.web
+        self.web = Web(root / "web", f"{self.app}/current/pub")
         owner = "  owner: root\n  group: www-data\n" if os.geteuid() == 0 else ""
         self.cfg = root / "bgagent.yaml"
         self.cfg.write_text(f"""app_root: app
@@ -93,58 +65,31 @@ permissions:
     - {{ path: var, dir_mode: "2770", file_mode: "0660" }}
     - {{ path: generated, dir_mode: "2770", file_mode: "0660" }}
     - {{ path: pub/static, dir_mode: "2770", file_mode: "0660" }}
-services:
-  backend: exec
-  list:
-    - {{ name: php-fpm, kind: php-fpm, test: [{w.fpm[0]}, -t, -R, -y, {w.d}/php-fpm.conf], reload: [kill, -USR2, "{{pid}}"], pid_file: {w.d}/run/php-fpm.pid, config_file: {w.d}/php-fpm.conf }}
-    - {{ name: nginx, kind: nginx, test: [nginx, -t, -q, -p, {w.d}, -c, {w.d}/nginx.conf, -e, {w.d}/logs/nginx.err], reload: [nginx, -p, {w.d}, -c, {w.d}/nginx.conf, -e, {w.d}/logs/nginx.err, -s, reload] }}
-health:
-  checks: [ {{ name: app, http: {{ url: "http://127.0.0.1:{w.port}/health.php", body_contains: OK }} }} ]
-  period: 50ms
-  success_threshold: 2
-readiness: {{ listen: "127.0.0.1:{zd.free_port()}", status_listen: null }}
+{self.web.services_yaml()}{self.web.health_yaml()}readiness: {{ listen: "127.0.0.1:{free_port()}", status_listen: null }}
 opcache: {{ switch: reload }}
 """)
         self.web.start()
-        self.daemon = subprocess.Popen([a.bin, "--config", str(self.cfg), "daemon"], stdin=subprocess.DEVNULL,
-                                       stdout=open(root / "daemon.log", "w"), stderr=subprocess.STDOUT)
-        sock = root / "run/bgagent.sock"
-        for _ in range(500):
-            if sock.exists():
-                break
-            time.sleep(0.02)
+        self.daemon = start_daemon(a.bin, self.cfg, root / "run/bgagent.sock", root / "daemon.log")
 
     def revision(self, dep: str) -> Path:
         return self.root / "cd-root/g" / dep / "deployment-archive"
-
-    def hook(self, ev, dep):
-        env = dict(os.environ, DEPLOYMENT_ID=dep, DEPLOYMENT_GROUP_ID="g", APPLICATION_NAME="bench",
-                   LIFECYCLE_EVENT=ev)
-        t0 = time.perf_counter()
-        r = subprocess.run([self.a.bin, "--config", str(self.cfg), "hook", ev], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-        t1 = time.perf_counter()
-        if r.returncode != 0:
-            raise SystemExit(f"bgagent hook {ev} ({dep}) failed:\n{r.stdout[-3000:]}")
-        return t0, t1, r.stdout
 
     def deploy(self, dep, first=False):
         """Every event; returns {event: seconds} and the ValidateService figure."""
         out, fig = {}, None
         self.intake_s = None
-        for ev in EVENTS:
-            if first and ev == "ApplicationStop":
-                continue
-            t0, t1, log = self.hook(ev, dep)
-            out[ev] = t1 - t0
+        for ev in lifecycle_events(first):
+            h = run_hook(self.a.bin, self.cfg, ev, dep, lifecycle_event=True)
+            t1 = h.end
+            out[ev] = t1 - h.start
             if ev == "AfterInstall":
                 # "release R built from S in 2.02s: ...": the intake's share of AfterInstall
-                m = re.search(r"release \S+ built from .* in ([0-9.]+)s", log)
+                m = re.search(r"release \S+ built from .* in ([0-9.]+)s", h.output)
                 self.intake_s = float(m.group(1)) if m else None
             if ev == "ApplicationStart":
                 rid = (self.revision(dep) / "RELEASE_ID").read_text().strip()
                 while True:
-                    code, body = get(f"http://127.0.0.1:{self.web.port}/")
+                    code, body = http_get(f"http://127.0.0.1:{self.web.port}/")
                     if code == 200 and f"release={rid}" in body:
                         healthy = time.perf_counter()
                         break
@@ -156,23 +101,22 @@ opcache: {{ switch: reload }}
         return out, fig
 
     def stop(self):
-        self.daemon.terminate()
-        self.daemon.wait()
+        stop_daemon(self.daemon)
         self.web.stop()
 
 
 def tutorial(a, root: Path, revision: Path, previous: Path):
     """The tutorial's in-place procedure on the same tree; returns {step: seconds}."""
     live = root / "html"
-    web = zd.Web(root / "web", f"{live}/pub")
+    web = Web(root / "web", f"{live}/pub")
     subprocess.run(["cp", "-a", f"{previous}/.", str(live) + "/"], check=True)
     subprocess.run(web.fpm, check=True)
     subprocess.run(web.nginx, check=True)
-    zd.wait_port(web.port)
+    wait_port(web.port)
     owner = "www-data:www-data" if os.geteuid() == 0 else None
     steps = {}
     try:
-        warm(revision)
+        settle([revision])
         t = time.perf_counter()
         subprocess.run(web.nginx + ["-s", "quit"], check=False)  # BeforeInstall: systemctl stop nginx
         while (web.d / "run/nginx.pid").exists():
@@ -188,11 +132,11 @@ def tutorial(a, root: Path, revision: Path, previous: Path):
         steps["AfterInstall (chown -R, chmod -R 755)"] = time.perf_counter() - t
         t = time.perf_counter()
         subprocess.run(web.nginx, check=True)  # ApplicationStart: systemctl start nginx
-        zd.wait_port(web.port)
+        wait_port(web.port)
         steps["ApplicationStart (start nginx)"] = time.perf_counter() - t
         t = time.perf_counter()
         time.sleep(a.tutorial_sleep)  # ValidateService: sleep 30; curl --fail
-        code, _ = get(f"http://127.0.0.1:{web.port}/health.php")
+        code, _ = http_get(f"http://127.0.0.1:{web.port}/health.php")
         if code != 200:
             raise SystemExit(f"tutorial: health.php answered {code}")
         steps[f"ValidateService (sleep {a.tutorial_sleep:g}, curl)"] = time.perf_counter() - t
@@ -232,17 +176,17 @@ def main():
         try:
             if n is None:
                 raise StopIteration
-            gen(n.revision("d-0"), a.files_large, large_bytes, "big0", seed=2)
+            gen_magento_tree(n.revision("d-0"), a.files_large, large_bytes, seed=2, release_id="big0")
             n.deploy("d-0", first=True)
-            gen(n.revision("d-1"), a.files_large, large_bytes, "big1", seed=2)
-            warm(n.revision("d-1"))
+            gen_magento_tree(n.revision("d-1"), a.files_large, large_bytes, seed=2, release_id="big1")
+            settle([n.revision("d-1")])
             t0 = time.perf_counter()
             events, _ = n.deploy("d-1")
             res["bgagent_whole_s"] = time.perf_counter() - t0
             res["bgagent_events_s"] = events
             res["bgagent_intake_s"] = n.intake_s
             n.stop()
-            warm(n.revision("d-1"))
+            settle([n.revision("d-1")])
             t = time.perf_counter()
             subprocess.run(["cp", "-al", str(n.revision("d-1")), str(work / "floor")], check=True)
             res["floor_cp_al_s"] = time.perf_counter() - t
@@ -263,8 +207,8 @@ def main():
                 raise StopIteration
             for i in range(6 + a.deploys):
                 dep = f"d-{i}"
-                gen(n.revision(dep), a.files_small, small_bytes, f"r{i}", seed=1)
-                warm(n.revision(dep))
+                gen_magento_tree(n.revision(dep), a.files_small, small_bytes, seed=1, release_id=f"r{i}")
+                settle([n.revision(dep)])
                 events, fig = n.deploy(dep, first=(i == 0))
                 if i >= 6:
                     res.setdefault("healthy_to_validated_s", []).append(fig)
@@ -296,10 +240,10 @@ def part1(a, res):
     h = res["healthy_to_validated_s"]
     print(f"(1) From app healthy to ValidateService success, {a.deploys} deploys of {a.files_small:,} files, "
           "release.keep 5 with five older releases:\n")
-    print("| deploy | healthy -> ValidateService ok (ms) | ApplicationStart (ms) | ValidateService (ms) |")
-    print("|---|---|---|---|")
-    for i, (f, s, v) in enumerate(zip(h, res["application_start_s"], res["validate_service_s"]), 1):
-        print(f"| {i} | {f * 1000:.0f} | {s * 1000:.0f} | {v * 1000:.0f} |")
+    rows = [[i, f"{f * 1000:.0f}", f"{s * 1000:.0f}", f"{v * 1000:.0f}"]
+            for i, (f, s, v) in enumerate(zip(h, res["application_start_s"], res["validate_service_s"]), 1)]
+    print(markdown_table(["deploy", "healthy -> ValidateService ok (ms)", "ApplicationStart (ms)",
+                          "ValidateService (ms)"], rows))
     print(f"\nmedian {statistics.median(h) * 1000:.0f} ms, max {max(h) * 1000:.0f} ms; "
           f"the tutorial's ValidateService alone is `sleep {a.tutorial_sleep:g}`: "
           f"{a.tutorial_sleep / statistics.median(h):.0f}x the median.")
@@ -308,18 +252,15 @@ def part1(a, res):
 
 def part2(a, res):
     print(f"(2) One whole in-place deployment of {a.files_large:,} files, revision unpacked -> ready:\n")
-    print("| contender | step | s |")
-    print("|---|---|---|")
-    for ev, s in res["bgagent_events_s"].items():
-        print(f"| bgagent | {ev} | {s:.2f} |")
-    print(f"| bgagent | **whole** | **{res['bgagent_whole_s']:.2f}** |")
+    rows = [["bgagent", ev, f"{s:.2f}"] for ev, s in res["bgagent_events_s"].items()]
+    rows.append(["bgagent", "**whole**", f"**{res['bgagent_whole_s']:.2f}**"])
     if res.get("bgagent_intake_s") is not None:
-        print(f"| bgagent | of which intake (the release tree built in AfterInstall) | {res['bgagent_intake_s']:.2f} |")
-    print(f"| floor | `cp -al` of the revision (links and directories only) | {res['floor_cp_al_s']:.2f} |")
-    for st, s in res["tutorial_steps_s"].items():
-        print(f"| tutorial | {st} | {s:.2f} |")
-    print(f"| tutorial | **whole** | **{res['tutorial_whole_s']:.2f}** |")
-    print(f"| tutorial | whole without its `sleep` | {res['tutorial_without_sleep_s']:.2f} |")
+        rows.append(["bgagent", "of which intake (the release tree built in AfterInstall)", f"{res['bgagent_intake_s']:.2f}"])
+    rows.append(["floor", "`cp -al` of the revision (links and directories only)", f"{res['floor_cp_al_s']:.2f}"])
+    rows += [["tutorial", st, f"{s:.2f}"] for st, s in res["tutorial_steps_s"].items()]
+    rows.append(["tutorial", "**whole**", f"**{res['tutorial_whole_s']:.2f}**"])
+    rows.append(["tutorial", "whole without its `sleep`", f"{res['tutorial_without_sleep_s']:.2f}"])
+    print(markdown_table(["contender", "step", "s"], rows))
     print(f"\nbgagent / tutorial: {res['bgagent_whole_s'] / res['tutorial_whole_s']:.2f}x "
           f"({res['bgagent_whole_s'] / res['tutorial_without_sleep_s']:.2f}x of the tutorial without its sleep); "
           f"bgagent's whole deployment / `cp -al` alone: {res['bgagent_whole_s'] / res['floor_cp_al_s']:.2f}x")

@@ -14,34 +14,18 @@ one run, each case with a fresh application name so the deployment takes slot 0:
     python3 bench/bench_flush.py [--keys 2000000] [--nodes 4] [--runs 3]
 """
 import argparse
-import os
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def wait_port(port):
-    for _ in range(1000):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"nothing on {port}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (REPO, Redis, free_port, markdown_table, run_at_once, run_hook, start_daemon,  # noqa: E402
+                    stop_daemon)
 
 
 class Resp:
@@ -111,11 +95,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bgagent-flush-", dir="/var/tmp"))
-    rp = free_port()
-    subprocess.run(["redis-server", "--port", str(rp), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                    "--enable-debug-command", "yes", "--daemonize", "yes", "--dir", str(work),
-                    "--pidfile", str(work / "redis.pid"), "--logfile", str(work / "redis.log")], check=True)
-    wait_port(rp)
+    redis = Redis(work / "redis", "--enable-debug-command", "yes")
+    rp = redis.port
     admin = Resp(rp, 0)
     prober = Prober(rp, 2)
     prober.start()
@@ -133,8 +114,7 @@ def main():
 
         def configure(app):
             for p in daemons:
-                p.terminate()
-                p.wait()
+                stop_daemon(p)
             daemons.clear()
             for i, d in enumerate(dirs):
                 sock = d / "run/s.sock"
@@ -147,19 +127,10 @@ def main():
                     "templates: [ { source: env.php.j2, target: app/etc/env.php, check: [] } ]\n"
                     f"cache: {{ redis: \"redis://127.0.0.1:{rp}\", node: n{i} }}\n"
                     f"readiness: {{ listen: \"127.0.0.1:{free_port()}\" }}\n")
-                daemons.append(subprocess.Popen([a.bin, "--config", str(d / "bgagent.yaml"), "daemon"],
-                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.DEVNULL))
-            for d in dirs:
-                while not (d / "run/s.sock").exists():
-                    time.sleep(0.02)
+                daemons.append(start_daemon(a.bin, d / "bgagent.yaml", sock, timeout=30))
 
         def hook(i, ev, dep):
-            env = dict(os.environ, DEPLOYMENT_ID=dep, DEPLOYMENT_GROUP_ID="g", APPLICATION_NAME="b")
-            r = subprocess.run([a.bin, "--config", str(dirs[i] / "bgagent.yaml"), "hook", ev],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            if r.returncode:
-                raise SystemExit(f"node {i} {ev} {dep} failed:\n{r.stdout[-1500:]}")
+            run_hook(a.bin, dirs[i] / "bgagent.yaml", ev, dep, app="b")
 
         def fill():
             for db in (0, 1):
@@ -181,24 +152,11 @@ def main():
                 (rev / "index.php").write_text("<?php echo 1;")
                 for i in range(a.nodes):
                     hook(i, "BeforeInstall", dep)
-                barrier = threading.Barrier(a.nodes)
-                ends = [0.0] * a.nodes
-
-                def go(i):
-                    barrier.wait()
-                    hook(i, "AfterInstall", dep)
-                    ends[i] = time.perf_counter()
-
-                ts = [threading.Thread(target=go, args=(i,)) for i in range(a.nodes)]
                 prober.samples = []
                 prober.on = True
-                t0 = time.perf_counter()
-                for t in ts:
-                    t.start()
-                for t in ts:
-                    t.join()
+                took = run_at_once(a.nodes, lambda i: hook(i, "AfterInstall", dep))
                 prober.on = False
-                rows[case].append((max(ends) - t0) * 1000)
+                rows[case].append(took * 1000)
                 lat[case].extend(prober.samples)
             # the blocking reference
             fill()
@@ -215,21 +173,22 @@ def main():
     finally:
         prober.stop = True
         for p in daemons:
-            p.terminate()
-            p.wait()
-        subprocess.run(["sh", "-c", f"kill $(cat {work}/redis.pid)"], check=False)
+            stop_daemon(p)
+        redis.stop()
         subprocess.run(["rm", "-rf", str(work)], check=False)
     print(f"## Large slot flush: {a.nodes} nodes, {a.keys:,} keys in each of the slot's 2 databases, "
           f"median of {a.runs} runs\n")
-    print("| case | fleet AfterInstall ms | session GET p50 ms | p99 ms | max ms | GETs answered |")
-    print("|---|---:|---:|---:|---:|---:|")
+    table = []
     for case, label in (("empty", "empty slot"), ("large", "large slot, FLUSHDB ASYNC (bgagent)")):
         v = lat[case]
-        print(f"| {label} | {statistics.median(rows[case]):.0f} | {pct(v, 50):.2f} | {pct(v, 99):.2f} | "
-              f"{max(v) if v else 0:.1f} | {len(v)} |")
+        table.append([label, f"{statistics.median(rows[case]):.0f}", f"{pct(v, 50):.2f}", f"{pct(v, 99):.2f}",
+                      f"{max(v) if v else 0:.1f}", len(v)])
     v = lat["blocking"]
-    print(f"| reference: plain FLUSHDB of the same databases (no deployment) | {statistics.median(blocking_ms):.0f} "
-          f"(the two flushes) | {pct(v, 50):.2f} | {pct(v, 99):.2f} | {max(v) if v else 0:.1f} | {len(v)} |")
+    table.append(["reference: plain FLUSHDB of the same databases (no deployment)",
+                  f"{statistics.median(blocking_ms):.0f} (the two flushes)", f"{pct(v, 50):.2f}", f"{pct(v, 99):.2f}",
+                  f"{max(v) if v else 0:.1f}", len(v)])
+    print(markdown_table(["case", "fleet AfterInstall ms", "session GET p50 ms", "p99 ms", "max ms", "GETs answered"],
+                         table, "lrrrrr"))
     print(f"\nAdded deploy time for the large slot: "
           f"{statistics.median(rows['large']) - statistics.median(rows['empty']):.0f} ms (median large - median empty).")
 

@@ -35,7 +35,6 @@ Exits 1 when the bgagent contender failed a request or a deployment step failed.
 
 import argparse
 import csv
-import http.client
 import json
 import os
 import shutil
@@ -43,61 +42,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_zero_downtime import Web, free_port, wait_port  # noqa: E402
+from common import (REPO, Load, MariaDb, Redis, Web, first_line, free_port, markdown_table, run_hook,  # noqa: E402
+                    run_plot, start_daemon, stop_daemon, wait_port)
 
-REPO = Path(__file__).resolve().parent.parent
 FIX = REPO / "tests/fixtures"
 PATHS = ["/catalog", "/catalog", "/catalog", "/write"]
 
 
 def sh(argv, **kw):
     return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-class MariaDb:
-    def __init__(self, d: Path):
-        self.d = d
-        (d / "run").mkdir(parents=True)
-        self.port = free_port()
-        sh(["mariadb-install-db", "--no-defaults", f"--datadir={d}/db", "--user=root",
-            "--auth-root-authentication-method=normal", "--skip-test-db"])
-        self.p = subprocess.Popen(
-            ["mariadbd", "--no-defaults", f"--datadir={d}/db", f"--socket={d}/run/m.sock", f"--port={self.port}",
-             "--bind-address=127.0.0.1", f"--pid-file={d}/run/m.pid", f"--log-error={d}/m.err", "--user=root",
-             "--skip-name-resolve", "--innodb-buffer-pool-size=64M"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, 30)
-        self.sql("CREATE DATABASE app; CREATE USER 'app'@'%' IDENTIFIED BY 'apppass'; "
-                 "GRANT ALL ON app.* TO 'app'@'%';")
-
-    def sql(self, q):
-        return sh(["mariadb", "--no-defaults", "-uroot", f"--socket={self.d}/run/m.sock", "-N", "-e", q]).stdout
-
-    def stop(self):
-        self.p.terminate()
-        self.p.wait(30)
-
-
-class Redis:
-    def __init__(self, d: Path):
-        d.mkdir(parents=True)
-        self.d = d
-        self.port = free_port()
-        sh(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--daemonize", "yes", "--dir", str(d), "--pidfile", str(d / "r.pid"), "--logfile", str(d / "r.log")])
-        wait_port(self.port)
-
-    def stop(self):
-        try:
-            os.kill(int((self.d / "r.pid").read_text().strip()), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
 
 
 class Node:
@@ -138,21 +96,12 @@ schema:
   database: {{ host: 127.0.0.1, port: {db.port}, user: app, database: app, password_param: db.password }}
 {schema_yaml}
 """)
-        self.daemon = subprocess.Popen([bin_, "--config", str(self.d / "bgagent.yaml"), "daemon"],
-                                       stdout=open(self.d / "daemon.log", "w"), stderr=subprocess.STDOUT)
-        t0 = time.time()
-        while not (self.d / "run/s.sock").exists():
-            if time.time() - t0 > 20:
-                raise SystemExit(f"{self.name}: the daemon did not start: {(self.d / 'daemon.log').read_text()}")
-            time.sleep(0.05)
+        self.daemon = start_daemon(bin_, self.d / "bgagent.yaml", self.d / "run/s.sock", self.d / "daemon.log",
+                                   timeout=20)
         self.web.start()
 
     def hook(self, event, dep):
-        env = dict(os.environ, DEPLOYMENT_ID=dep, DEPLOYMENT_GROUP_ID="g", APPLICATION_NAME="shop")
-        t0 = time.perf_counter()
-        r = subprocess.run([self.bin, "--config", str(self.d / "bgagent.yaml"), "hook", event], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        return r.returncode, r.stdout, t0, time.perf_counter()
+        return run_hook(self.bin, self.d / "bgagent.yaml", event, dep, app="shop", check=False)
 
     def magento(self, *args):
         cur = self.d / "app/current"
@@ -161,11 +110,7 @@ schema:
 
     def stop(self):
         self.web.stop()
-        self.daemon.terminate()
-        try:
-            self.daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
+        stop_daemon(self.daemon)
 
 
 class Haproxy:
@@ -201,60 +146,6 @@ backend be
         self.p.wait(10)
 
 
-class Load:
-    """A bounded constant-rate client: `rate` requests per second for at most `max_s` seconds.
-    Records (t, latency s, status or 0, first line of the body or the error)."""
-
-    def __init__(self, port, rate, max_s, workers=32):
-        self.port, self.rate, self.max, self.workers = port, rate, max_s, workers
-        self.records, self.lock, self.stop_ = [], threading.Lock(), threading.Event()
-
-    def start(self):
-        self.t0 = time.perf_counter()
-        iv = self.workers / self.rate
-        self.threads = [threading.Thread(target=self.worker, args=(i, i * iv / self.workers, iv))
-                        for i in range(self.workers)]
-        for t in self.threads:
-            t.start()
-
-    def worker(self, w, offset, iv):
-        nxt, conn, k = self.t0 + offset, None, w
-        while not self.stop_.is_set() and time.perf_counter() - self.t0 < self.max:
-            now = time.perf_counter()
-            if now < nxt:
-                time.sleep(nxt - now)
-            nxt += iv
-            path = PATHS[k % len(PATHS)]
-            k += 1
-            s = time.perf_counter()
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", path)
-                r = conn.getresponse()
-                body = r.read().decode(errors="replace").strip().splitlines()
-                rec = (s - self.t0, time.perf_counter() - s, r.status, body[0][:90] if body else "")
-                if r.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except Exception as e:
-                rec = (s - self.t0, time.perf_counter() - s, 0, type(e).__name__)
-                if conn is not None:
-                    conn.close()
-                conn = None
-            with self.lock:
-                self.records.append(rec)
-
-    def now(self):
-        return time.perf_counter() - self.t0
-
-    def finish(self):
-        self.stop_.set()
-        for t in self.threads:
-            t.join()
-        return sorted(self.records)
-
-
 def revision(base: Path, dep: str, variant, rid: str):
     root = base / f"cd-root/g/{dep}/deployment-archive"
     root.mkdir(parents=True)
@@ -268,6 +159,7 @@ def contender(name, a, work: Path):
     base = work / name
     base.mkdir(parents=True)
     db, redis = MariaDb(base / "db"), Redis(base / "redis")
+    db.sql("CREATE DATABASE app; CREATE USER 'app'@'%' IDENTIFIED BY 'apppass'; GRANT ALL ON app.* TO 'app'@'%';")
     flag = name != "flag-off"
     # The maintenance contender builds with bgagent but runs no schema step: the operator's
     # procedure does it, under maintenance.
@@ -291,9 +183,9 @@ def contender(name, a, work: Path):
         revision(base, "d-1", None, "v1")
         for n in nodes:
             for ev in ["BeforeInstall", "AfterInstall", "ApplicationStart", "ValidateService"]:
-                rc, out, _, _ = n.hook(ev, "d-1")
-                if rc != 0:
-                    raise SystemExit(f"{name}: v1 {ev} on {n.name} failed:\n{out}")
+                h = n.hook(ev, "d-1")
+                if h.returncode != 0:
+                    raise SystemExit(f"{name}: v1 {ev} on {n.name} failed:\n{h.output}")
         # The contender's own config, re-read on SIGHUP (between deployments).
         for n in nodes:
             cfg = (n.d / "bgagent.yaml").read_text().replace(setup, schema)
@@ -304,7 +196,7 @@ def contender(name, a, work: Path):
         hap = Haproxy(base / "haproxy", nodes)
         time.sleep(1.0)
         revision(base, "d-2", "additive", "v2")
-        load = Load(hap.port, a.rate, a.max_seconds)
+        load = Load(hap.port, a.rate, a.max_seconds, workers=32, paths=PATHS, headers={}, summarise=first_line)
         load.start()
         time.sleep(a.steady)
 
@@ -319,7 +211,7 @@ def contender(name, a, work: Path):
                 fails.append(f"{label}: {out[-2000:]}")
 
         def hook(n, ev):
-            return lambda: (lambda r: (r[0] == 0, r[1]))(n.hook(ev, "d-2"))
+            return lambda: (lambda h: (h.returncode == 0, h.output))(n.hook(ev, "d-2"))
 
         def magento(n, *args):
             return lambda: (lambda r: (r.returncode == 0, r.stdout))(n.magento(*args))
@@ -433,8 +325,7 @@ fig.suptitle("Additive Magento upgrade on 2 nodes behind HAProxy, " + rate)
 fig.tight_layout()
 fig.savefig(out + "/magento_upgrade.png", dpi=90)
 '''
-    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", py, "-c", code, str(out), str(rate)], check=False)
+    run_plot("-c", code, str(out), str(rate))
     (out / "magento_upgrade_plot.json").unlink(missing_ok=True)
 
 
@@ -473,12 +364,13 @@ def main():
                 w.writerow([r["contender"], *row])
     plot(out, results, f"{a.rate} req/s, setup:upgrade >= {a.upgrade_ms} ms")
     print(f"## Additive Magento upgrade, 2 nodes behind HAProxy, {a.rate} req/s, setup:upgrade >= {a.upgrade_ms} ms\n")
-    print("| contender | requests | achieved req/s | failed | downtime window s | setup:upgrade runs | p50 ms | p99 ms | what failed requests got |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    rows = []
     for r in results:
         errs = "; ".join(f"{n} x {e}" for e, n in list(r["errors"].items())[:3]) or "-"
-        print(f"| {r['contender']} | {r['requests']} | {r['rate']} | {r['failed']} | {r['downtime_s']} | {r['setup_upgrade_runs']} "
-              f"| {r['p50_ms']} | {r['p99_ms']} | {errs} |")
+        rows.append([r["contender"], r["requests"], r["rate"], r["failed"], r["downtime_s"], r["setup_upgrade_runs"],
+                     r["p50_ms"], r["p99_ms"], errs])
+    print(markdown_table(["contender", "requests", "achieved req/s", "failed", "downtime window s", "setup:upgrade runs",
+                          "p50 ms", "p99 ms", "what failed requests got"], rows, "lrrrrrrrl"))
     for r in results:
         for f in r["step_failures"]:
             print(f"\n{r['contender']}: step failed: {f}")

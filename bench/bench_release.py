@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (REPO, gen_magento_tree, hook_command, markdown_table, settle, start_daemon,  # noqa: E402
+                    stop_daemon)
 
 
 def run(argv, **kw):
@@ -44,24 +45,6 @@ def timed(argv, env=None):
     t0 = time.perf_counter()
     subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return time.perf_counter() - t0
-
-
-def settle(paths=(), wait=0.0):
-    """Syncs the disk, waits, then reads `paths` once so the contender starts from a warm cache."""
-    subprocess.run(["sync"], check=True)
-    time.sleep(wait)
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            # tar does not read file contents when writing to /dev/null itself: pipe it.
-            tar = subprocess.Popen(["tar", "-cf", "-", "-C", str(p), "."], stdout=subprocess.PIPE)
-            while tar.stdout.read(1 << 20):
-                pass
-            tar.wait()
-        else:
-            with open(p, "rb") as f:
-                while f.read(1 << 20):
-                    pass
 
 
 def tutorial(src, dest, owner, group):
@@ -82,19 +65,6 @@ def tutorial(src, dest, owner, group):
 def rm(path):
     if os.path.lexists(path):
         subprocess.run(["rm", "-rf", "--", str(path)], check=True)
-
-
-def wait_socket(path, timeout=10.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(str(path))
-            s.close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise SystemExit(f"daemon did not listen on {path}")
 
 
 def rss_kib(pid):
@@ -136,9 +106,7 @@ def main():
     tgz = work / "release.tar.gz"
     if not src.exists():
         src.parent.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, str(REPO / "bench/gen-magento-tree"), "--files", str(a.files),
-             "--total-bytes", a.total_bytes, "--out", str(src), "--tar-gz", str(tgz), "--seed", "1"],
-            stdout=subprocess.DEVNULL)
+        gen_magento_tree(src, a.files, a.total_bytes, seed=1, tar_gz=tgz)
     nfiles = sum(len(f) for _, _, f in os.walk(src))
     nbytes = sum(os.lstat(os.path.join(d, x)).st_size for d, _, fs in os.walk(src) for x in fs)
     # Outputs are kept until the end (see above): three trees of the release's size a round.
@@ -158,20 +126,14 @@ def main():
         f"release:\n  keep: {a.rounds + 2}\n  shared_paths: []\n"
         f"permissions:\n{perms}"
     )
-    sock = work / "run/bgagent.sock"
-    log = open(work / "daemon.log", "w")
-    daemon = subprocess.Popen([str(bgagent), "--config", str(cfg), "daemon"], stdin=subprocess.DEVNULL,
-                              stdout=log, stderr=log)
+    daemon = start_daemon(bgagent, cfg, work / "run/bgagent.sock", work / "daemon.log")
     results = {"files": nfiles, "bytes": nbytes, "rounds": a.rounds, "owner": a.owner}
     try:
-        wait_socket(sock)
         time.sleep(0.3)
         results["daemon_idle_rss_kib"] = rss_kib(daemon.pid)
 
         def hook(event, dep):
-            env = dict(os.environ, DEPLOYMENT_ID=dep, DEPLOYMENT_GROUP_ID="g-bench",
-                       APPLICATION_NAME="bench", LIFECYCLE_EVENT=event)
-            return [str(bgagent), "--config", str(cfg), "hook", event], env
+            return hook_command(bgagent, cfg, event, dep, group="g-bench", lifecycle_event=True)
 
         # Outputs of earlier runs are gone; let their freed inodes age out once.
         olds = [work / o for o in ("tutorial", "cpal", "untar", "app-local", "state-local", "app/releases")]
@@ -235,9 +197,7 @@ def main():
                                          "p90": sorted(rt)[int(len(rt) * 0.9)] * 1000}
         results["times_s"] = times
     finally:
-        daemon.terminate()
-        daemon.wait()
-        log.close()
+        stop_daemon(daemon)
         for out in ("tutorial", "cpal", "untar", "app-local", "state-local"):
             rm(work / out)
         rm(work / "app/releases")
@@ -251,15 +211,14 @@ def main():
               "its figures are not results (BENCHMARKS.md has those, from a release build on a full tree)")
     print(f"## Release build ({nfiles} files, {nbytes / 2**20:.0f} MiB, {a.rounds} rounds, "
           f"owner {a.owner or '(unchanged: not root)'})\n")
-    print("| contender | median s | ratio |")
-    print("|---|---:|---:|")
-    print(f"| bgagent hook AfterInstall (policy + ownership) | {med['bgagent']:.3f} | 1.00 |")
-    print(f"| tutorial (seed article): cp -r, chown -R, chmod -R 755, chown -R generated var | {med['tutorial']:.3f} | "
-          f"{ratio('tutorial', 'bgagent'):.2f}x slower |")
-    print(f"| floor: cp -al | {med['cp_al']:.3f} | bgagent is {ratio('bgagent', 'cp_al'):.2f}x of it |")
-    print(f"| bgagent deploy release.tar.gz | {med['bgagent_tgz']:.3f} | "
-          f"{ratio('bgagent_tgz', 'tar_xzf'):.2f}x of tar |")
-    print(f"| tar -xzf release.tar.gz | {med['tar_xzf']:.3f} | 1.00 |")
+    print(markdown_table(["contender", "median s", "ratio"], [
+        ["bgagent hook AfterInstall (policy + ownership)", f"{med['bgagent']:.3f}", "1.00"],
+        ["tutorial (seed article): cp -r, chown -R, chmod -R 755, chown -R generated var", f"{med['tutorial']:.3f}",
+         f"{ratio('tutorial', 'bgagent'):.2f}x slower"],
+        ["floor: cp -al", f"{med['cp_al']:.3f}", f"bgagent is {ratio('bgagent', 'cp_al'):.2f}x of it"],
+        ["bgagent deploy release.tar.gz", f"{med['bgagent_tgz']:.3f}", f"{ratio('bgagent_tgz', 'tar_xzf'):.2f}x of tar"],
+        ["tar -xzf release.tar.gz", f"{med['tar_xzf']:.3f}", "1.00"],
+    ], "lrr"))
     print(f"\nhook round trip (nothing to do): median {results['hook_round_trip_ms']['median']:.2f} ms, "
           f"p90 {results['hook_round_trip_ms']['p90']:.2f} ms over {a.hook_rounds}")
     print(f"daemon idle RSS: {results['daemon_idle_rss_kib'] / 1024:.1f} MiB")

@@ -38,9 +38,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench_zero_downtime as zd  # noqa: E402  (Load, free_port, wait_port, fpm_bin)
-
-REPO = HERE.parent
+import common  # noqa: E402
+from common import (REPO, Load, free_port, lifecycle_events, markdown_table, release_number,  # noqa: E402
+                    run_hook, run_plot, start_daemon, stop_daemon, write_csv)
 
 
 def make_app(dst: Path, classes: int, per_request: int, bulk: int = 2):
@@ -70,42 +70,17 @@ def make_app(dst: Path, classes: int, per_request: int, bulk: int = 2):
     (dst / "pub/health.php").write_text("<?php echo \"OK\\n\";\n")
 
 
-class Web:
+class Web(common.Web):
+    """The private web server with opcache set up as the contenders need (the restrict_api
+    directory is where bgagent writes its FastCGI snippets)."""
+
     def __init__(self, d: Path, docroot: str, vt: int, opcache_mb: int = 128, max_files: int = 10000):
-        self.d = d
-        for s in ["run", "logs", "tmp"]:
-            (d / s).mkdir(parents=True, exist_ok=True)
-        (d / "php-fpm.conf").write_text(
-            f"[global]\npid = {d}/run/php-fpm.pid\nerror_log = {d}/logs/php-fpm.log\ndaemonize = yes\n"
-            f"process_control_timeout = 10s\n[www]\nuser = root\nlisten = {d}/run/php-fpm.sock\nlisten.mode = 0666\n"
-            "pm = static\npm.max_children = 8\n")
-        self.port = zd.free_port()
-        (d / "nginx.conf").write_text(
-            f"user root; worker_processes 2; pid {d}/run/nginx.pid; error_log {d}/logs/nginx.err warn;\n"
-            "events { worker_connections 1024; }\n"
-            f"http {{ access_log off; client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;\n"
-            f"fastcgi_temp_path {d}/tmp/fcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;\n"
-            f"server {{ listen 127.0.0.1:{self.port}; root {docroot}; index index.php;\n"
-            "location / { try_files $uri /index.php$is_args$args; }\n"
-            "location ~ \\.php$ { try_files $uri =404; include /etc/nginx/fastcgi_params;\n"
-            "fastcgi_param SCRIPT_FILENAME $realpath_root$fastcgi_script_name;\n"
-            "fastcgi_param DOCUMENT_ROOT $realpath_root;\n"
-            f"fastcgi_pass unix:{d}/run/php-fpm.sock; }} }} }}\n")
-        self.nginx = ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "logs/nginx.err")]
         self.snippets = d / "fcgi"
-        self.fpm = [zd.fpm_bin(), "-d", f"opcache.validate_timestamps={vt}",
-                    "-d", f"opcache.memory_consumption={opcache_mb}",
-                    "-d", f"opcache.max_accelerated_files={max_files}",
-                    "-d", f"opcache.restrict_api={self.snippets}",
-                    "-R", "-y", str(d / "php-fpm.conf")]
-
-    def start(self):
-        subprocess.run(self.fpm, check=True)
-        subprocess.run(self.nginx, check=True)
-        zd.wait_port(self.port)
-
-    def master(self):
-        return int((self.d / "run/php-fpm.pid").read_text().strip())
+        super().__init__(d, docroot, php_must_exist=True, stop_grace=0.5,
+                         php_ini=["-d", f"opcache.validate_timestamps={vt}",
+                                  "-d", f"opcache.memory_consumption={opcache_mb}",
+                                  "-d", f"opcache.max_accelerated_files={max_files}",
+                                  "-d", f"opcache.restrict_api={self.snippets}"])
 
     def pss_kib(self):
         """PSS of php-fpm's master and workers (shared opcache pages split between them)."""
@@ -126,22 +101,9 @@ class Web:
                 pass
         return total
 
-    def stop(self):
-        for pid_file in ["run/nginx.pid", "run/php-fpm.pid"]:
-            try:
-                os.kill(int((self.d / pid_file).read_text().strip()), signal.SIGTERM)
-            except (OSError, ValueError):
-                pass
-        time.sleep(0.5)
-
-
-EVENTS = ["ApplicationStop", "BeforeInstall", "AfterInstall", "ApplicationStart", "ValidateService",
-          "BeforeAllowTraffic", "AfterAllowTraffic"]
-
 
 def bgagent_config(root: Path, web: Web, mode: str, globs=None):
-    ready = zd.free_port()
-    fpm = web.fpm
+    ready = free_port()
     opc = "opcache: { switch: reload }\n"
     if mode == "warm":
         opc = (f"opcache:\n  switch: warm\n  snippet_dir: {web.snippets}\n  budget: 60s\n  timeout: 60s\n"
@@ -154,16 +116,7 @@ codedeploy: {{ deployment_root: cd-root }}
 app: {{ kind: php, name: bench }}
 release: {{ keep: 3, shared_paths: [] }}
 params: {{ source: none }}
-services:
-  backend: exec
-  list:
-    - {{ name: php-fpm, kind: php-fpm, test: {json.dumps(fpm[:-3] + ["-t"] + fpm[-3:])}, reload: [kill, -USR2, "{{pid}}"], pid_file: {web.d}/run/php-fpm.pid, config_file: {web.d}/php-fpm.conf, fastcgi: "unix:{web.d}/run/php-fpm.sock" }}
-    - {{ name: nginx, kind: nginx, test: [nginx, -t, -q, -p, {web.d}, -c, {web.d}/nginx.conf, -e, {web.d}/logs/nginx.err], reload: [nginx, -p, {web.d}, -c, {web.d}/nginx.conf, -e, {web.d}/logs/nginx.err, -s, reload] }}
-health:
-  checks: [ {{ name: app, http: {{ url: "http://127.0.0.1:{web.port}/health.php", body_contains: OK }} }} ]
-  period: 50ms
-  success_threshold: 2
-readiness: {{ listen: "127.0.0.1:{ready}" }}
+{web.services_yaml(fastcgi=True)}{web.health_yaml()}readiness: {{ listen: "127.0.0.1:{ready}" }}
 {opc}""")
     return cfg
 
@@ -172,21 +125,7 @@ class Bgagent:
     def __init__(self, a, root: Path, web: Web, mode: str, globs=None):
         self.a, self.root, self.web = a, root, web
         self.cfg = bgagent_config(root, web, mode, globs)
-        self.daemon = subprocess.Popen([a.bin, "--config", str(self.cfg), "daemon"], stdin=subprocess.DEVNULL,
-                                       stdout=open(root / "daemon.log", "w"), stderr=subprocess.STDOUT)
-        sock = root / "run/bgagent.sock"
-        for _ in range(500):
-            if sock.exists():
-                break
-            time.sleep(0.02)
-
-    def hook(self, ev, dep):
-        env = dict(os.environ, DEPLOYMENT_ID=dep, DEPLOYMENT_GROUP_ID="g", APPLICATION_NAME="bench")
-        r = subprocess.run([self.a.bin, "--config", str(self.cfg), "hook", ev], env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-        if r.returncode != 0:
-            raise SystemExit(f"bgagent hook {ev} failed:\n{r.stdout[-3000:]}")
-        return r.stdout
+        self.daemon = start_daemon(a.bin, self.cfg, root / "run/bgagent.sock", root / "daemon.log")
 
     def deploy(self, n, template: Path, clock):
         """Returns (switch step start, switch step end, ApplicationStart's log)."""
@@ -197,11 +136,9 @@ class Bgagent:
         (src / "RELEASE_ID").write_text(f"r{n}")
         t_sw = (0.0, 0.0)
         log = ""
-        for ev in EVENTS:
-            if ev == "ApplicationStop" and n == 0:
-                continue
+        for ev in lifecycle_events(first=n == 0):
             t0 = clock()
-            out = self.hook(ev, dep)
+            out = run_hook(self.a.bin, self.cfg, ev, dep).output
             if ev == "ApplicationStart":
                 t_sw, log = (t0, clock()), out
         return t_sw, log
@@ -211,8 +148,7 @@ class Bgagent:
         return json.loads(r.stdout)
 
     def stop(self):
-        self.daemon.terminate()
-        self.daemon.wait()
+        stop_daemon(self.daemon)
 
 
 class Deployer:
@@ -251,8 +187,8 @@ def run_contender(a, work: Path, name: str, vt: int, template: Path):
         time.sleep(1.0)
         for _ in range(20):  # the first release warm before the load starts, for everyone
             subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{web.port}/"], check=False)
-        load = zd.Load(web.port, a.rate, a.max_seconds)
-        load.run()
+        load = Load(web.port, a.rate, a.max_seconds)
+        load.start()
         time.sleep(a.settle)
         pss.append(web.pss_kib())
         for n in range(1, a.deploys + 1):
@@ -282,7 +218,7 @@ def analyse(recs, switches):
     stale = 0
     for i, (_, t_end, rel) in enumerate(switches):
         nxt = switches[i + 1][0] if i + 1 < len(switches) else float("inf")
-        stale += sum(1 for r in recs if t_end <= r[0] < nxt and ok(r) and zd.rnum(r[3]) < zd.rnum(rel))
+        stale += sum(1 for r in recs if t_end <= r[0] < nxt and ok(r) and release_number(r[3]) < release_number(rel))
     # A request belongs to a switch window when it was in flight during it (a request sent
     # just before a reload and held up by it counts).
     in_win = lambda r: any(r[0] <= e + 1.0 and r[0] + r[1] >= s for (s, e, _) in switches)  # noqa: E731
@@ -388,31 +324,25 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
         raise
     (out / "warm_switch.json").write_text(json.dumps(results, indent=2))
-    with open(out / "warm_switch_series.csv", "w") as f:
-        f.write("t_seconds,p99_ms,max_ms,errors,label\n")
-        for r in rows:
-            f.write(",".join(str(x) for x in r) + "\n")
-    with open(out / "warm_switch_switches.csv", "w") as f:
-        f.write("t_start,t_end,label\n")
-        for m in marks:
-            f.write(",".join(str(x) for x in m) + "\n")
-    # Debian's matplotlib, outside any virtualenv or pyenv the caller may have.
-    subprocess.run(["env", "-i", "PATH=/usr/bin:/bin", "/usr/bin/python3", str(HERE / "plot_warm_switch.py"), str(out / "warm_switch_series.csv"),
-                    str(out / "warm_switch_switches.csv"), str(out / "warm_switch.png")], check=False)
+    write_csv(out / "warm_switch_series.csv", "t_seconds,p99_ms,max_ms,errors,label", rows)
+    write_csv(out / "warm_switch_switches.csv", "t_start,t_end,label", marks)
+    run_plot(str(HERE / "plot_warm_switch.py"), str(out / "warm_switch_series.csv"),
+             str(out / "warm_switch_switches.csv"), str(out / "warm_switch.png"))
     if a.smoke:
         print("(smoke run: a tiny app at a low rate proves the harness works; its figures are not results)\n")
     print(f"## Warm switch: {a.deploys} deploys per contender, {a.rate} req/s, {a.classes} classes, "
           f"{a.per_request} loaded per request\n")
-    print("| contender | requests | failed | stale | steady p50 / p99 / max ms | switch window p50 / p99 / max ms "
-          "| p99 ratio | max ratio | PSS growth KiB/deploy | switch step ms (median) |")
-    print("|---|---:|---:|---:|---|---|---:|---:|---:|---:|")
+    table = []
     for label, r in results.items():
         if label == "big":
             continue
         s, w = r["steady"], r["switch"]
-        print(f"| {label} | {r['requests']} | {r['failed']} | {r['stale']} | {s['p50']:.1f} / {s['p99']:.1f} / {s['max']:.1f} "
-              f"| {w['p50']:.1f} / {w['p99']:.1f} / {w['max']:.1f} | {w['p99'] / s['p99']:.2f} | {w['max'] / s['max']:.2f} "
-              f"| {r['pss_growth_kib_per_deploy']} | {statistics.median(r['switch_ms']):.0f} |")
+        table.append([label, r["requests"], r["failed"], r["stale"], f"{s['p50']:.1f} / {s['p99']:.1f} / {s['max']:.1f}",
+                      f"{w['p50']:.1f} / {w['p99']:.1f} / {w['max']:.1f}", f"{w['p99'] / s['p99']:.2f}",
+                      f"{w['max'] / s['max']:.2f}", r["pss_growth_kib_per_deploy"], f"{statistics.median(r['switch_ms']):.0f}"])
+    print(markdown_table(["contender", "requests", "failed", "stale", "steady p50 / p99 / max ms",
+                          "switch window p50 / p99 / max ms", "p99 ratio", "max ratio", "PSS growth KiB/deploy",
+                          "switch step ms (median)"], table, "lrrrllrrrr"))
     if "big" in results:
         b = results["big"]
         p = b["precompile"]

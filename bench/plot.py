@@ -4,19 +4,16 @@ column per contender, deploy events marked.
 
     python3 bench/plot.py SERIES.csv EVENTS.csv OUT.png
 """
-import csv
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from common import pyplot, read_csv
 
 
 def main():
+    plt = pyplot()
     series, events, out = sys.argv[1:4]
-    rows = list(csv.DictReader(open(series)))
-    evs = list(csv.DictReader(open(events)))
+    rows = read_csv(series)
+    evs = read_csv(events)
     labels = sorted({r["label"] for r in rows})
     fig, axes = plt.subplots(3, len(labels), figsize=(7 * len(labels), 8), sharex="col", squeeze=False)
     for c, label in enumerate(labels):

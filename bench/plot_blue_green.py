@@ -5,25 +5,22 @@ solid and labelled, lifecycle events dotted; blue's in blue, green's in green).
 
     python3 bench/plot_blue_green.py OUT_DIR NAME TITLE    # reads NAME_*.csv, writes NAME.png
 """
-import csv
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from common import pyplot, read_csv
 
 COLORS = {"blue": "tab:blue", "green": "tab:green"}
 
 
 def main():
+    plt = pyplot()
     out, name, title = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    rows = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(out / f"{name}_series.csv"))]
+    rows = [{k: float(v) for k, v in r.items()} for r in read_csv(out / f"{name}_series.csv")]
     ready = {}
-    for r in csv.DictReader(open(out / f"{name}_ready.csv")):
+    for r in read_csv(out / f"{name}_ready.csv"):
         ready.setdefault(r["node"], []).append((float(r["t"]), int(r["ready"])))
-    events = list(csv.DictReader(open(out / f"{name}_events.csv")))
+    events = read_csv(out / f"{name}_events.csv")
     fig, axes = plt.subplots(4, 1, figsize=(14, 10), sharex=True,
                              gridspec_kw={"height_ratios": [3, 1.2, 1.2, 1.5]})
     t = [r["t"] for r in rows]

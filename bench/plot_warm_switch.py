@@ -4,19 +4,16 @@ contender, the switch steps shaded.
 
     python3 bench/plot_warm_switch.py SERIES.csv SWITCHES.csv OUT.png
 """
-import csv
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from common import pyplot, read_csv
 
 
 def main():
+    plt = pyplot()
     series, switches, out = sys.argv[1:4]
-    rows = list(csv.DictReader(open(series)))
-    sws = list(csv.DictReader(open(switches)))
+    rows = read_csv(series)
+    sws = read_csv(switches)
     labels = list(dict.fromkeys(r["label"] for r in rows))
     fig, axes = plt.subplots(len(labels), 1, figsize=(12, 2.2 * len(labels)), sharey=True, squeeze=False)
     for i, label in enumerate(labels):
