@@ -5,79 +5,47 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output};
-use std::sync::{Arc, Barrier};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::Duration;
+use support::fleet::{self, Agent};
 use support::text;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 const NODES: usize = 8;
 
-struct Agent {
-    dir: PathBuf,
-    daemon: Child,
+fn agent(base: &Path, i: usize, redis: &str) -> Agent {
+    agent_with(base, i, redis, "")
 }
 
-impl Agent {
-    fn start(base: &std::path::Path, i: usize, redis: &str) -> Agent {
-        Agent::start_with(base, i, redis, "")
-    }
-
-    fn start_with(base: &std::path::Path, i: usize, redis: &str, cache_extra: &str) -> Agent {
-        let dir = base.join(format!("node{i}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("t.php.j2"),
-            "<?php return [{{ deploy.cache.default_db }}, {{ deploy.cache.id_prefix }}];\n",
-        )
-        .unwrap();
-        let cfg = format!(
-            "app_root: app\nstate_dir: state\nsocket: {{ path: run/s.sock, group: null }}\ncodedeploy: {{ deployment_root: ../cd-root }}\n\
-             app: {{ kind: php, name: shop }}\nrelease: {{ shared_paths: [] }}\n\
-             templates: [ {{ source: t.php.j2, target: app/etc/env.php, check: [] }} ]\n\
-             cache: {{ redis: \"{redis}\", node: node{i}{cache_extra} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n\
-             drain: {{ deregistration_delay: 0s }}\n",
-            support::free_port()
-        );
-        std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
-        let daemon = support::spawn_daemon(
-            BIN,
-            &dir.join("bgagent.yaml"),
-            &dir.join("run/s.sock"),
-            &dir.join("daemon.log"),
-        );
-        Agent { dir, daemon }
-    }
-
-    fn hook(dir: &std::path::Path, ev: &str, dep: &str) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(dir.join("bgagent.yaml"))
-            .args(["hook", ev])
-            .env("DEPLOYMENT_ID", dep)
-            .env("DEPLOYMENT_GROUP_ID", "g")
-            .env("APPLICATION_NAME", "shop")
-            .output()
-            .unwrap()
-    }
-
-    fn slot(&self) -> u64 {
-        let out = Command::new(BIN)
-            .arg("--config")
-            .arg(self.dir.join("bgagent.yaml"))
-            .args(["status", "--json"])
-            .output()
-            .unwrap();
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        s["current_release"]["cache"]["slot"].as_u64().unwrap()
-    }
+fn agent_with(base: &Path, i: usize, redis: &str, cache_extra: &str) -> Agent {
+    let dir = base.join(format!("node{i}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("t.php.j2"),
+        "<?php return [{{ deploy.cache.default_db }}, {{ deploy.cache.id_prefix }}];\n",
+    )
+    .unwrap();
+    let cfg = format!(
+        "app_root: app\nstate_dir: state\nsocket: {{ path: run/s.sock, group: null }}\ncodedeploy: {{ deployment_root: ../cd-root }}\n\
+         app: {{ kind: php, name: shop }}\nrelease: {{ shared_paths: [] }}\n\
+         templates: [ {{ source: t.php.j2, target: app/etc/env.php, check: [] }} ]\n\
+         cache: {{ redis: \"{redis}\", node: node{i}{cache_extra} }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n\
+         drain: {{ deregistration_delay: 0s }}\n",
+        support::free_port()
+    );
+    Agent::spawn(&dir, &cfg)
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        support::stop_daemon(&mut self.daemon);
-    }
+/// `n` agents, node0 to node{n-1}, under `base`.
+fn start_agents(base: &Path, n: usize, redis: &str) -> Vec<Agent> {
+    (0..n).map(|i| agent(base, i, redis)).collect()
+}
+
+/// The cache slot of the release the agent serves.
+fn slot(a: &Agent) -> u64 {
+    a.status_json()["current_release"]["cache"]["slot"]
+        .as_u64()
+        .unwrap()
 }
 
 fn redis_cli(port: u16, db: u32, args: &[&str]) -> String {
@@ -90,29 +58,32 @@ fn redis_cli(port: u16, db: u32, args: &[&str]) -> String {
 }
 
 /// All nodes run `events` of `dep` concurrently, released by one barrier per event.
-fn fleet_deploy(agents: &[Agent], dep: &str, events: &[&'static str]) -> Vec<Vec<Output>> {
-    let barrier = Arc::new(Barrier::new(agents.len()));
-    let handles: Vec<_> = agents
-        .iter()
-        .map(|a| {
-            let (dir, b, dep) = (a.dir.clone(), barrier.clone(), dep.to_string());
-            let events = events.to_vec();
-            std::thread::spawn(move || {
-                events
-                    .iter()
-                    .map(|ev| {
-                        b.wait();
-                        Agent::hook(&dir, ev, &dep)
-                    })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+fn fleet_deploy(agents: &[Agent], dep: &str, events: &[&str]) -> Vec<Vec<Output>> {
+    fleet::together(agents, dep, events)
+        .into_iter()
+        .map(|node| node.into_iter().map(|(out, _)| out).collect())
+        .collect()
 }
 
-fn revision(base: &std::path::Path, dep: &str) {
-    let d = base.join(format!("cd-root/g/{dep}/deployment-archive/pub"));
+/// [`fleet_deploy`], where every hook must succeed.
+fn fleet_deploy_ok(agents: &[Agent], dep: &str, events: &[&str]) -> Vec<Vec<Output>> {
+    let outs = fleet_deploy(agents, dep, events);
+    for o in outs.iter().flatten() {
+        assert_eq!(o.status.code(), Some(0), "{}", text(o));
+    }
+    outs
+}
+
+/// One agent runs `events` of `dep` in order; each must succeed.
+fn hooks_ok(a: &Agent, dep: &str, events: &[&str]) {
+    for ev in events {
+        let o = a.hook(ev, dep);
+        assert!(o.status.success(), "{}", text(&o));
+    }
+}
+
+fn revision(base: &Path, dep: &str) {
+    let d = fleet::archive(&base.join("cd-root"), dep).join("pub");
     std::fs::create_dir_all(&d).unwrap();
     std::fs::write(d.join("index.php"), dep).unwrap();
 }
@@ -130,27 +101,20 @@ const EVENTS: [&str; 6] = [
 fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
     let redis = support::Redis::start();
     let base = tempfile::tempdir().unwrap();
-    let agents: Vec<Agent> = (0..NODES)
-        .map(|i| Agent::start(base.path(), i, &redis.url()))
-        .collect();
+    let agents = start_agents(base.path(), NODES, &redis.url());
 
     // stale entries in slot 0's databases must be gone after the first deployment's flush
     redis_cli(redis.port, 0, &["SET", "stale-cache-entry", "x"]);
     redis_cli(redis.port, 2, &["SET", "PHPREDIS_SESSION:abc", "session"]);
     revision(base.path(), "d-1");
-    let outs = fleet_deploy(&agents, "d-1", &EVENTS);
-    for node in &outs {
-        for o in node {
-            assert_eq!(o.status.code(), Some(0), "{}", text(o));
-        }
-    }
+    let outs = fleet_deploy_ok(&agents, "d-1", &EVENTS);
     let flushes = outs
         .iter()
         .flatten()
         .filter(|o| text(o).contains("flushed cache generation slot 0"))
         .count();
     assert_eq!(flushes, 1, "exactly one node flushes the new generation");
-    assert!(agents.iter().all(|a| a.slot() == 0));
+    assert!(agents.iter().all(|a| slot(a) == 0));
     assert_eq!(
         redis_cli(redis.port, 0, &["EXISTS", "stale-cache-entry"]),
         "0"
@@ -169,12 +133,9 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
     // the old generation keeps its entries while a node serves it
     redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
     revision(base.path(), "d-2");
-    let outs = fleet_deploy(&agents, "d-2", &EVENTS);
-    for o in outs.iter().flatten() {
-        assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    }
+    let outs = fleet_deploy_ok(&agents, "d-2", &EVENTS);
     assert!(
-        agents.iter().all(|a| a.slot() == 1),
+        agents.iter().all(|a| slot(a) == 1),
         "the second deployment takes the other slot"
     );
     assert_eq!(
@@ -193,14 +154,9 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
     // rollback: slot 0 is live again, nothing flushed
     redis_cli(redis.port, 3, &["SET", "gen1-entry", "x"]);
     for a in &agents {
-        let out = Command::new(BIN)
-            .arg("--config")
-            .arg(a.dir.join("bgagent.yaml"))
-            .arg("rollback")
-            .output()
-            .unwrap();
+        let out = a.cli(&["rollback"]);
         assert!(out.status.success(), "{}", text(&out));
-        assert_eq!(a.slot(), 0);
+        assert_eq!(slot(a), 0);
     }
     assert!(redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
     assert_eq!(redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]), "1");
@@ -208,10 +164,7 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
 
     // a third deployment would reuse slot 1: it is not served by anyone now, so it is flushed
     revision(base.path(), "d-3");
-    let outs = fleet_deploy(&agents, "d-3", &EVENTS[..2]);
-    for o in outs.iter().flatten() {
-        assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    }
+    fleet_deploy_ok(&agents, "d-3", &EVENTS[..2]);
     assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "gen1-entry"]), "0");
 }
 
@@ -219,11 +172,9 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
 fn a_generation_still_served_is_never_flushed() {
     let redis = support::Redis::start();
     let base = tempfile::tempdir().unwrap();
-    let a = Agent::start(base.path(), 0, &redis.url());
+    let a = agent(base.path(), 0, &redis.url());
     revision(base.path(), "d-1");
-    for ev in EVENTS {
-        assert!(Agent::hook(&a.dir, ev, "d-1").status.success());
-    }
+    hooks_ok(&a, "d-1", &EVENTS);
     // another node still serves slot 1 (fresh heartbeat)
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -238,7 +189,7 @@ fn a_generation_still_served_is_never_flushed() {
     );
     redis_cli(redis.port, 3, &["SET", "served-entry", "x"]);
     revision(base.path(), "d-2");
-    let out = Agent::hook(&a.dir, "AfterInstall", "d-2");
+    let out = a.hook("AfterInstall", "d-2");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("slot 1 is still served by old-node"), "{t}");
@@ -249,11 +200,9 @@ fn a_generation_still_served_is_never_flushed() {
 fn a_serving_node_keeps_its_registration_fresh() {
     let redis = support::Redis::start();
     let base = tempfile::tempdir().unwrap();
-    let a = Agent::start_with(base.path(), 0, &redis.url(), ", stale_after: 4s");
+    let a = agent_with(base.path(), 0, &redis.url(), ", stale_after: 4s");
     revision(base.path(), "d-1");
-    for ev in EVENTS {
-        assert!(Agent::hook(&a.dir, ev, "d-1").status.success());
-    }
+    hooks_ok(&a, "d-1", &EVENTS);
     let first: u64 = redis_cli(redis.port, 2, &["HGET", "bgagent:shop:serving:0", "node0"])
         .parse()
         .unwrap();
@@ -306,14 +255,9 @@ fn a_large_slot_flush_does_not_time_out_or_block_the_session_database() {
         &["CONFIG", "SET", "slowlog-max-len", "100000"],
     );
     redis_cli(redis.port, 0, &["SLOWLOG", "RESET"]);
-    let agents: Vec<Agent> = (0..4)
-        .map(|i| Agent::start(base.path(), i, &redis.url()))
-        .collect();
+    let agents = start_agents(base.path(), 4, &redis.url());
     revision(base.path(), "d-1");
-    let outs = fleet_deploy(&agents, "d-1", &EVENTS[..2]);
-    for o in outs.iter().flatten() {
-        assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    }
+    let outs = fleet_deploy_ok(&agents, "d-1", &EVENTS[..2]);
     assert_eq!(
         outs.iter()
             .flatten()
@@ -360,14 +304,14 @@ fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it()
     let url = format!("redis://bgagent:s3cret@127.0.0.1:{}", redis.port);
     let base = tempfile::tempdir().unwrap();
     let agents: Vec<Agent> = (0..2)
-        .map(|i| Agent::start_with(base.path(), i, &url, ", flush_wait: 3s"))
+        .map(|i| agent_with(base.path(), i, &url, ", flush_wait: 3s"))
         .collect();
     redis_cli(redis.port, 0, &["SET", "stale-cache-entry", "x"]);
     revision(base.path(), "d-1");
     for a in &agents {
-        assert!(Agent::hook(&a.dir, "BeforeInstall", "d-1").status.success());
+        assert!(a.hook("BeforeInstall", "d-1").status.success());
     }
-    let out = Agent::hook(&agents[0].dir, "AfterInstall", "d-1");
+    let out = agents[0].hook("AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
@@ -383,7 +327,7 @@ fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it()
 
     // the operator fixes the cause; the retry goes to the other node
     redis_cli(redis.port, 0, &["ACL", "SETUSER", "bgagent", "+flushdb"]);
-    let out = Agent::hook(&agents[1].dir, "AfterInstall", "d-1");
+    let out = agents[1].hook("AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("flushed cache generation slot 0"), "{t}");
@@ -392,7 +336,7 @@ fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it()
         "0"
     );
     // and the failed node's own retry goes through without flushing again
-    let out = Agent::hook(&agents[0].dir, "AfterInstall", "d-1");
+    let out = agents[0].hook("AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(!t.contains("flushed cache generation"), "{t}");
@@ -408,22 +352,13 @@ fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it()
 fn a_redis_restart_without_persistence_mid_deployment_is_refused_never_split() {
     let redis = support::Redis::start();
     let base = tempfile::tempdir().unwrap();
-    let agents: Vec<Agent> = (0..4)
-        .map(|i| Agent::start(base.path(), i, &redis.url()))
-        .collect();
+    let agents = start_agents(base.path(), 4, &redis.url());
     revision(base.path(), "d-1");
-    for o in fleet_deploy(&agents, "d-1", &EVENTS).iter().flatten() {
-        assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    }
-    assert!(agents.iter().all(|a| a.slot() == 0));
+    fleet_deploy_ok(&agents, "d-1", &EVENTS);
+    assert!(agents.iter().all(|a| slot(a) == 0));
 
     revision(base.path(), "d-2");
-    for o in fleet_deploy(&agents[..2], "d-2", &EVENTS[..2])
-        .iter()
-        .flatten()
-    {
-        assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    }
+    fleet_deploy_ok(&agents[..2], "d-2", &EVENTS[..2]);
     redis.restart();
     // the fleet goes on serving slot 0 and fills it again
     redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
@@ -441,13 +376,13 @@ fn a_redis_restart_without_persistence_mid_deployment_is_refused_never_split() {
         );
     }
     for a in &agents[..2] {
-        let o = Agent::hook(&a.dir, "ApplicationStart", "d-2");
+        let o = a.hook("ApplicationStart", "d-2");
         let t = text(&o);
         assert_eq!(o.status.code(), Some(1), "{t}");
         assert!(t.contains("lost bgagent's fleet state"), "{t}");
     }
     assert!(
-        agents.iter().all(|a| a.slot() == 0),
+        agents.iter().all(|a| slot(a) == 0),
         "every node still serves d-1's generation"
     );
     assert_eq!(
@@ -458,10 +393,8 @@ fn a_redis_restart_without_persistence_mid_deployment_is_refused_never_split() {
 
     // a new deployment agrees anew: the other slot, on every node, the served one kept
     revision(base.path(), "d-3");
-    for o in fleet_deploy(&agents, "d-3", &EVENTS).iter().flatten() {
-        assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    }
-    assert!(agents.iter().all(|a| a.slot() == 1));
+    fleet_deploy_ok(&agents, "d-3", &EVENTS);
+    assert!(agents.iter().all(|a| slot(a) == 1));
     assert_eq!(redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]), "1");
 }
 
@@ -480,11 +413,9 @@ fn now_secs() -> u64 {
 fn a_silent_node_past_stale_after_still_blocks_the_flush_and_is_named() {
     let redis = support::Redis::start();
     let base = tempfile::tempdir().unwrap();
-    let a = Agent::start(base.path(), 0, &redis.url());
+    let a = agent(base.path(), 0, &redis.url());
     revision(base.path(), "d-1");
-    for ev in EVENTS {
-        assert!(Agent::hook(&a.dir, ev, "d-1").status.success());
-    }
+    hooks_ok(&a, "d-1", &EVENTS);
     // web9 registered on slot 1 two hours ago (stale_after: 1h) and went silent
     let then = (now_secs() - 7200).to_string();
     redis_cli(
@@ -494,8 +425,8 @@ fn a_silent_node_past_stale_after_still_blocks_the_flush_and_is_named() {
     );
     redis_cli(redis.port, 3, &["SET", "served-entry", "x"]);
     revision(base.path(), "d-2");
-    assert!(Agent::hook(&a.dir, "BeforeInstall", "d-2").status.success());
-    let out = Agent::hook(&a.dir, "AfterInstall", "d-2");
+    assert!(a.hook("BeforeInstall", "d-2").status.success());
+    let out = a.hook("AfterInstall", "d-2");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
@@ -506,7 +437,7 @@ fn a_silent_node_past_stale_after_still_blocks_the_flush_and_is_named() {
     assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "1");
     // the operator confirms web9 is gone and removes it as told; the retry flushes
     redis_cli(redis.port, 2, &["HDEL", "bgagent:shop:serving:1", "web9"]);
-    let out = Agent::hook(&a.dir, "AfterInstall", "d-2");
+    let out = a.hook("AfterInstall", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "0");
 }
@@ -518,22 +449,15 @@ fn a_silent_node_past_stale_after_still_blocks_the_flush_and_is_named() {
 fn a_late_event_of_a_superseded_deployment_leaves_the_live_pointer_alone() {
     let redis = support::Redis::start();
     let base = tempfile::tempdir().unwrap();
-    let agents: Vec<Agent> = (0..2)
-        .map(|i| Agent::start(base.path(), i, &redis.url()))
-        .collect();
+    let agents = start_agents(base.path(), 2, &redis.url());
     revision(base.path(), "d-1");
     // node0 lags: it stops before d-1's AfterAllowTraffic
-    for ev in &EVENTS[..5] {
-        assert!(Agent::hook(&agents[0].dir, ev, "d-1").status.success());
-    }
+    hooks_ok(&agents[0], "d-1", &EVENTS[..5]);
     revision(base.path(), "d-2");
-    for ev in EVENTS {
-        let o = Agent::hook(&agents[1].dir, ev, "d-2");
-        assert!(o.status.success(), "{}", text(&o));
-    }
+    hooks_ok(&agents[1], "d-2", &EVENTS);
     let live = redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]);
     assert!(live.contains("\"deployment\":\"d-2\""), "{live}");
-    let o = Agent::hook(&agents[0].dir, "AfterAllowTraffic", "d-1");
+    let o = agents[0].hook("AfterAllowTraffic", "d-1");
     assert!(o.status.success(), "{}", text(&o));
     assert!(
         text(&o).contains("deployment d-1 was superseded"),
@@ -554,29 +478,20 @@ fn a_late_event_of_a_superseded_deployment_leaves_the_live_pointer_alone() {
 fn a_rollback_on_one_node_leaves_the_fleet_live_pointer_alone() {
     let redis = support::Redis::start();
     let base = tempfile::tempdir().unwrap();
-    let agents: Vec<Agent> = (0..2)
-        .map(|i| Agent::start(base.path(), i, &redis.url()))
-        .collect();
+    let agents = start_agents(base.path(), 2, &redis.url());
     for dep in ["d-1", "d-2"] {
         revision(base.path(), dep);
-        for o in fleet_deploy(&agents, dep, &EVENTS).iter().flatten() {
-            assert_eq!(o.status.code(), Some(0), "{}", text(o));
-        }
+        fleet_deploy_ok(&agents, dep, &EVENTS);
     }
     let rollback = |a: &Agent| {
-        let out = Command::new(BIN)
-            .arg("--config")
-            .arg(a.dir.join("bgagent.yaml"))
-            .arg("rollback")
-            .output()
-            .unwrap();
+        let out = a.cli(&["rollback"]);
         assert!(out.status.success(), "{}", text(&out));
         text(&out)
     };
     let live = || redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]);
     assert!(live().contains("\"slot\":1"), "{}", live());
     let t = rollback(&agents[0]);
-    assert_eq!(agents[0].slot(), 0);
+    assert_eq!(slot(&agents[0]), 0);
     assert!(
         live().contains("\"slot\":1"),
         "one node's rollback moved the fleet's pointer: {} ({t})",
@@ -594,33 +509,21 @@ fn a_rollback_on_one_node_leaves_the_fleet_live_pointer_alone() {
 fn a_node_lagging_behind_a_deployment_does_not_block_the_next_one() {
     let redis = support::Redis::start();
     let base = tempfile::tempdir().unwrap();
-    let agents: Vec<Agent> = (0..2)
-        .map(|i| Agent::start(base.path(), i, &redis.url()))
-        .collect();
+    let agents = start_agents(base.path(), 2, &redis.url());
     revision(base.path(), "d-1");
-    for o in fleet_deploy(&agents, "d-1", &EVENTS).iter().flatten() {
-        assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    }
+    fleet_deploy_ok(&agents, "d-1", &EVENTS);
     // d-2: node1 goes all the way (slot 1 is live); node0 installs and lags on slot 0
     revision(base.path(), "d-2");
-    for ev in EVENTS {
-        let o = Agent::hook(&agents[1].dir, ev, "d-2");
-        assert!(o.status.success(), "{}", text(&o));
-    }
-    for ev in &EVENTS[..2] {
-        let o = Agent::hook(&agents[0].dir, ev, "d-2");
-        assert!(o.status.success(), "{}", text(&o));
-    }
-    assert_eq!(agents[0].slot(), 0);
+    hooks_ok(&agents[1], "d-2", &EVENTS);
+    hooks_ok(&agents[0], "d-2", &EVENTS[..2]);
+    assert_eq!(slot(&agents[0]), 0);
     redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
     // d-3 (a new deployment, or CodeDeploy's automatic rollback) reaches both nodes
     revision(base.path(), "d-3");
     let mut events = vec!["ApplicationStop"];
     events.extend_from_slice(&EVENTS);
-    for o in fleet_deploy(&agents, "d-3", &events).iter().flatten() {
-        assert_eq!(o.status.code(), Some(0), "{}", text(o));
-    }
-    assert!(agents.iter().all(|a| a.slot() == 0));
+    fleet_deploy_ok(&agents, "d-3", &events);
+    assert!(agents.iter().all(|a| slot(a) == 0));
     assert_eq!(
         redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]),
         "0",

@@ -6,24 +6,9 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::sync::{Arc, Barrier};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::process::{Command, Output};
+use support::fleet::{self, Agent};
 use support::text;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
-
-struct Agent {
-    dir: PathBuf,
-    daemon: Child,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        support::stop_daemon(&mut self.daemon);
-    }
-}
 
 struct Fleet {
     base: tempfile::TempDir,
@@ -64,14 +49,7 @@ impl Fleet {
                 support::free_port(),
                 db.port
             );
-            std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
-            let daemon = support::spawn_daemon(
-                BIN,
-                &dir.join("bgagent.yaml"),
-                &dir.join("run/s.sock"),
-                &dir.join("daemon.log"),
-            );
-            agents.push(Agent { dir, daemon });
+            agents.push(Agent::spawn(&dir, &cfg));
         }
         Fleet {
             base,
@@ -83,58 +61,17 @@ impl Fleet {
 
     /// A revision for `dep`: the Magento model, with `variant`'s overlay when given.
     fn revision(&self, dep: &str, variant: Option<&str>) {
-        let root = self
-            .base
-            .path()
-            .join(format!("cd-root/g/{dep}/deployment-archive"));
-        support::magento_model(&root, variant);
+        support::magento_model(
+            &fleet::archive(&self.base.path().join("cd-root"), dep),
+            variant,
+        );
     }
 
     /// Every agent runs `events` for `dep`, all released at once per event; returns, per
     /// agent, the outputs and the time each event returned.
-    fn deploy(&self, dep: &str, events: &[&'static str]) -> Vec<Vec<(Output, f64)>> {
-        let barrier = Arc::new(Barrier::new(self.agents.len()));
-        let hs: Vec<_> = self
-            .agents
-            .iter()
-            .map(|a| {
-                let (dir, b, dep, evs) = (
-                    a.dir.clone(),
-                    barrier.clone(),
-                    dep.to_string(),
-                    events.to_vec(),
-                );
-                std::thread::spawn(move || {
-                    evs.iter()
-                        .map(|ev| {
-                            b.wait();
-                            let o = hook(&dir, ev, &dep);
-                            (
-                                o,
-                                SystemTime::now()
-                                    .duration_since(UNIX_EPOCH)
-                                    .unwrap()
-                                    .as_secs_f64(),
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    fn deploy(&self, dep: &str, events: &[&str]) -> Vec<Vec<(Output, f64)>> {
+        fleet::together(&self.agents, dep, events)
     }
-}
-
-fn hook(dir: &Path, ev: &str, dep: &str) -> Output {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(dir.join("bgagent.yaml"))
-        .args(["hook", ev])
-        .env("DEPLOYMENT_ID", dep)
-        .env("DEPLOYMENT_GROUP_ID", "g")
-        .env("APPLICATION_NAME", "shop")
-        .output()
-        .unwrap()
 }
 
 #[test]
@@ -184,13 +121,7 @@ fn the_migration_runs_exactly_once_and_no_node_passes_before_it_finished() {
         .agents
         .iter()
         .map(|a| {
-            let s = Command::new(BIN)
-                .arg("--config")
-                .arg(a.dir.join("bgagent.yaml"))
-                .args(["status", "--json"])
-                .output()
-                .unwrap();
-            let j: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
+            let j = a.status_json();
             let rel = j["last_deployment"]["release_id"]
                 .as_str()
                 .unwrap()
@@ -244,12 +175,12 @@ fn a_failed_migration_fails_every_node_naming_where_it_failed_and_a_retry_after_
     assert_eq!(ran_here, 1);
 
     std::fs::write(&fixed, "").unwrap();
-    let out = hook(&f.agents[1].dir, "AfterInstall", "d-1");
+    let out = f.agents[1].hook("AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("running it again (attempt 2)"), "{t}");
     for a in [&f.agents[0], &f.agents[2], &f.agents[3]] {
-        let out = hook(&a.dir, "AfterInstall", "d-1");
+        let out = a.hook("AfterInstall", "d-1");
         let t = text(&out);
         assert_eq!(out.status.code(), Some(0), "{t}");
         assert!(t.contains("already ran on node node1"), "{t}");
@@ -315,7 +246,7 @@ fn killing_the_lock_holder_mid_migration_never_runs_the_migration_twice_at_once(
     // The command held the lock connection: the lock outlived the killed daemon because the
     // node found its own end of that connection to pass on.
     for a in &f.agents {
-        let log = std::fs::read_to_string(a.dir.join("daemon.log")).unwrap_or_default();
+        let log = a.log();
         assert!(
             !log.contains("could not find this node's end of the lock connection"),
             "{log}"
@@ -352,14 +283,8 @@ fn killing_the_lock_holder_mid_migration_never_runs_the_migration_twice_at_once(
     );
 
     // the killed node, restarted, retries its interrupted AfterInstall and skips the migration
-    let a = &mut f.agents[killed];
-    a.daemon = support::spawn_daemon(
-        BIN,
-        &a.dir.join("bgagent.yaml"),
-        &a.dir.join("run/s.sock"),
-        &a.dir.join("daemon.log"),
-    );
-    let out = hook(&f.agents[killed].dir, "AfterInstall", "d-1");
+    f.agents[killed].respawn();
+    let out = f.agents[killed].hook("AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains(&format!("already ran on node {other}")), "{t}");
@@ -401,7 +326,7 @@ fn magento_gate_refuses_ignores_or_upgrades_once() {
     // fail (the default): the release is refused before any traffic reaches it
     let f = Fleet::new(1, "  magento_gate: true\n");
     f.revision("d-1", None);
-    let out = hook(&f.agents[0].dir, "AfterInstall", "d-1");
+    let out = f.agents[0].hook("AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
@@ -414,7 +339,7 @@ fn magento_gate_refuses_ignores_or_upgrades_once() {
     // ignore: a warning, and on it goes
     let f = Fleet::new(1, "  magento_gate: true\n  policy: ignore\n");
     f.revision("d-1", None);
-    let out = hook(&f.agents[0].dir, "AfterInstall", "d-1");
+    let out = f.agents[0].hook("AfterInstall", "d-1");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("ignored (schema.policy is ignore)"));
     drop(f);
@@ -431,7 +356,7 @@ fn magento_gate_refuses_ignores_or_upgrades_once() {
         "1"
     );
     f.revision("d-2", None);
-    let out = hook(&f.agents[0].dir, "AfterInstall", "d-2");
+    let out = f.agents[0].hook("AfterInstall", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(
         f.db.sql("SELECT COUNT(*) FROM app.model_runs WHERE command = 'setup:upgrade'")

@@ -7,24 +7,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use support::fleet::{self, Agent};
 use support::text;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
-
-struct Agent {
-    dir: PathBuf,
-    daemon: Child,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        support::stop_daemon(&mut self.daemon);
-    }
-}
 
 struct Fleet {
     base: tempfile::TempDir,
@@ -90,14 +77,7 @@ impl Fleet {
                 support::free_port(),
                 db.port
             );
-            std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
-            let daemon = support::spawn_daemon(
-                BIN,
-                &dir.join("bgagent.yaml"),
-                &dir.join("run/s.sock"),
-                &dir.join("daemon.log"),
-            );
-            agents.push(Agent { dir, daemon });
+            agents.push(Agent::spawn(&dir, &cfg));
         }
         Fleet {
             base,
@@ -109,39 +89,69 @@ impl Fleet {
 
     /// The revision of `dep`: the model with `variant`'s overlay; returns its directory.
     fn revision(&self, dep: &str, variant: Option<&str>) -> PathBuf {
-        let root = self
-            .base
-            .path()
-            .join(format!("cd-root/g/{dep}/deployment-archive"));
+        let root = fleet::archive(&self.base.path().join("cd-root"), dep);
         support::magento_model(&root, variant);
         std::fs::write(root.join("RELEASE_ID"), dep).unwrap();
         root
     }
 
     /// Every agent runs `events` for `dep`, all released at once per event.
-    fn deploy(&self, dep: &str, events: &[&'static str]) -> Vec<Vec<Output>> {
-        let barrier = Arc::new(Barrier::new(self.agents.len()));
-        let hs: Vec<_> = self
-            .agents
+    fn deploy(&self, dep: &str, events: &[&str]) -> Vec<Vec<Output>> {
+        fleet::together(&self.agents, dep, events)
+            .into_iter()
+            .map(|node| node.into_iter().map(|(out, _)| out).collect())
+            .collect()
+    }
+
+    /// nginx and php-fpm serving every node's app root.
+    fn webs(&self) -> Vec<support::Web> {
+        self.agents
             .iter()
-            .map(|a| {
-                let (dir, b, dep, evs) = (
-                    a.dir.clone(),
-                    barrier.clone(),
-                    dep.to_string(),
-                    events.to_vec(),
-                );
-                std::thread::spawn(move || {
-                    evs.iter()
-                        .map(|ev| {
-                            b.wait();
-                            hook(&dir, ev, &dep)
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+            .map(|a| support::Web::start(&a.dir.join("app")))
+            .collect()
+    }
+
+    /// Every node runs BeforeInstall and AfterInstall of `dep` while each of `webs` is polled
+    /// on `paths` and the database is watched every 50 ms: `while_upgrading` runs each time
+    /// setup:upgrade is seen running. Returns the hooks' outputs, every answer the pollers
+    /// saw, and how many times setup:upgrade was seen running.
+    fn install_watched(
+        &self,
+        dep: &str,
+        webs: &[support::Web],
+        paths: &[&str],
+        while_upgrading: impl Fn() + Sync,
+    ) -> (Vec<Vec<Output>>, Vec<(u16, String)>, usize) {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let pollers: Vec<_> = webs
+                .iter()
+                .map(|w| s.spawn(|| poll(w, &stop, paths)))
+                .collect();
+            let watcher = s.spawn(|| {
+                let mut upgrading_seen = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let running = self
+                        .db
+                        .sql("SELECT COUNT(*) FROM app.model_runs WHERE command = 'setup:upgrade' AND finished_at IS NULL")
+                        .trim()
+                        == "1";
+                    if running {
+                        while_upgrading();
+                        upgrading_seen += 1;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                upgrading_seen
+            });
+            let outs = self.deploy(dep, &["BeforeInstall", "AfterInstall"]);
+            stop.store(true, Ordering::Relaxed);
+            let seen: Vec<_> = pollers
+                .into_iter()
+                .flat_map(|p| p.join().unwrap())
+                .collect();
+            (outs, seen, watcher.join().unwrap())
+        })
     }
 
     fn runs(&self, command: &str) -> usize {
@@ -155,36 +165,21 @@ impl Fleet {
     }
 
     fn status(&self, i: usize) -> serde_json::Value {
-        let s = Command::new(BIN)
-            .arg("--config")
-            .arg(self.agents[i].dir.join("bgagent.yaml"))
-            .args(["status", "--json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&s.stdout).unwrap()
+        self.agents[i].status_json()
     }
 
     fn status_text(&self, i: usize) -> String {
-        let s = Command::new(BIN)
-            .arg("--config")
-            .arg(self.agents[i].dir.join("bgagent.yaml"))
-            .arg("status")
-            .output()
-            .unwrap();
-        text(&s)
+        self.agents[i].status_text()
     }
 }
 
-fn hook(dir: &Path, ev: &str, dep: &str) -> Output {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(dir.join("bgagent.yaml"))
-        .args(["hook", ev])
-        .env("DEPLOYMENT_ID", dep)
-        .env("DEPLOYMENT_GROUP_ID", "g")
-        .env("APPLICATION_NAME", "shop")
-        .output()
-        .unwrap()
+/// Polls `done` every 50 ms until it holds; fails with `msg` after 30 s (a bound on a hang).
+fn wait_until(msg: &str, mut done: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{msg}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 const INSTALL: &[&str] = &["BeforeInstall", "AfterInstall", "ApplicationStart"];
@@ -203,7 +198,7 @@ fn with_policy_upgrade_a_release_whose_rendered_env_php_lacks_the_blue_green_fla
     // the template names the flag, but the rendered value is false
     let f = Fleet::new(1, false, 0, "");
     f.revision("d-1", None);
-    let out = hook(&f.agents[0].dir, "AfterInstall", "d-1");
+    let out = f.agents[0].hook("AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
@@ -231,7 +226,7 @@ fn with_policy_upgrade_a_release_whose_rendered_env_php_lacks_the_blue_green_fla
     )
     .unwrap();
     f.revision("d-2", None);
-    let out = hook(&f.agents[0].dir, "AfterInstall", "d-2");
+    let out = f.agents[0].hook("AfterInstall", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("app/etc/env.php sets deployment/blue_green/enabled"));
     assert_eq!(f.runs("setup:upgrade"), 1);
@@ -256,47 +251,16 @@ fn an_additive_upgrade_runs_setup_upgrade_once_for_two_nodes_while_old_code_keep
     f.revision("d-1", None);
     all_ok(&f.deploy("d-1", INSTALL));
     assert_eq!(f.runs("setup:upgrade"), 1, "the install ran once");
-    let webs: Vec<support::Web> = f
-        .agents
-        .iter()
-        .map(|a| support::Web::start(&a.dir.join("app")))
-        .collect();
+    let webs = f.webs();
     for w in &webs {
         let (code, body) = w.get("/write");
         assert_eq!(code, 200, "{body}");
     }
 
     f.revision("d-2", Some("additive"));
-    let stop = AtomicBool::new(false);
-    let (outs, seen, upgrading) = std::thread::scope(|s| {
-        let pollers: Vec<_> = webs
-            .iter()
-            .map(|w| s.spawn(|| poll(w, &stop, &["/catalog", "/write", "/"])))
-            .collect();
-        // watch the database: how many requests were answered while setup:upgrade ran
-        let watcher = s.spawn(|| {
-            let mut upgrading_seen = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let running = f
-                    .db
-                    .sql("SELECT COUNT(*) FROM app.model_runs WHERE command = 'setup:upgrade' AND finished_at IS NULL")
-                    .trim()
-                    == "1";
-                if running {
-                    upgrading_seen += 1;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            upgrading_seen
-        });
-        let outs = f.deploy("d-2", &["BeforeInstall", "AfterInstall"]);
-        stop.store(true, Ordering::Relaxed);
-        let seen: Vec<_> = pollers
-            .into_iter()
-            .flat_map(|p| p.join().unwrap())
-            .collect();
-        (outs, seen, watcher.join().unwrap())
-    });
+    // watch the database: how many requests were answered while setup:upgrade ran
+    let (outs, seen, upgrading) =
+        f.install_watched("d-2", &webs, &["/catalog", "/write", "/"], || {});
     all_ok(&outs);
     assert_eq!(
         f.runs("setup:upgrade"),
@@ -375,11 +339,7 @@ fn a_breaking_change_is_refused_on_every_node_and_old_code_keeps_serving() {
     let f = Fleet::new(2, true, 0, "");
     f.revision("d-1", None);
     all_ok(&f.deploy("d-1", INSTALL));
-    let webs: Vec<support::Web> = f
-        .agents
-        .iter()
-        .map(|a| support::Web::start(&a.dir.join("app")))
-        .collect();
+    let webs = f.webs();
     f.revision("d-2", Some("breaking"));
     let outs = f.deploy("d-2", &["BeforeInstall", "AfterInstall"]);
     for node in &outs {
@@ -422,7 +382,7 @@ fn a_release_declaring_its_class_is_taken_at_its_word_and_the_disagreement_is_re
         "# reviewed: old code no longer reads price\nadditive\n",
     )
     .unwrap();
-    let out = hook(&f.agents[0].dir, "AfterInstall", "d-2");
+    let out = f.agents[0].hook("AfterInstall", "d-2");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(
@@ -514,49 +474,22 @@ fn a_breaking_change_with_schema_breaking_maintenance_takes_every_node_into_main
     );
     f.revision("d-1", None);
     all_ok(&f.deploy("d-1", FULL));
-    let webs: Vec<support::Web> = f
-        .agents
-        .iter()
-        .map(|a| support::Web::start(&a.dir.join("app")))
-        .collect();
+    let webs = f.webs();
     for w in &webs {
         assert_eq!(w.get("/catalog").0, 200);
     }
     f.revision("d-2", Some("breaking"));
-    let stop = AtomicBool::new(false);
-    let (outs, seen, upgrading_503) = std::thread::scope(|s| {
-        let pollers: Vec<_> = webs
-            .iter()
-            .map(|w| s.spawn(|| poll(w, &stop, &["/catalog", "/write"])))
-            .collect();
-        // while setup:upgrade runs, every node must answer 503 (maintenance), never old code
-        let watcher = s.spawn(|| {
-            let mut checked = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let running = f
-                    .db
-                    .sql("SELECT COUNT(*) FROM app.model_runs WHERE command = 'setup:upgrade' AND finished_at IS NULL")
-                    .trim()
-                    == "1";
-                if running {
-                    for w in &webs {
-                        let (code, body) = w.get("/catalog");
-                        assert_eq!(code, 503, "a node served during the breaking upgrade: {body}");
-                    }
-                    checked += 1;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
+    // while setup:upgrade runs, every node must answer 503 (maintenance), never old code
+    let (outs, seen, upgrading_503) =
+        f.install_watched("d-2", &webs, &["/catalog", "/write"], || {
+            for w in &webs {
+                let (code, body) = w.get("/catalog");
+                assert_eq!(
+                    code, 503,
+                    "a node served during the breaking upgrade: {body}"
+                );
             }
-            checked
         });
-        let outs = f.deploy("d-2", &["BeforeInstall", "AfterInstall"]);
-        stop.store(true, Ordering::Relaxed);
-        let seen: Vec<_> = pollers
-            .into_iter()
-            .flat_map(|p| p.join().unwrap())
-            .collect();
-        (outs, seen, watcher.join().unwrap())
-    });
     all_ok(&outs);
     assert!(upgrading_503 > 0, "setup:upgrade was never seen running");
     assert_eq!(f.runs("setup:upgrade"), 2);
@@ -587,12 +520,12 @@ fn a_breaking_change_with_schema_breaking_maintenance_takes_every_node_into_main
         assert_eq!(w.get("/catalog").0, 503);
     }
     // node0 switches: it serves the new code at once; node1 stays in maintenance
-    let out = hook(&f.agents[0].dir, "ApplicationStart", "d-2");
+    let out = f.agents[0].hook("ApplicationStart", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let (code, body) = webs[0].get("/catalog");
     assert!(code == 200 && body.contains("release=d-2"), "{code} {body}");
     assert_eq!(webs[1].get("/catalog").0, 503);
-    let out = hook(&f.agents[1].dir, "ApplicationStart", "d-2");
+    let out = f.agents[1].hook("ApplicationStart", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let (code, body) = webs[1].get("/catalog");
     assert!(code == 200 && body.contains("release=d-2"), "{code} {body}");
@@ -607,36 +540,25 @@ fn a_breaking_change_with_schema_breaking_maintenance_takes_every_node_into_main
         let flag = old.join("var/.maintenance.flag");
         // the watcher takes it off within a round or two (and logs it right after)
         let said = || {
-            std::fs::read_to_string(a.dir.join("daemon.log"))
-                .unwrap()
+            a.log()
                 .contains("this node has switched to the new release")
         };
-        let t0 = std::time::Instant::now();
-        while flag.exists() || !said() {
-            assert!(
-                t0.elapsed() < std::time::Duration::from_secs(30),
+        wait_until(
+            &format!(
                 "{} stayed, or the daemon did not say it took it off",
                 flag.display()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+            ),
+            || !flag.exists() && said(),
+        );
     }
     // the last node to switch closed the window
     let closed = || {
         f.agents.iter().any(|a| {
-            std::fs::read_to_string(a.dir.join("daemon.log"))
-                .unwrap()
+            a.log()
                 .contains("maintenance window for deployment d-2 closed: every node has switched")
         })
     };
-    let t0 = std::time::Instant::now();
-    while !closed() {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(30),
-            "the window was not closed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until("the window was not closed", closed);
 }
 
 #[test]
@@ -663,10 +585,10 @@ fn a_node_that_serves_but_does_not_turn_maintenance_on_keeps_the_window_from_ope
     assert_eq!(text(&out).trim(), "1", "{}", text(&out));
     f.revision("d-2", Some("breaking"));
     assert_eq!(
-        hook(&f.agents[0].dir, "BeforeInstall", "d-2").status.code(),
+        f.agents[0].hook("BeforeInstall", "d-2").status.code(),
         Some(0)
     );
-    let out = hook(&f.agents[0].dir, "AfterInstall", "d-2");
+    let out = f.agents[0].hook("AfterInstall", "d-2");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
@@ -676,12 +598,7 @@ fn a_node_that_serves_but_does_not_turn_maintenance_on_keeps_the_window_from_ope
     );
     assert_eq!(f.runs("setup:upgrade"), 1, "setup:upgrade did not run");
     // node0 took its flag off again once the window closed
-    let t0 = std::time::Instant::now();
-    while web0.get("/catalog").0 != 200 {
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(30),
-            "node0 stayed in maintenance"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until("node0 stayed in maintenance", || {
+        web0.get("/catalog").0 == 200
+    });
 }

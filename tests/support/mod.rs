@@ -2,6 +2,8 @@
 //! directory, on 127.0.0.1 and a free port, stopped by PID when dropped.
 #![allow(dead_code)]
 
+pub mod fleet;
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -829,6 +831,33 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
+
+/// `bgagent --config <config> ARGS`, run to its end.
+pub fn bgagent(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `bgagent --config <config> hook EVENT` with the environment CodeDeploy gives a hook for
+/// deployment `dep` of application `shop` in deployment group `group`, for the caller to run
+/// (`.output()`) or start (`.spawn()`).
+pub fn hook_command(config: &Path, event: &str, dep: &str, group: &str) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(config)
+        .args(["hook", event])
+        .env("DEPLOYMENT_ID", dep)
+        .env("DEPLOYMENT_GROUP_ID", group)
+        .env("APPLICATION_NAME", "shop");
+    cmd
 }
 
 /// Starts `bin --config <config> daemon` with both streams in `log`, and returns once its
