@@ -83,12 +83,7 @@ impl Node {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(self.config())
-            .args(args)
-            .output()
-            .unwrap()
+        support::bgagent(&self.config(), args)
     }
 
     fn current(&self) -> Option<String> {
@@ -101,6 +96,20 @@ impl Node {
         let out = self.cli(&["status", "--json"]);
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Appends `yaml` (top-level keys) to the node's config.
+    fn add_config(&self, yaml: &str) {
+        let cfg = std::fs::read_to_string(self.config()).unwrap() + yaml;
+        std::fs::write(self.config(), cfg).unwrap();
+    }
+
+    /// Runs `events` of deployment `dep` (group g-1) in order; each must succeed.
+    fn hooks_ok(&self, dep: &str, events: &[&str]) {
+        for ev in events {
+            let out = self.hook(ev, Some(dep), "g-1");
+            assert_eq!(out.status.code(), Some(0), "{dep} {ev}: {}", text(&out));
+        }
     }
 }
 
@@ -155,10 +164,7 @@ fn full_codedeploy_sequence_then_second_deployment_and_rollback() {
     assert_eq!(st["node"]["traffic"], "live");
 
     node.revision("g-1", "d-BBB", "two");
-    for ev in IN_PLACE {
-        let out = node.hook(ev, Some("d-BBB"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-BBB", &IN_PLACE);
     let second = node.current().unwrap();
     assert_ne!(first, second);
     assert_eq!(
@@ -197,9 +203,7 @@ fn out_of_order_repeated_and_bad_invocations_get_their_exit_codes() {
     assert_eq!(out.status.code(), Some(6), "{}", text(&out));
     assert!(text(&out).contains("needs AfterInstall"), "{}", text(&out));
 
-    for ev in ["BeforeInstall", "AfterInstall"] {
-        assert_eq!(node.hook(ev, Some("d-1"), "g-1").status.code(), Some(0));
-    }
+    node.hooks_ok("d-1", &["BeforeInstall", "AfterInstall"]);
     // repeated: success without redoing
     let out = node.hook("AfterInstall", Some("d-1"), "g-1");
     assert_eq!(out.status.code(), Some(0));
@@ -260,21 +264,19 @@ fn daemon_restart_between_events_keeps_the_state() {
     let mut node = Node::new();
     node.start();
     node.revision("g-1", "d-R", "one");
-    for ev in ["ApplicationStop", "BeforeInstall", "AfterInstall"] {
-        assert_eq!(node.hook(ev, Some("d-R"), "g-1").status.code(), Some(0));
-    }
+    node.hooks_ok("d-R", &["ApplicationStop", "BeforeInstall", "AfterInstall"]);
     node.stop();
     node.start();
     // the deployment continues where it was
-    for ev in [
-        "ApplicationStart",
-        "ValidateService",
-        "BeforeAllowTraffic",
-        "AfterAllowTraffic",
-    ] {
-        let out = node.hook(ev, Some("d-R"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok(
+        "d-R",
+        &[
+            "ApplicationStart",
+            "ValidateService",
+            "BeforeAllowTraffic",
+            "AfterAllowTraffic",
+        ],
+    );
     let st = node.status_json();
     let events: Vec<_> = st["last_deployment"]["events"]
         .as_array()
@@ -327,17 +329,13 @@ fn daemon_killed_during_an_event_reports_it_interrupted_and_the_retry_succeeds()
     // AfterInstall's extra command blocks the first time (until the daemon is killed), and
     // returns at once on the retry.
     let started = node.path("first-attempt");
-    let cfg = std::fs::read_to_string(node.config()).unwrap()
-        + &format!(
-            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {0} || {{ touch {0}; exec sleep 27.5; }}'], timeout: 60s }}\n",
-            started.display()
-        );
-    std::fs::write(node.config(), cfg).unwrap();
+    node.add_config(&format!(
+        "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {0} || {{ touch {0}; exec sleep 27.5; }}'], timeout: 60s }}\n",
+        started.display()
+    ));
     node.start();
     node.revision("g-1", "d-K", "one");
-    for ev in ["ApplicationStop", "BeforeInstall"] {
-        assert_eq!(node.hook(ev, Some("d-K"), "g-1").status.code(), Some(0));
-    }
+    node.hooks_ok("d-K", &["ApplicationStop", "BeforeInstall"]);
     let mut cmd = Command::new(BIN);
     cmd.args([
         "--config",
@@ -392,16 +390,16 @@ fn daemon_killed_during_an_event_reports_it_interrupted_and_the_retry_succeeds()
         "refused before the retry: {}",
         text(&out)
     );
-    for ev in [
-        "AfterInstall",
-        "ApplicationStart",
-        "ValidateService",
-        "BeforeAllowTraffic",
-        "AfterAllowTraffic",
-    ] {
-        let out = node.hook(ev, Some("d-K"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok(
+        "d-K",
+        &[
+            "AfterInstall",
+            "ApplicationStart",
+            "ValidateService",
+            "BeforeAllowTraffic",
+            "AfterAllowTraffic",
+        ],
+    );
     assert!(
         node.current().unwrap().ends_with("-d-K"),
         "{:?}",
@@ -467,13 +465,11 @@ fn a_failed_state_write_does_not_leave_memory_ahead_of_disk() {
     let mut node = Node::new();
     // AfterInstall's command fills the state directory once, before the result is written.
     let once = node.path("filled-once");
-    let cfg = std::fs::read_to_string(node.config()).unwrap()
-        + &format!(
-            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {o} || {{ touch {o}; head -c 4M /dev/zero > {s}/filler; true; }}'], timeout: 60s }}\n",
-            o = once.display(),
-            s = node.path("state").display()
-        );
-    std::fs::write(node.config(), cfg).unwrap();
+    node.add_config(&format!(
+        "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {o} || {{ touch {o}; head -c 4M /dev/zero > {s}/filler; true; }}'], timeout: 60s }}\n",
+        o = once.display(),
+        s = node.path("state").display()
+    ));
     let fs = Tmpfs::mount(&node.path("state"), 256);
     node.start();
     node.revision("g-1", "d-F", "one");
@@ -509,10 +505,10 @@ fn a_failed_state_write_does_not_leave_memory_ahead_of_disk() {
         "AfterInstall's result never reached the disk: {}",
         text(&out)
     );
-    for ev in ["AfterInstall", "ApplicationStart", "ValidateService"] {
-        let out = node.hook(ev, Some("d-F"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok(
+        "d-F",
+        &["AfterInstall", "ApplicationStart", "ValidateService"],
+    );
     node.stop();
     drop(fs);
 }
@@ -589,21 +585,14 @@ fn exec_backend_stops_once_with_the_pid_and_config_check_refuses_pid_in_start() 
 fn the_waiting_message_names_the_request_holding_the_daemon() {
     let mut node = Node::new();
     // AfterInstall's command waits until the test lets it go.
-    let go = node.path("go");
-    let started = node.path("started");
-    let cfg = std::fs::read_to_string(node.config()).unwrap()
-        + &format!(
-            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'touch {s}; while ! test -e {g}; do sleep 0.05; done'], timeout: 60s }}\n",
-            s = started.display(),
-            g = go.display()
-        );
-    std::fs::write(node.config(), cfg).unwrap();
+    let hold = Hold::add(&node, "AfterInstall");
     node.start();
     node.revision("g-1", "d-H", "one");
     assert_eq!(
         node.hook("BeforeInstall", Some("d-H"), "g-1").status.code(),
         Some(0)
     );
+    hold.arm();
     let config = node.config();
     let first = std::thread::spawn(move || {
         Command::new(BIN)
@@ -613,11 +602,7 @@ fn the_waiting_message_names_the_request_holding_the_daemon() {
             .output()
             .unwrap()
     });
-    let t0 = Instant::now();
-    while !started.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "{}", node.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    hold.wait_started(&node);
     let config = node.config();
     let second = std::thread::spawn(move || {
         Command::new(BIN)
@@ -625,13 +610,10 @@ fn the_waiting_message_names_the_request_holding_the_daemon() {
             .output()
             .unwrap()
     });
-    // the second request is waiting once the daemon logged it
-    let t0 = Instant::now();
-    while !node.log().contains("waiting for it to finish") {
-        assert!(t0.elapsed() < Duration::from_secs(20), "{}", node.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::fs::write(&go, "").unwrap();
+    wait_for(&node, "the second request should wait", || {
+        node.log().contains("waiting for it to finish")
+    });
+    hold.release();
     let first = first.join().unwrap();
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     let second = second.join().unwrap();
@@ -666,10 +648,7 @@ fn old_releases_are_removed_after_the_node_is_ready_not_inside_application_start
     };
     for (i, d) in ["d-1", "d-2", "d-3", "d-4"].iter().enumerate() {
         node.revision("g-1", d, &format!("r{i}"));
-        for ev in &IN_PLACE[..6] {
-            let out = node.hook(ev, Some(d), "g-1");
-            assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-        }
+        node.hooks_ok(d, &IN_PLACE[..6]);
         if *d == "d-4" {
             let on_disk: Vec<_> = names()
                 .into_iter()
@@ -681,10 +660,7 @@ fn old_releases_are_removed_after_the_node_is_ready_not_inside_application_start
                 "nothing is pruned inside ApplicationStart: {on_disk:?}"
             );
         }
-        for ev in &IN_PLACE[6..] {
-            let out = node.hook(ev, Some(d), "g-1");
-            assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-        }
+        node.hooks_ok(d, &IN_PLACE[6..]);
     }
     let t0 = Instant::now();
     loop {
@@ -726,21 +702,14 @@ fn old_releases_are_removed_after_the_node_is_ready_not_inside_application_start
 #[test]
 fn a_hook_killed_at_codedeploys_timeout_leaves_the_event_recorded_failed() {
     let mut node = Node::new();
-    let go = node.path("go");
-    let started = node.path("started");
-    let cfg = std::fs::read_to_string(node.config()).unwrap()
-        + &format!(
-            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {g} || {{ touch {s}; while ! test -e {g}; do sleep 0.05; done; }}'], timeout: 60s }}\n",
-            s = started.display(),
-            g = go.display()
-        );
-    std::fs::write(node.config(), cfg).unwrap();
+    let hold = Hold::add(&node, "AfterInstall");
     node.start();
     node.revision("g-1", "d-T", "one");
     assert_eq!(
         node.hook("BeforeInstall", Some("d-T"), "g-1").status.code(),
         Some(0)
     );
+    hold.arm();
     let hook = Command::new(BIN)
         .args([
             "--config",
@@ -754,11 +723,7 @@ fn a_hook_killed_at_codedeploys_timeout_leaves_the_event_recorded_failed() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while !started.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "{}", node.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    hold.wait_started(&node);
     // CodeDeploy's timeout: SIGTERM
     let _ = Command::new("kill")
         .args(["-TERM", &hook.id().to_string()])
@@ -771,36 +736,13 @@ fn a_hook_killed_at_codedeploys_timeout_leaves_the_event_recorded_failed() {
         "one line says what happened: {t}"
     );
     // the event's work goes on to its end, then it is recorded failed
-    std::fs::write(&go, "").unwrap();
-    let t0 = Instant::now();
-    let after = loop {
-        let st = node.status_json();
-        let rec = st["last_deployment"]["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["event"] == "AfterInstall")
-            .cloned()
-            .unwrap();
-        if rec["status"] != "running" {
-            break rec;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(20), "{st}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(after["status"], "failed", "{after}");
-    assert!(
-        after["message"]
-            .as_str()
-            .unwrap()
-            .contains("the hook ended before the result"),
-        "{after}"
-    );
+    hold.release();
+    assert_hook_ended(&node, "AfterInstall");
     // CodeDeploy's retry runs it again, and the deployment goes on
-    for ev in ["AfterInstall", "ApplicationStart", "ValidateService"] {
-        let out = node.hook(ev, Some("d-T"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok(
+        "d-T",
+        &["AfterInstall", "ApplicationStart", "ValidateService"],
+    );
     node.stop();
 }
 
@@ -813,10 +755,7 @@ fn state_file_emptied_while_current_exists_is_reported_not_accepted_silently() {
     let mut node = Node::new();
     node.start();
     node.revision("g-1", "d-EMP", "one");
-    for ev in IN_PLACE {
-        let out = node.hook(ev, Some("d-EMP"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-EMP", &IN_PLACE);
     let current = node.current().expect("current after the deployment");
     assert!(
         node.status_json()["warnings"]
@@ -861,10 +800,7 @@ fn a_non_utf8_name_in_releases_no_longer_stops_pruning() {
     for n in 0..5 {
         let d = format!("d-U{n}");
         node.revision("g-1", &d, &format!("r{n}"));
-        for ev in IN_PLACE {
-            let out = node.hook(ev, Some(&d), "g-1");
-            assert_eq!(out.status.code(), Some(0), "{d} {ev}: {}", text(&out));
-        }
+        node.hooks_ok(&d, &IN_PLACE);
         // one second apart: release ids carry the time to the second
         std::thread::sleep(Duration::from_millis(1100));
     }
@@ -1113,7 +1049,10 @@ fn wait_for(node: &Node, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn assert_hook_ended(rec: &serde_json::Value) {
+/// Waits for the record of `event` and asserts that it failed because the hook ended
+/// before the result; returns the record.
+fn assert_hook_ended(node: &Node, event: &str) -> serde_json::Value {
+    let rec = finished_record(node, event);
     assert_eq!(rec["status"], "failed", "{rec}");
     assert!(
         rec["message"]
@@ -1122,6 +1061,50 @@ fn assert_hook_ended(rec: &serde_json::Value) {
             .contains("the hook ended before the result"),
         "{rec}"
     );
+    rec
+}
+
+/// CodeDeploy's timeout: SIGTERM to the hook's process group.
+fn sigterm_group(hook: &Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", "--", &format!("-{}", hook.id())])
+        .status();
+}
+
+/// A `commands:` step that holds its event while the file `arm` exists (touching `started`
+/// once it holds) and returns at once while it does not: the test arms it, starts the
+/// event, and releases it when it chooses.
+struct Hold {
+    arm: PathBuf,
+    started: PathBuf,
+}
+
+impl Hold {
+    /// Appends the step to `event`'s commands in the node's config.
+    fn add(node: &Node, event: &str) -> Hold {
+        let hold = Hold {
+            arm: node.path("arm"),
+            started: node.path("started"),
+        };
+        node.add_config(&format!(
+            "commands:\n  {event}:\n    - {{ argv: [sh, -c, 'test -e {a} || exit 0; touch {s}; while test -e {a}; do sleep 0.05; done'], timeout: 60s }}\n",
+            a = hold.arm.display(),
+            s = hold.started.display()
+        ));
+        hold
+    }
+
+    fn arm(&self) {
+        std::fs::write(&self.arm, "").unwrap();
+    }
+
+    fn wait_started(&self, node: &Node) {
+        wait_for(node, "the command should start", || self.started.exists());
+    }
+
+    fn release(&self) {
+        std::fs::remove_file(&self.arm).unwrap();
+    }
 }
 
 /// Issue 11 item 7: CodeDeploy's timeout (SIGTERM to the hook's group) during ValidateService
@@ -1137,33 +1120,23 @@ fn hook_sigterm_in_validate_service_no_longer_leaves_the_unvalidated_release_rea
     let listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
     node.start();
     node.revision("g-1", "d-1", "one");
-    for ev in IN_PLACE {
-        let out = node.hook(ev, Some("d-1"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-1", &IN_PLACE);
     assert_eq!(support::http_get(ready_port, "/ready").0, 200);
     drop(listener);
     node.revision("g-1", "d-2", "two");
-    for ev in &IN_PLACE[..6] {
-        let out = node.hook(ev, Some("d-2"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-2", &IN_PLACE[..6]);
     let hook = spawn_hook(&node, "ValidateService", "d-2");
     wait_for(&node, "the health check should fail first", || {
         node.log().contains("health check app failed")
     });
-    // CodeDeploy's timeout: SIGTERM to the hook's process group.
-    let _ = Command::new("kill")
-        .args(["-TERM", "--", &format!("-{}", hook.id())])
-        .status();
+    sigterm_group(&hook);
     let out = hook.wait_with_output().unwrap();
     let t = text(&out);
     assert_ne!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("the hook got SIGTERM before the result"), "{t}");
     // The app comes up just after: the checks would pass now.
     let listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
-    let rec = finished_record(&node, "ValidateService");
-    assert_hook_ended(&rec);
+    let rec = assert_hook_ended(&node, "ValidateService");
     assert_eq!(
         support::http_get(ready_port, "/ready").0,
         503,
@@ -1191,32 +1164,20 @@ fn hook_sigkill_in_application_stop_no_longer_leaves_the_node_drained() {
     let health_port = support::free_port();
     let ready_port = support::free_port();
     let mut node = held_node(health_port, ready_port, "");
-    let arm = node.path("arm");
-    let started = node.path("started");
-    let cfg = std::fs::read_to_string(node.config()).unwrap()
-        + &format!(
-            "commands:\n  ApplicationStop:\n    - {{ argv: [sh, -c, 'test -e {a} || exit 0; touch {s}; while test -e {a}; do sleep 0.05; done'], timeout: 60s }}\n",
-            a = arm.display(),
-            s = started.display()
-        );
-    std::fs::write(node.config(), cfg).unwrap();
+    let hold = Hold::add(&node, "ApplicationStop");
     let _listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
     node.start();
     node.revision("g-1", "d-1", "one");
     // The first deployment has no ApplicationStop (nothing was installed before).
-    for ev in &IN_PLACE[3..] {
-        let out = node.hook(ev, Some("d-1"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-1", &IN_PLACE[3..]);
     assert_eq!(support::http_get(ready_port, "/ready").0, 200);
-    std::fs::write(&arm, "").unwrap();
+    hold.arm();
     let mut hook = spawn_hook(&node, "ApplicationStop", "d-2");
-    wait_for(&node, "the command should start", || started.exists());
+    hold.wait_started(&node);
     hook.kill().unwrap();
     hook.wait().unwrap();
-    std::fs::remove_file(&arm).unwrap();
-    let rec = finished_record(&node, "ApplicationStop");
-    assert_hook_ended(&rec);
+    hold.release();
+    let rec = assert_hook_ended(&node, "ApplicationStop");
     assert_eq!(
         support::http_get(ready_port, "/ready").0,
         200,
@@ -1224,10 +1185,7 @@ fn hook_sigkill_in_application_stop_no_longer_leaves_the_node_drained() {
     );
     // The next hook is served: a retry drains, and the deployment goes through.
     node.revision("g-1", "d-2", "two");
-    for ev in &IN_PLACE[2..] {
-        let out = node.hook(ev, Some("d-2"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-2", &IN_PLACE[2..]);
     assert!(node.current().unwrap().ends_with("-d-2"));
     assert_eq!(support::http_get(ready_port, "/ready").0, 200);
 }
@@ -1238,32 +1196,19 @@ fn hook_sigkill_in_application_stop_no_longer_leaves_the_node_drained() {
 #[test]
 fn hook_sigkill_in_after_install_leaves_the_unswitched_release_for_cleanup() {
     let mut node = Node::new();
-    let arm = node.path("arm");
-    let started = node.path("started");
-    let cfg = std::fs::read_to_string(node.config()).unwrap()
-        + &format!(
-            "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {a} || exit 0; touch {s}; while test -e {a}; do sleep 0.05; done'], timeout: 60s }}\n",
-            a = arm.display(),
-            s = started.display()
-        );
-    std::fs::write(node.config(), cfg).unwrap();
+    let hold = Hold::add(&node, "AfterInstall");
     node.start();
     node.revision("g-1", "d-1", "one");
-    for ev in IN_PLACE {
-        assert_eq!(node.hook(ev, Some("d-1"), "g-1").status.code(), Some(0));
-    }
+    node.hooks_ok("d-1", &IN_PLACE);
     node.revision("g-1", "d-2", "two");
-    for ev in &IN_PLACE[..4] {
-        assert_eq!(node.hook(ev, Some("d-2"), "g-1").status.code(), Some(0));
-    }
-    std::fs::write(&arm, "").unwrap();
+    node.hooks_ok("d-2", &IN_PLACE[..4]);
+    hold.arm();
     let mut hook = spawn_hook(&node, "AfterInstall", "d-2");
-    wait_for(&node, "the command should start", || started.exists());
+    hold.wait_started(&node);
     hook.kill().unwrap();
     hook.wait().unwrap();
-    std::fs::remove_file(&arm).unwrap();
-    let rec = finished_record(&node, "AfterInstall");
-    assert_hook_ended(&rec);
+    hold.release();
+    let rec = assert_hook_ended(&node, "AfterInstall");
     let built: Vec<String> = std::fs::read_dir(node.path("app/releases"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -1274,10 +1219,7 @@ fn hook_sigkill_in_after_install_leaves_the_unswitched_release_for_cleanup() {
         "the release CodeDeploy failed is not kept as one: {built:?} {rec}"
     );
     assert!(node.current().unwrap().ends_with("-d-1"));
-    for ev in &IN_PLACE[4..] {
-        let out = node.hook(ev, Some("d-2"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-2", &IN_PLACE[4..]);
     assert!(node.current().unwrap().ends_with("-d-2"));
 }
 
@@ -1294,38 +1236,23 @@ fn hook_sigterm_in_application_start_switches_back_with_rollback_on_failure() {
         ready_port,
         "validate: { rollback_on_failure: true }\n",
     );
-    let arm = node.path("arm");
-    let started = node.path("started");
-    let cfg = std::fs::read_to_string(node.config()).unwrap()
-        + &format!(
-            "commands:\n  ApplicationStart:\n    - {{ argv: [sh, -c, 'test -e {a} || exit 0; touch {s}; while test -e {a}; do sleep 0.05; done'], timeout: 60s }}\n",
-            a = arm.display(),
-            s = started.display()
-        );
-    std::fs::write(node.config(), cfg).unwrap();
+    let hold = Hold::add(&node, "ApplicationStart");
     let _listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
     node.start();
     node.revision("g-1", "d-1", "one");
-    for ev in IN_PLACE {
-        assert_eq!(node.hook(ev, Some("d-1"), "g-1").status.code(), Some(0));
-    }
+    node.hooks_ok("d-1", &IN_PLACE);
     let first = node.current().unwrap();
     node.revision("g-1", "d-2", "two");
-    for ev in &IN_PLACE[..5] {
-        assert_eq!(node.hook(ev, Some("d-2"), "g-1").status.code(), Some(0));
-    }
-    std::fs::write(&arm, "").unwrap();
+    node.hooks_ok("d-2", &IN_PLACE[..5]);
+    hold.arm();
     let hook = spawn_hook(&node, "ApplicationStart", "d-2");
-    wait_for(&node, "the command should start", || started.exists());
+    hold.wait_started(&node);
     assert!(node.current().unwrap().ends_with("-d-2"), "switched");
-    let _ = Command::new("kill")
-        .args(["-TERM", "--", &format!("-{}", hook.id())])
-        .status();
+    sigterm_group(&hook);
     let out = hook.wait_with_output().unwrap();
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
-    std::fs::remove_file(&arm).unwrap();
-    let rec = finished_record(&node, "ApplicationStart");
-    assert_hook_ended(&rec);
+    hold.release();
+    let rec = assert_hook_ended(&node, "ApplicationStart");
     assert_eq!(
         node.current().as_deref(),
         Some(first.as_str()),
@@ -1347,10 +1274,7 @@ fn a_failing_validate_service_command_left_the_node_ready_and_the_release_passed
     );
     node.start();
     node.revision("g-1", "d-GOOD", "good");
-    for ev in IN_PLACE {
-        let out = node.hook(ev, Some("d-GOOD"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-GOOD", &IN_PLACE);
     let good = node.current().unwrap();
     node.revision("g-1", "d-SMOKE", "smoke");
     std::fs::write(
@@ -1358,10 +1282,7 @@ fn a_failing_validate_service_command_left_the_node_ready_and_the_release_passed
         "",
     )
     .unwrap();
-    for ev in &IN_PLACE[..6] {
-        let out = node.hook(ev, Some("d-SMOKE"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-SMOKE", &IN_PLACE[..6]);
     let out = node.hook("ValidateService", Some("d-SMOKE"), "g-1");
     assert_ne!(out.status.code(), Some(0), "{}", text(&out));
     let st = node.status_json();
@@ -1393,10 +1314,7 @@ fn hook_killed_during_the_drain_wait_no_longer_holds_the_event_until_the_bound()
     let _listener = std::net::TcpListener::bind(("127.0.0.1", health_port)).unwrap();
     node.start();
     node.revision("g-1", "d-1", "one");
-    for ev in &IN_PLACE[3..] {
-        let out = node.hook(ev, Some("d-1"), "g-1");
-        assert_eq!(out.status.code(), Some(0), "{ev}: {}", text(&out));
-    }
+    node.hooks_ok("d-1", &IN_PLACE[3..]);
     // Probed like a load balancer does (two probes within the interval), then never again:
     // the drain waits for more probes, up to the bound.
     for _ in 0..2 {
@@ -1408,8 +1326,7 @@ fn hook_killed_during_the_drain_wait_no_longer_holds_the_event_until_the_bound()
     });
     hook.kill().unwrap();
     hook.wait().unwrap();
-    let rec = finished_record(&node, "ApplicationStop");
-    assert_hook_ended(&rec);
+    assert_hook_ended(&node, "ApplicationStop");
     wait_for(&node, "the old release serves again", || {
         support::http_get(ready_port, "/ready").0 == 200
     });
