@@ -158,11 +158,21 @@ class Redis:
                         "--logfile", str(d / "r.log")], check=True)
         wait_port(self.port)
 
-    def stop(self):
+    def stop(self, timeout: float = 10.0):
+        """SIGTERM, then waits (at most `timeout` s) until it has exited: it writes its log
+        until then, which would race a removal of its directory."""
         try:
-            os.kill(int((self.d / "r.pid").read_text().strip()), signal.SIGTERM)
+            pid = int((self.d / "r.pid").read_text().strip())
+            os.kill(pid, signal.SIGTERM)
         except (OSError, ValueError):
-            pass
+            return
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return
+            time.sleep(0.02)
 
 
 class MariaDb:
