@@ -161,12 +161,7 @@ impl Node {
         let ready_port = support::free_port();
         let cfg = node_config(&dir, &web, ready_port, support::free_port(), packaged_times);
         std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
-        let check = Command::new(BIN)
-            .arg("--config")
-            .arg(dir.join("bgagent.yaml"))
-            .args(["config", "check"])
-            .output()
-            .unwrap();
+        let check = support::bgagent(&dir.join("bgagent.yaml"), &["config", "check"]);
         assert!(check.status.success(), "{name}: {}", text(&check));
         let daemon = support::spawn_daemon(
             BIN,
@@ -211,12 +206,7 @@ impl Node {
     }
 
     fn bgagent(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(self.dir.join("bgagent.yaml"))
-            .args(args)
-            .output()
-            .unwrap()
+        support::bgagent(&self.dir.join("bgagent.yaml"), args)
     }
 
     fn status(&self) -> serde_json::Value {
@@ -503,7 +493,6 @@ impl Harness {
         });
     }
 
-    /// Runs `events` of deployment `dep` on `node` in order; each must succeed.
     /// Runs `events` of deployment `dep` on `node` in order; each must succeed, and leave the
     /// node ready exactly when CodeDeploy may send it traffic next: after ValidateService and
     /// the traffic-allowing events, and not after any other (in every order here the other
@@ -568,6 +557,22 @@ impl Harness {
             || self.lb.stat(node).current == 0,
         );
         self.mark(t, node, "BlockTraffic", dep, 0);
+    }
+
+    /// CodeDeploy's traffic-allowing events on `node`: BeforeAllowTraffic, AllowTraffic (the
+    /// target registered and seen healthy), AfterAllowTraffic.
+    fn allow_traffic(&self, node: &str, dep: &str) {
+        self.hooks(node, dep, &["BeforeAllowTraffic"]);
+        self.allow(node, dep);
+        self.hooks(node, dep, &["AfterAllowTraffic"]);
+    }
+
+    /// CodeDeploy's traffic-blocking events on `node`: BeforeBlockTraffic, BlockTraffic (the
+    /// target deregistered and its requests done), AfterBlockTraffic.
+    fn block_traffic(&self, node: &str, dep: &str) {
+        self.hooks(node, dep, &["BeforeBlockTraffic"]);
+        self.block(node, dep);
+        self.hooks(node, dep, &["AfterBlockTraffic"]);
     }
 
     /// Stops a node's daemon as systemd does (SIGTERM) and starts it again.
@@ -635,12 +640,13 @@ fn wait_until(secs: u64, msg: &str, mut what: impl FnMut() -> bool) {
     }
 }
 
-const INSTALL: [&str; 5] = [
+/// The events between the traffic events of a deployment (ApplicationStop, on a node that
+/// had a revision before, comes first).
+const INSTALL: [&str; 4] = [
     "BeforeInstall",
     "AfterInstall",
     "ApplicationStart",
     "ValidateService",
-    "BeforeAllowTraffic",
 ];
 
 fn write_records(
@@ -721,8 +727,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
     // the block events nor ApplicationStop), before any traffic.
     h.blue.revision("d-BLUE00001", "r1", false);
     h.hooks("blue", "d-BLUE00001", &INSTALL);
-    h.allow("blue", "d-BLUE00001");
-    h.hooks("blue", "d-BLUE00001", &["AfterAllowTraffic"]);
+    h.allow_traffic("blue", "d-BLUE00001");
     h.expect(
         "the first deployment",
         "blue",
@@ -741,7 +746,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
     // then the original (blue) is blocked.
     let d = "d-BG0000002";
     h.green.revision(d, "r2", false);
-    h.hooks("green", d, &INSTALL[..4]);
+    h.hooks("green", d, &INSTALL);
     h.expect(
         "the replacement's ValidateService",
         "green",
@@ -753,12 +758,8 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
             lb: "out UP",
         },
     );
-    h.hooks("green", d, &["BeforeAllowTraffic"]);
-    h.allow("green", d);
-    h.hooks("green", d, &["AfterAllowTraffic"]);
-    h.hooks("blue", d, &["BeforeBlockTraffic"]);
-    h.block("blue", d);
-    h.hooks("blue", d, &["AfterBlockTraffic"]);
+    h.allow_traffic("green", d);
+    h.block_traffic("blue", d);
     h.expect(
         "blue/green",
         "green",
@@ -787,12 +788,8 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
         // the original gets the traffic back without installing anything, the replacement
         // is blocked.
         let r = "d-ROLLBACK3";
-        h.hooks("blue", r, &["BeforeAllowTraffic"]);
-        h.allow("blue", r);
-        h.hooks("blue", r, &["AfterAllowTraffic"]);
-        h.hooks("green", r, &["BeforeBlockTraffic"]);
-        h.block("green", r);
-        h.hooks("green", r, &["AfterBlockTraffic"]);
+        h.allow_traffic("blue", r);
+        h.block_traffic("green", r);
         h.expect(
             "the blue/green rollback",
             "blue",
@@ -848,12 +845,10 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
         let d = "d-INPLACE04";
         for node in ["green", "blue"] {
             h.node(node).revision(d, "r4", false);
-            h.hooks(node, d, &["BeforeBlockTraffic"]);
-            h.block(node, d);
-            h.hooks(node, d, &["AfterBlockTraffic", "ApplicationStop"]);
+            h.block_traffic(node, d);
+            h.hooks(node, d, &["ApplicationStop"]);
             h.hooks(node, d, &INSTALL);
-            h.allow(node, d);
-            h.hooks(node, d, &["AfterAllowTraffic"]);
+            h.allow_traffic(node, d);
             h.expect(
                 "an in-place deployment",
                 node,
@@ -900,9 +895,8 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
         // target group. The operator then runs `bgagent rollback` and registers it again.
         let d = "d-BROKEN005";
         h.blue.revision(d, "r5", true);
-        h.hooks("blue", d, &["BeforeBlockTraffic"]);
-        h.block("blue", d);
-        h.hooks("blue", d, &["AfterBlockTraffic", "ApplicationStop"]);
+        h.block_traffic("blue", d);
+        h.hooks("blue", d, &["ApplicationStop"]);
         h.hooks("blue", d, &INSTALL[..3]);
         let out = h.hook("blue", d, "ValidateService");
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
