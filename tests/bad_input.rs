@@ -39,12 +39,7 @@ impl Node {
         self.dir.path().join(s)
     }
     fn cmd(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .args(args)
-            .output()
-            .unwrap()
+        support::bgagent(&self.p("bgagent.yaml"), args)
     }
     fn deploy(&self) -> Output {
         self.cmd(&["deploy", self.p("rel").to_str().unwrap()])
@@ -211,12 +206,7 @@ services:
 "#,
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["config", "check"])
-        .output()
-        .unwrap();
+    let out = support::bgagent(&cfg, &["config", "check"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{err}");
     assert!(out.stdout.is_empty(), "errors go to stderr only");

@@ -22,7 +22,7 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,11 +66,12 @@ impl Clock {
 // --- One node: nginx + php-fpm + bgagent on the packaged config ------------------------------
 
 struct Node {
+    /// First: stopped before the web server goes.
+    daemon: Mutex<support::Daemon>,
     name: &'static str,
     dir: PathBuf,
     web: support::Web,
     ready_port: u16,
-    daemon: Mutex<Option<Child>>,
 }
 
 /// Replaces the one line of `cfg` that starts with `prefix` (after `indent`), or fails naming
@@ -163,18 +164,14 @@ impl Node {
         std::fs::write(dir.join("bgagent.yaml"), cfg).unwrap();
         let check = support::bgagent(&dir.join("bgagent.yaml"), &["config", "check"]);
         assert!(check.status.success(), "{name}: {}", text(&check));
-        let daemon = support::spawn_daemon(
-            BIN,
-            &dir.join("bgagent.yaml"),
-            &dir.join("run/bgagent.sock"),
-            &dir.join("daemon.log"),
-        );
+        let mut daemon = support::Daemon::new(&dir);
+        daemon.start();
         Node {
+            daemon: Mutex::new(daemon),
             name,
             dir,
             web,
             ready_port,
-            daemon: Mutex::new(Some(daemon)),
         }
     }
 
@@ -218,14 +215,6 @@ impl Node {
     /// `/ready`, read from the watcher's address (not the load balancer's).
     fn ready(&self) -> u16 {
         ready_from_watcher(self.ready_port)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.get_mut().unwrap().take() {
-            support::stop_daemon(&mut c);
-        }
     }
 }
 
@@ -577,17 +566,7 @@ impl Harness {
 
     /// Stops a node's daemon as systemd does (SIGTERM) and starts it again.
     fn restart_daemon(&self, node: &str) {
-        let n = self.node(node);
-        let mut d = n.daemon.lock().unwrap();
-        if let Some(mut c) = d.take() {
-            support::stop_daemon(&mut c);
-        }
-        *d = Some(support::spawn_daemon(
-            BIN,
-            &n.dir.join("bgagent.yaml"),
-            &n.dir.join("run/bgagent.sock"),
-            &n.dir.join("daemon.log"),
-        ));
+        self.node(node).daemon.lock().unwrap().restart();
     }
 
     fn expect(&self, step: &str, node: &str, want: Want) {

@@ -71,12 +71,7 @@ impl Node {
         self.dir.path().join(rel)
     }
     fn bgagent(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .args(args)
-            .output()
-            .unwrap()
+        support::bgagent(&self.p("bgagent.yaml"), args)
     }
     fn deploy(&self, name: &str, variant: Option<&str>) -> Output {
         let src = self.p(name);

@@ -11,8 +11,9 @@ use support::text;
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
 struct Node {
+    /// First: stopped before its directory goes.
+    daemon: support::Daemon,
     dir: tempfile::TempDir,
-    daemon: Option<Child>,
 }
 
 impl Node {
@@ -26,7 +27,10 @@ impl Node {
         let cfg = "app_root: app\nstate_dir: state\nsocket:\n  path: run/bgagent.sock\n  group: null\n\
                    codedeploy:\n  deployment_root: cd-root\napp:\n  kind: php\nrelease:\n  keep: 3\n  shared_paths: [var/log]\n";
         std::fs::write(dir.path().join("bgagent.yaml"), format!("{cfg}{extra}")).unwrap();
-        Node { dir, daemon: None }
+        Node {
+            daemon: support::Daemon::new(dir.path()),
+            dir,
+        }
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -50,18 +54,11 @@ impl Node {
     }
 
     fn start(&mut self) {
-        self.daemon = Some(support::spawn_daemon(
-            BIN,
-            &self.config(),
-            &self.path("run/bgagent.sock"),
-            &self.path("daemon.log"),
-        ));
+        self.daemon.start();
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            support::stop_daemon(&mut c);
-        }
+        self.daemon.stop();
     }
 
     fn log(&self) -> String {
@@ -110,12 +107,6 @@ impl Node {
             let out = self.hook(ev, Some(dep), "g-1");
             assert_eq!(out.status.code(), Some(0), "{dep} {ev}: {}", text(&out));
         }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -355,9 +346,7 @@ fn daemon_killed_during_an_event_reports_it_interrupted_and_the_retry_succeeds()
         std::thread::sleep(Duration::from_millis(20));
     }
     // A crash, not a stop: SIGKILL leaves the event marked running in state.json.
-    let mut daemon = node.daemon.take().unwrap();
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    node.daemon.kill();
     let out = hook.wait_with_output().unwrap();
     let _ = Command::new("pkill").args(["-f", "sleep 27.5"]).status();
     assert_eq!(

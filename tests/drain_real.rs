@@ -8,23 +8,22 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::text;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
 /// The app: every request takes 40 ms (so requests are in flight whenever the load balancer
 /// changes its mind) and says which release served it.
 const INDEX_PHP: &str = "<?php\nusleep(40000);\nheader('Content-Type: text/plain');\necho 'release=' . trim((string) @file_get_contents(__DIR__ . '/../RELEASE_ID')) . \"\\n\";\n";
 
 struct Node {
+    /// First: stopped before its directory and the web server go.
+    daemon: support::Daemon,
     dir: tempfile::TempDir,
     web: support::Web,
     ready_port: u16,
-    daemon: Option<Child>,
 }
 
 impl Node {
@@ -79,17 +78,12 @@ readiness: {{ listen: "127.0.0.1:{ready_port}", status_listen: "127.0.0.1:{statu
         );
         std::fs::write(dir.path().join("bgagent.yaml"), cfg).unwrap();
         let mut n = Node {
+            daemon: support::Daemon::new(dir.path()),
             dir,
             web,
             ready_port,
-            daemon: None,
         };
-        n.daemon = Some(support::spawn_daemon(
-            BIN,
-            &n.p("bgagent.yaml"),
-            &n.p("run/bgagent.sock"),
-            &n.p("daemon.log"),
-        ));
+        n.daemon.start();
         n
     }
 
@@ -108,13 +102,7 @@ readiness: {{ listen: "127.0.0.1:{ready_port}", status_listen: "127.0.0.1:{statu
     /// Runs one hook; a hook still running after `bound` is killed and fails the test (a
     /// bound on a hang, not a speed claim).
     fn hook_within(&self, event: &str, dep: &str, bound: Duration) -> Output {
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .args(["hook", event])
-            .env("DEPLOYMENT_ID", dep)
-            .env("DEPLOYMENT_GROUP_ID", "g-1")
-            .env("APPLICATION_NAME", "shop")
+        let child = support::hook_command(&self.p("bgagent.yaml"), event, dep, "g-1")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -153,14 +141,6 @@ readiness: {{ listen: "127.0.0.1:{ready_port}", status_listen: "127.0.0.1:{statu
 
     fn ready(&self) -> u16 {
         support::http_get(self.ready_port, "/ready").0
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            support::stop_daemon(&mut c);
-        }
     }
 }
 

@@ -5,18 +5,19 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use support::text;
 
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
 struct Env {
+    /// First: stopped before its directory and the services go.
+    daemon: support::Daemon,
     dir: tempfile::TempDir,
     web: support::Web,
     ready_port: u16,
     status_port: u16,
-    daemon: Option<Child>,
     _db: support::MariaDb,
     _redis: support::Redis,
 }
@@ -108,15 +109,15 @@ warmup:
         );
         std::fs::write(dir.path().join("bgagent.yaml"), cfg).unwrap();
         let mut e = Env {
+            daemon: support::Daemon::new(dir.path()),
             dir,
             web,
             ready_port,
             status_port,
-            daemon: None,
             _db: db,
             _redis: redis,
         };
-        e.start_daemon();
+        e.daemon.start();
         e
     }
 
@@ -124,30 +125,8 @@ warmup:
         self.dir.path().join(s)
     }
 
-    fn start_daemon(&mut self) {
-        self.daemon = Some(support::spawn_daemon(
-            BIN,
-            &self.p("bgagent.yaml"),
-            &self.p("run/bgagent.sock"),
-            &self.p("daemon.log"),
-        ));
-    }
-
-    /// Stops the daemon as systemd does, then starts it again.
-    fn restart_daemon(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            support::stop_daemon(&mut c);
-        }
-        self.start_daemon();
-    }
-
     fn status(&self) -> serde_json::Value {
-        let out = Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .args(["status", "--json"])
-            .output()
-            .unwrap();
+        let out = support::bgagent(&self.p("bgagent.yaml"), &["status", "--json"]);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
     }
 
@@ -161,13 +140,7 @@ warmup:
     }
 
     fn hook(&self, event: &str, dep: &str) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .args(["hook", event])
-            .env("DEPLOYMENT_ID", dep)
-            .env("DEPLOYMENT_GROUP_ID", "g-1")
-            .env("APPLICATION_NAME", "shop")
+        support::hook_command(&self.p("bgagent.yaml"), event, dep, "g-1")
             .output()
             .unwrap()
     }
@@ -178,14 +151,6 @@ warmup:
 
     fn ready(&self) -> u16 {
         support::http_get(self.ready_port, "/ready").0
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            support::stop_daemon(&mut c);
-        }
     }
 }
 
@@ -386,7 +351,7 @@ fn a_health_check_that_never_passes_fails_with_evidence_and_rolls_back_to_a_read
         200,
         "the healthy previous release is ready again: {t}"
     );
-    e.restart_daemon();
+    e.daemon.restart();
     wait_until(20, "ready again after a daemon restart", || {
         e.ready() == 200
     });
@@ -659,7 +624,7 @@ fn sticky_drain_original_instance_of_a_blue_green_rollback_becomes_ready_again()
     assert_eq!(st["node"]["readiness"]["state"], "ready", "{st}");
     assert_eq!(st["last_deployment"]["status"], "succeeded", "{st}");
     // A restarted daemon brings the live node back to ready through its checks.
-    e.restart_daemon();
+    e.daemon.restart();
     wait_until(
         20,
         "a restarted daemon must make the live node ready",
@@ -808,7 +773,7 @@ fn application_start_retried_after_a_crash_completes_the_steps_after_the_switch(
         cfg.replace("reload: [kill, -USR2, \"{pid}\"]", &blocking),
     )
     .unwrap();
-    e.restart_daemon();
+    e.daemon.restart();
     e.revision("d-2", "two", false);
     all_ok(&e.deploy("d-2", &ALL[..3]));
     assert_eq!(e.web.get("/").0, 0, "the drain stopped nginx");
@@ -825,9 +790,7 @@ fn application_start_retried_after_a_crash_completes_the_steps_after_the_switch(
     wait_until(20, "the reload should start", || {
         std::fs::read_to_string(&marker).is_ok_and(|s| s.trim().parse::<u32>().is_ok())
     });
-    let mut daemon = e.daemon.take().unwrap();
-    daemon.kill().unwrap();
-    daemon.wait().unwrap();
+    e.daemon.kill();
     let sleeper = std::fs::read_to_string(&marker).unwrap();
     let _ = Command::new("kill").arg(sleeper.trim()).status();
     let out = hook.wait_with_output().unwrap();
@@ -838,7 +801,7 @@ fn application_start_retried_after_a_crash_completes_the_steps_after_the_switch(
         "the crash came after the switch: {switched:?}"
     );
 
-    e.start_daemon();
+    e.daemon.start();
     let out = e.hook("ApplicationStart", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     // nginx, stopped by the drain, is started before the reloads (a stopped service cannot
@@ -867,16 +830,8 @@ impl Env {
     /// Restarts the daemon so that it pauses at the step boundary `at` (the engine's
     /// BGAGENT_TEST_PAUSE_AT), where the test kills it with SIGKILL.
     fn start_daemon_pausing_at(&mut self, at: &str) {
-        if let Some(mut c) = self.daemon.take() {
-            support::stop_daemon(&mut c);
-        }
-        self.daemon = Some(support::spawn_daemon_with(
-            BIN,
-            &self.p("bgagent.yaml"),
-            &self.p("run/bgagent.sock"),
-            &self.p("daemon.log"),
-            &[("BGAGENT_TEST_PAUSE_AT", at)],
-        ));
+        self.daemon.stop();
+        self.daemon.start_with(&[("BGAGENT_TEST_PAUSE_AT", at)]);
     }
 
     /// Waits until the daemon pauses at `at`, then kills it with SIGKILL (a crash there).
@@ -886,9 +841,7 @@ impl Env {
             std::fs::read_to_string(&log)
                 .is_ok_and(|l| l.contains(&format!("pausing at step boundary {at}")))
         });
-        let mut daemon = self.daemon.take().unwrap();
-        daemon.kill().unwrap();
-        daemon.wait().unwrap();
+        self.daemon.kill();
     }
 
     fn current(&self) -> String {
@@ -945,7 +898,7 @@ fn application_start_killed_at_each_step_boundary_then_retried_leaves_the_node_r
         e.crash_at(at);
         let out = hook.wait_with_output().unwrap();
         assert_eq!(out.status.code(), Some(5), "{at}: {}", text(&out));
-        e.start_daemon();
+        e.daemon.start();
         let out = e.hook("ApplicationStart", &dep);
         assert_eq!(out.status.code(), Some(0), "{at}: retry: {}", text(&out));
         for ev in &ALL[4..] {
@@ -1007,7 +960,7 @@ fn rollback_killed_at_each_step_boundary_then_repeated_leaves_the_node_right() {
         e.crash_at(at);
         let out = first.wait_with_output().unwrap();
         assert_ne!(out.status.code(), Some(0), "{at}: {}", text(&out));
-        e.start_daemon();
+        e.daemon.start();
         let out = e.cli(&["rollback", "--from", &leaving]).output().unwrap();
         let t = text(&out);
         assert_eq!(out.status.code(), Some(0), "{at}: repeat: {t}");

@@ -12,8 +12,6 @@ use std::process::{Child, Command, Output, Stdio};
 
 use support::text;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
-
 struct Node {
     dir: tempfile::TempDir,
 }
@@ -36,12 +34,7 @@ impl Node {
         self.dir.path().join(rel)
     }
     fn bgagent(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .args(args)
-            .output()
-            .unwrap()
+        support::bgagent(&self.p("bgagent.yaml"), args)
     }
     fn deploy(&self, version: &str) -> Output {
         let s = self.p(&format!("src-{version}"));

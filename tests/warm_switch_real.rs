@@ -9,13 +9,11 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use bgagent::opcache::{Addr, OpcacheConfig, Pool};
 use support::text;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
 const ALL: [&str; 7] = [
     "ApplicationStop",
@@ -28,9 +26,10 @@ const ALL: [&str; 7] = [
 ];
 
 struct Env {
+    /// First: stopped before its directory and the web server go.
+    daemon: support::Daemon,
     dir: tempfile::TempDir,
     web: support::Web,
-    daemon: Option<Child>,
     classes: usize,
     bulk: usize,
 }
@@ -101,18 +100,13 @@ opcache:
         );
         std::fs::write(dir.path().join("bgagent.yaml"), cfg).unwrap();
         let mut e = Env {
+            daemon: support::Daemon::new(dir.path()),
             dir,
             web,
-            daemon: None,
             classes,
             bulk,
         };
-        e.daemon = Some(support::spawn_daemon(
-            BIN,
-            &e.p("bgagent.yaml"),
-            &e.p("run/bgagent.sock"),
-            &e.p("daemon.log"),
-        ));
+        e.daemon.start();
         e
     }
 
@@ -121,13 +115,7 @@ opcache:
     }
 
     fn hook(&self, event: &str, dep: &str) -> Output {
-        Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .args(["hook", event])
-            .env("DEPLOYMENT_ID", dep)
-            .env("DEPLOYMENT_GROUP_ID", "g-1")
-            .env("APPLICATION_NAME", "shop")
+        support::hook_command(&self.p("bgagent.yaml"), event, dep, "g-1")
             .output()
             .unwrap()
     }
@@ -193,22 +181,14 @@ opcache:
         (mine.len(), mine.iter().map(|c| c.hits()).sum())
     }
 
-    fn status_json(&self) -> serde_json::Value {
-        let o = Command::new(BIN)
-            .arg("--config")
-            .arg(self.p("bgagent.yaml"))
-            .args(["status", "--json"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
+    /// `status` as an operator reads it (both streams).
+    fn status_text(&self) -> String {
+        text(&support::bgagent(&self.p("bgagent.yaml"), &["status"]))
     }
-}
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
-            support::stop_daemon(&mut c);
-        }
+    fn status_json(&self) -> serde_json::Value {
+        let o = support::bgagent(&self.p("bgagent.yaml"), &["status", "--json"]);
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)))
     }
 }
 
@@ -262,13 +242,7 @@ fn warm_switch_precompiles_before_the_rename_and_does_not_reload_when_there_is_r
         "{st:#}"
     );
     assert!(rec["snapshot"]["max_cached_keys"].as_u64() > Some(0));
-    let o = Command::new(BIN)
-        .arg("--config")
-        .arg(env.p("bgagent.yaml"))
-        .arg("status")
-        .output()
-        .unwrap();
-    let t = text(&o);
+    let t = env.status_text();
     assert!(
         t.contains("opcache php-fpm") && t.contains("hit rate"),
         "{t}"
@@ -562,12 +536,6 @@ fn status_shows_the_pools_opcache_as_the_daemon_reads_it_between_deploys() {
         snap["used_memory"].as_u64() > before["used_memory"].as_u64(),
         "{snap:#}"
     );
-    let o = Command::new(BIN)
-        .arg("--config")
-        .arg(env.p("bgagent.yaml"))
-        .arg("status")
-        .output()
-        .unwrap();
-    let t = text(&o);
+    let t = env.status_text();
     assert!(t.contains(&format!("{id}: ")) && t.contains("keys "), "{t}");
 }

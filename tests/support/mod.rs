@@ -900,6 +900,72 @@ pub fn spawn_daemon_with(
     child
 }
 
+/// The bgagent daemon of a one-node test, run on `dir`/bgagent.yaml with its control socket
+/// at `dir`/run/bgagent.sock (where the node's config puts it) and both streams in
+/// `dir`/daemon.log. Stopped as systemd stops it when dropped: declare it before whatever
+/// it uses (its directory, the web server) so that it goes first.
+pub struct Daemon {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// The daemon of the node in `dir`, not started yet.
+    pub fn new(dir: &Path) -> Daemon {
+        Daemon {
+            dir: dir.to_path_buf(),
+            child: None,
+        }
+    }
+
+    /// Starts it; returns once its socket accepts connections.
+    pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// The same, with more variables in the daemon's environment.
+    pub fn start_with(&mut self, env: &[(&str, &str)]) {
+        assert!(
+            self.child.is_none(),
+            "the daemon in {} runs already",
+            self.dir.display()
+        );
+        self.child = Some(spawn_daemon_with(
+            BIN,
+            &self.dir.join("bgagent.yaml"),
+            &self.dir.join("run/bgagent.sock"),
+            &self.dir.join("daemon.log"),
+            env,
+        ));
+    }
+
+    /// Stops it as systemd does (SIGTERM), if it runs.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_daemon(&mut c);
+        }
+    }
+
+    /// Stops it as systemd does, then starts it again.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    /// Kills it with SIGKILL (a crash: nothing is cleaned up) and reaps it.
+    pub fn kill(&mut self) {
+        let mut c = self.child.take().expect("the daemon runs");
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Stops a daemon as systemd does (SIGTERM) and reaps it.
 pub fn stop_daemon(child: &mut Child) {
     let _ = Command::new("kill")
