@@ -6,7 +6,7 @@ mod support;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use support::text;
+use support::{IN_PLACE, text};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
@@ -109,18 +109,6 @@ impl Node {
         }
     }
 }
-
-const IN_PLACE: [&str; 9] = [
-    "BeforeBlockTraffic",
-    "AfterBlockTraffic",
-    "ApplicationStop",
-    "BeforeInstall",
-    "AfterInstall",
-    "ApplicationStart",
-    "ValidateService",
-    "BeforeAllowTraffic",
-    "AfterAllowTraffic",
-];
 
 #[test]
 fn full_codedeploy_sequence_then_second_deployment_and_rollback() {

@@ -12,7 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::text;
+use support::{IN_PLACE, text};
 
 /// The app: every request takes 40 ms (so requests are in flight whenever the load balancer
 /// changes its mind) and says which release served it.
@@ -212,18 +212,6 @@ impl Load {
     }
 }
 
-const IN_PLACE_WITH_LB: [&str; 9] = [
-    "BeforeBlockTraffic",
-    "AfterBlockTraffic",
-    "ApplicationStop",
-    "BeforeInstall",
-    "AfterInstall",
-    "ApplicationStart",
-    "ValidateService",
-    "BeforeAllowTraffic",
-    "AfterAllowTraffic",
-];
-
 /// The packaged `drain:` keys (whatever packaging/bgagent.yaml sets) with stub_status at
 /// this node's nginx (`{wp}`) instead of port 80.
 fn packaged_drain() -> String {
@@ -286,7 +274,7 @@ fn drain_with_stop_on_drain_behind_haproxy_fails_no_request() {
     );
 
     n.revision("d-1", "one");
-    for ev in &IN_PLACE_WITH_LB[2..] {
+    for ev in &IN_PLACE[2..] {
         ok(&n.hook(ev, "d-1"));
     }
     wait_until(10, "HAProxy should see both servers UP", || {
@@ -297,7 +285,7 @@ fn drain_with_stop_on_drain_behind_haproxy_fails_no_request() {
     wait_until(10, "the load should be running", || load.count() > 200);
     n.revision("d-2", "two");
     let mut drain_out = String::new();
-    for ev in IN_PLACE_WITH_LB {
+    for ev in IN_PLACE {
         let out = ok(&n.hook(ev, "d-2"));
         if ev == "BeforeBlockTraffic" {
             drain_out = out;
@@ -364,7 +352,7 @@ fn drain_with_stop_on_drain_behind_haproxy_fails_no_request() {
 fn drain_of_a_node_nobody_probes_does_not_wait_for_the_bound() {
     let n = Node::start("drain: { deregistration_delay: 1h }");
     n.revision("d-1", "one");
-    for ev in &IN_PLACE_WITH_LB[2..] {
+    for ev in &IN_PLACE[2..] {
         ok(&n.hook(ev, "d-1"));
     }
     // an operator's curl of /ready is not a load balancer
@@ -388,7 +376,7 @@ fn php_fpm_stopped_by_the_drain_is_started_not_reloaded_at_application_start() {
     let n = Node::start("");
     for (dep, id) in [("d-1", "one"), ("d-2", "two")] {
         n.revision(dep, id);
-        for ev in &IN_PLACE_WITH_LB[2..] {
+        for ev in &IN_PLACE[2..] {
             ok(&n.hook(ev, dep));
         }
         assert!(n.web.get("/").1.contains(&format!("release={id}")));

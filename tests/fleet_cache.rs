@@ -88,14 +88,8 @@ fn revision(base: &Path, dep: &str) {
     std::fs::write(d.join("index.php"), dep).unwrap();
 }
 
-const EVENTS: [&str; 6] = [
-    "BeforeInstall",
-    "AfterInstall",
-    "ApplicationStart",
-    "ValidateService",
-    "BeforeAllowTraffic",
-    "AfterAllowTraffic",
-];
+/// BeforeInstall to AfterAllowTraffic.
+const EVENTS: &[&str] = support::IN_PLACE.split_at(3).1;
 
 #[test]
 fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {

@@ -167,15 +167,8 @@ fn copy_dir(src: &Path, dst: &Path) {
     }
 }
 
-const ALL: [&str; 7] = [
-    "ApplicationStop",
-    "BeforeInstall",
-    "AfterInstall",
-    "ApplicationStart",
-    "ValidateService",
-    "BeforeAllowTraffic",
-    "AfterAllowTraffic",
-];
+/// ApplicationStop to AfterAllowTraffic.
+const ALL: &[&str] = support::IN_PLACE.split_at(2).1;
 
 fn all_ok(outs: &[Output]) {
     for o in outs {

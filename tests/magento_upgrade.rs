@@ -455,14 +455,8 @@ fn app_config_import_runs_once_for_the_fleet_and_only_when_app_config_status_ask
     );
 }
 
-const FULL: &[&str] = &[
-    "BeforeInstall",
-    "AfterInstall",
-    "ApplicationStart",
-    "ValidateService",
-    "BeforeAllowTraffic",
-    "AfterAllowTraffic",
-];
+/// BeforeInstall to AfterAllowTraffic.
+const FULL: &[&str] = support::IN_PLACE.split_at(3).1;
 
 #[test]
 fn a_breaking_change_with_schema_breaking_maintenance_takes_every_node_into_maintenance_until_it_has_switched()

@@ -15,15 +15,8 @@ use std::time::Duration;
 use bgagent::opcache::{Addr, OpcacheConfig, Pool};
 use support::text;
 
-const ALL: [&str; 7] = [
-    "ApplicationStop",
-    "BeforeInstall",
-    "AfterInstall",
-    "ApplicationStart",
-    "ValidateService",
-    "BeforeAllowTraffic",
-    "AfterAllowTraffic",
-];
+/// ApplicationStop to AfterAllowTraffic.
+const ALL: &[&str] = support::IN_PLACE.split_at(2).1;
 
 struct Env {
     /// First: stopped before its directory and the web server go.

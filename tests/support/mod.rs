@@ -833,6 +833,21 @@ pub fn text(o: &std::process::Output) -> String {
     )
 }
 
+/// CodeDeploy's lifecycle events of an in-place deployment behind a load balancer, in the
+/// order it runs them (the tests take the part they need: a node's first deployment, for
+/// one, starts at BeforeInstall).
+pub const IN_PLACE: [&str; 9] = [
+    "BeforeBlockTraffic",
+    "AfterBlockTraffic",
+    "ApplicationStop",
+    "BeforeInstall",
+    "AfterInstall",
+    "ApplicationStart",
+    "ValidateService",
+    "BeforeAllowTraffic",
+    "AfterAllowTraffic",
+];
+
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
 
