@@ -307,9 +307,11 @@ fn daemon_killed_during_an_event_reports_it_interrupted_and_the_retry_succeeds()
     let mut node = Node::new();
     // AfterInstall's extra command blocks the first time (until the daemon is killed), and
     // returns at once on the retry.
+    // The first attempt writes its pid (the shell's, which exec makes the sleep's) to the
+    // marker: the orphan is ended by that pid, never by a name another process may share.
     let started = node.path("first-attempt");
     node.add_config(&format!(
-        "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {0} || {{ touch {0}; exec sleep 27.5; }}'], timeout: 60s }}\n",
+        "commands:\n  AfterInstall:\n    - {{ argv: [sh, -c, 'test -e {0} || {{ echo $$ > {0}.tmp && mv {0}.tmp {0}; exec sleep 27.5; }}'], timeout: 60s }}\n",
         started.display()
     ));
     node.start();
@@ -336,7 +338,8 @@ fn daemon_killed_during_an_event_reports_it_interrupted_and_the_retry_succeeds()
     // A crash, not a stop: SIGKILL leaves the event marked running in state.json.
     node.daemon.kill();
     let out = hook.wait_with_output().unwrap();
-    let _ = Command::new("pkill").args(["-f", "sleep 27.5"]).status();
+    let orphan = std::fs::read_to_string(&started).unwrap();
+    let _ = Command::new("kill").args(["-TERM", orphan.trim()]).status();
     assert_eq!(
         out.status.code(),
         Some(5),

@@ -5,34 +5,11 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::fleet::{self, Agent};
 use support::text;
-
-const BIN: &str = env!("CARGO_BIN_EXE_bgagent");
-
-fn bgagent(cfg: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn hook(cfg: &Path, ev: &str, dep: &str) {
-    let o = Command::new(BIN)
-        .arg("--config")
-        .arg(cfg)
-        .args(["hook", ev])
-        .env("DEPLOYMENT_ID", dep)
-        .env("DEPLOYMENT_GROUP_ID", "g")
-        .env("APPLICATION_NAME", "shop")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{ev}: {}", text(&o));
-}
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let o = Command::new(support::require("redis-cli"))
@@ -61,10 +38,9 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
     let redis = support::Redis::start();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let cfg = d.join("bgagent.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let mut agent = Agent::spawn(
+        d,
+        &format!(
             "app_root: app\nstate_dir: state\nsocket: {{ path: run/s.sock, group: null }}\ncodedeploy: {{ deployment_root: cd-root }}\n\
              app: {{ kind: magento, name: shop }}\nrelease: {{ shared_paths: [] }}\n\
              cache: {{ redis: \"{}\", node: node0 }}\nreadiness: {{ listen: \"127.0.0.1:{}\" }}\n\
@@ -72,21 +48,19 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
             redis.url(),
             support::free_port()
         ),
-    )
-    .unwrap();
+    );
     let log = d.join("daemon.log");
-    let mut daemon = support::spawn_daemon(BIN, &cfg, &d.join("run/s.sock"), &log);
     // A Magento-shaped release (the model: its bin/magento keeps var/.maintenance.flag) serves.
-    support::magento_model(&d.join("cd-root/g/d-1/deployment-archive"), None);
+    support::magento_model(&fleet::archive(&d.join("cd-root"), "d-1"), None);
     for ev in ["BeforeInstall", "AfterInstall", "ApplicationStart"] {
-        hook(&cfg, ev, "d-1");
+        let o = agent.hook(ev, "d-1");
+        assert_eq!(o.status.code(), Some(0), "{ev}: {}", text(&o));
     }
-    let current: PathBuf = d.join("app/current");
-    let flag = current.join("var/.maintenance.flag");
+    let flag = d.join("app/current/var/.maintenance.flag");
     assert!(!flag.exists());
 
     // Nothing open yet.
-    let o = bgagent(&cfg, &["maintenance", "status"]);
+    let o = agent.cli(&["maintenance", "status"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(
         text(&o).contains("no maintenance window is open for shop"),
@@ -105,7 +79,7 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
     );
     wait_for("the watcher turns maintenance on", &log, || flag.exists());
 
-    let o = bgagent(&cfg, &["maintenance", "status", "--json"]);
+    let o = agent.cli(&["maintenance", "status", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["open"], true, "{v}");
@@ -114,7 +88,7 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
     assert!(left > 3500 && left <= 3600, "{v}");
 
     // Another deployment's window is never closed by mistake.
-    let o = bgagent(&cfg, &["maintenance", "close", "--deployment", "d-9"]);
+    let o = agent.cli(&["maintenance", "close", "--deployment", "d-9"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         text(&o).contains("deployment d-2's, not d-9's: nothing was closed"),
@@ -127,7 +101,7 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
     );
 
     // The operator closes it: the key goes, and the watcher takes the flag off.
-    let o = bgagent(&cfg, &["maintenance", "close", "--deployment", "d-2"]);
+    let o = agent.cli(&["maintenance", "close", "--deployment", "d-2"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(
         text(&o).contains("closed the maintenance window of deployment d-2 for shop"),
@@ -146,19 +120,19 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
     });
 
     // Again: nothing to close, and that is not an error.
-    let o = bgagent(&cfg, &["maintenance", "close"]);
+    let o = agent.cli(&["maintenance", "close"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(
         text(&o).contains("no maintenance window is open for shop; nothing to close"),
         "{}",
         text(&o)
     );
-    support::stop_daemon(&mut daemon);
+    support::stop_daemon(&mut agent.daemon);
 
     // Without cache.redis there is no window: a config error that says so.
     let bare = d.join("bare.yaml");
     std::fs::write(&bare, "app_root: app\nstate_dir: state\n").unwrap();
-    let o = bgagent(&bare, &["maintenance", "close"]);
+    let o = support::bgagent(&bare, &["maintenance", "close"]);
     assert_eq!(o.status.code(), Some(7), "{}", text(&o));
     assert!(text(&o).contains("cache.redis is not set"), "{}", text(&o));
 }
