@@ -730,6 +730,7 @@ async fn serve(request: Request, shared: Arc<Shared>, cancel: Arc<AtomicBool>) -
                 let status = crate::status::build(
                     &doc,
                     &shared.layout,
+                    &shared.state_dir,
                     Some(shared.readiness.snapshot()),
                     true,
                     &procs,

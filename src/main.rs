@@ -467,6 +467,7 @@ fn status(cli: &Cli, json: bool, releases_only: bool) -> i32 {
             Ok(state) => bgagent::status::build(
                 &state,
                 &bgagent::release::Layout::new(&cfg.app_root),
+                &cfg.state_dir,
                 None,
                 false,
                 &cfg.processes,

@@ -283,6 +283,23 @@ fn saved(state_dir: &Path) -> PathBuf {
     state_dir.join("maintenance.json")
 }
 
+/// Magento's maintenance flag, where Magento looks for it in a release.
+pub const FLAG: &str = "var/.maintenance.flag";
+
+/// This node's Magento maintenance, for `status`: whether the current release has Magento's
+/// flag (its storefront answers 503 while it does; `var/` may be shared, then every release
+/// has it), and the fleet window that put it there when this daemon did. Read only.
+pub fn node_status(state_dir: &Path, layout: &crate::release::Layout) -> serde_json::Value {
+    let flag = layout
+        .current()
+        .map(|c| layout.release_dir(&c).join(FLAG).exists())
+        .unwrap_or(false);
+    let by_window: Option<Enabled> = std::fs::read(saved(state_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    serde_json::json!({ "flag": flag, "window": by_window })
+}
+
 async fn magento(php: &str, release_dir: &Path, cmd: &str) -> Result<(), String> {
     let mut spec = CommandSpec::new(&[php, "bin/magento", cmd, "--no-ansi"]);
     spec.timeout = Duration::from_secs(60);

@@ -18,6 +18,7 @@ pub const SCHEMA: &str = "bgagent.status/v1";
 pub fn build(
     doc: &StateDoc,
     layout: &Layout,
+    state_dir: &std::path::Path,
     readiness: Option<Value>,
     daemon_running: bool,
     procs: &crate::procs::ProcessesConfig,
@@ -81,6 +82,7 @@ pub fn build(
         "old_processes": old_processes,
         "last_process_sweep": doc.old_processes,
         "cron": doc.cron,
+        "maintenance": crate::maintenance::node_status(state_dir, layout),
         "warnings": doc.disagreements(current.as_deref()),
     })
 }
@@ -130,6 +132,7 @@ pub fn render_text(s: &Value) -> String {
     render_opcache(&mut o, &s["opcache"]);
     render_old_processes(&mut o, s);
     render_cron(&mut o, &s["cron"]);
+    render_maintenance(&mut o, &s["maintenance"]);
     if let Some(p) = s["cleanup_pending"].as_array().filter(|p| !p.is_empty()) {
         let _ = writeln!(
             o,
@@ -329,6 +332,30 @@ fn render_old_processes(o: &mut String, s: &Value) {
     }
 }
 
+/// Magento's maintenance on this node: a line only when the flag is on or bgagent put it on.
+fn render_maintenance(o: &mut String, m: &Value) {
+    let flag = m["flag"] == Value::Bool(true);
+    let w = &m["window"];
+    let by = w["deployment"].as_str();
+    let line = match (flag, by) {
+        (false, None) => return,
+        (true, Some(d)) => format!(
+            "ON: Magento's {} is in the current release (the storefront answers 503), put there by deployment {d}'s maintenance window (release {}); `bgagent maintenance status` shows the window, `bgagent maintenance close` ends it for the fleet",
+            crate::maintenance::FLAG,
+            w["release"].as_str().unwrap_or("-")
+        ),
+        (true, None) => format!(
+            "ON: Magento's {} is in the current release (the storefront answers 503), not put there by bgagent: `bin/magento maintenance:disable` ends it",
+            crate::maintenance::FLAG
+        ),
+        (false, Some(d)) => format!(
+            "off in the current release; deployment {d}'s maintenance window had put release {} into maintenance, and the daemon takes that off when the window closes",
+            w["release"].as_str().unwrap_or("-")
+        ),
+    };
+    let _ = writeln!(o, "maintenance: {line}");
+}
+
 /// The last deployment's cron pause.
 fn render_cron(o: &mut String, c: &Value) {
     if c.is_null() {
@@ -417,5 +444,30 @@ mod tests {
         let none = render_text(&with_cache(Value::Null));
         assert!(!none.contains("cache generation"), "{none}");
         assert!(none.contains("rollback:   none"), "{none}");
+    }
+
+    #[test]
+    fn a_node_in_magento_maintenance_looked_healthy_in_status() {
+        let with = |m: Value| {
+            let mut s = with_cache(Value::Null);
+            s["maintenance"] = m;
+            render_text(&s)
+        };
+        let off = with(json!({ "flag": false, "window": null }));
+        assert!(!off.contains("maintenance:"), "{off}");
+        let by_hand = with(json!({ "flag": true, "window": null }));
+        assert!(
+            by_hand.contains("maintenance: ON: Magento's var/.maintenance.flag is in the current release (the storefront answers 503), not put there by bgagent"),
+            "{by_hand}"
+        );
+        let by_window =
+            with(json!({ "flag": true, "window": { "deployment": "d-2", "release": "r1" } }));
+        assert!(
+            by_window.contains("put there by deployment d-2's maintenance window (release r1)")
+                && by_window.contains("`bgagent maintenance close`"),
+            "{by_window}"
+        );
+        // An older document without the field renders as before.
+        assert!(!render_text(&with_cache(Value::Null)).contains("maintenance:"));
     }
 }

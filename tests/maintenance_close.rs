@@ -79,6 +79,18 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
     );
     wait_for("the watcher turns maintenance on", &log, || flag.exists());
 
+    // `status` says this node serves maintenance (503), and why.
+    let st = agent.status_json();
+    assert_eq!(st["maintenance"]["flag"], true, "{st:#}");
+    assert_eq!(st["maintenance"]["window"]["deployment"], "d-2", "{st:#}");
+    assert!(
+        agent
+            .status_text()
+            .contains("maintenance: ON: Magento's var/.maintenance.flag is in the current release"),
+        "{}",
+        agent.status_text()
+    );
+
     let o = agent.cli(&["maintenance", "status", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -113,6 +125,10 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
         "0"
     );
     wait_for("the watcher turns maintenance off", &log, || !flag.exists());
+    wait_for("status says maintenance is off", &log, || {
+        agent.status_json()["maintenance"] == serde_json::json!({ "flag": false, "window": null })
+    });
+    assert!(!agent.status_text().contains("maintenance:"));
     wait_for("the daemon says why", &log, || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()

@@ -263,6 +263,7 @@ impl Engine {
         crate::status::build(
             &self.doc,
             &self.layout,
+            self.store.dir(),
             readiness,
             daemon_running,
             &self.cfg.processes,
