@@ -195,7 +195,6 @@ pub enum CacheError {
     },
 }
 
-/// This node's name.
 /// The app's name as the fleet's keys use it: `app.name`, else CodeDeploy's APPLICATION_NAME
 /// of the deployment in the state, else "app".
 pub fn app_name(configured: Option<&str>, doc: Option<&crate::state::StateDoc>) -> String {
@@ -208,6 +207,7 @@ pub fn app_name(configured: Option<&str>, doc: Option<&crate::state::StateDoc>) 
         .unwrap_or_else(|| "app".into())
 }
 
+/// This node's name.
 pub fn node_name(cfg: &CacheConfig) -> String {
     if let Some(n) = &cfg.node {
         return n.clone();

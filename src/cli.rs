@@ -179,7 +179,9 @@ pub enum MaintenanceCommand {
     /// Close the open window now, for the whole fleet: every node's daemon turns Magento's
     /// maintenance flag off within a second. A window stays open after a failed
     /// setup:upgrade on purpose (old code may not run on a half-upgraded database): close it
-    /// when the database is fit for the release that serves, or retry the deployment.
+    /// when the database is fit for the release that serves, or retry the deployment. Never
+    /// while setup:upgrade still runs (`bgagent status` on the node running it shows its
+    /// AfterInstall running): old code would serve on a database being changed.
     #[command(after_help = AFTER_HELP)]
     Close {
         /// Close it only if it is this deployment's window (safe against closing a newer
