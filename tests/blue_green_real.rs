@@ -527,7 +527,7 @@ impl Harness {
     fn allow(&self, node: &str, dep: &str) {
         let t = self.clock.now();
         self.lb.register(node, true);
-        wait_until(
+        support::wait_until(
             20,
             &format!("AllowTraffic: HAProxy should see {node} UP"),
             || self.lb.stat(node).status == "UP",
@@ -540,7 +540,7 @@ impl Harness {
     fn block(&self, node: &str, dep: &str) {
         let t = self.clock.now();
         self.lb.register(node, false);
-        wait_until(
+        support::wait_until(
             20,
             &format!("BlockTraffic: {node} should finish its requests"),
             || self.lb.stat(node).current == 0,
@@ -611,14 +611,6 @@ impl Harness {
 }
 
 /// Polls `what` until it holds; fails with `msg` after `secs` (a bound, not a speed claim).
-fn wait_until(secs: u64, msg: &str, mut what: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !what() {
-        assert!(t0.elapsed() < Duration::from_secs(secs), "{msg}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The events between the traffic events of a deployment (ApplicationStop, on a node that
 /// had a revision before, comes first).
 const INSTALL: [&str; 4] = [
@@ -798,7 +790,7 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
         h.restart_daemon("green");
         h.mark(t, "green", "daemon restart", r, 0);
         let log = h.green.dir.join("daemon.log");
-        wait_until(
+        support::wait_until(
             30,
             "green's daemon should say its readiness after the restart",
             || {
@@ -848,12 +840,12 @@ fn blue_green_in_codedeploys_orders_under_load_serves_every_request_from_a_ready
         let t = clock.now();
         h.restart_daemon("blue");
         h.mark(t, "blue", "daemon restart", d, 0);
-        wait_until(
+        support::wait_until(
             60,
             "blue should be ready again after its daemon restarted",
             || h.blue.ready() == 200,
         );
-        wait_until(20, "HAProxy should see blue UP again", || {
+        support::wait_until(20, "HAProxy should see blue UP again", || {
             h.lb.stat("blue").status == "UP"
         });
         h.expect(

@@ -590,9 +590,12 @@ fn the_waiting_message_names_the_request_holding_the_daemon() {
             .output()
             .unwrap()
     });
-    wait_for(&node, "the second request should wait", || {
-        node.log().contains("waiting for it to finish")
-    });
+    support::wait_until_or(
+        30,
+        "the second request should wait",
+        || node.log(),
+        || node.log().contains("waiting for it to finish"),
+    );
     hold.release();
     let first = first.join().unwrap();
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
@@ -1017,18 +1020,6 @@ fn finished_record(node: &Node, event: &str) -> serde_json::Value {
     }
 }
 
-fn wait_for(node: &Node, what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "{what}\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Waits for the record of `event` and asserts that it failed because the hook ended
 /// before the result; returns the record.
 fn assert_hook_ended(node: &Node, event: &str) -> serde_json::Value {
@@ -1079,7 +1070,12 @@ impl Hold {
     }
 
     fn wait_started(&self, node: &Node) {
-        wait_for(node, "the command should start", || self.started.exists());
+        support::wait_until_or(
+            30,
+            "the command should start",
+            || node.log(),
+            || self.started.exists(),
+        );
     }
 
     fn release(&self) {
@@ -1106,9 +1102,12 @@ fn hook_sigterm_in_validate_service_no_longer_leaves_the_unvalidated_release_rea
     node.revision("g-1", "d-2", "two");
     node.hooks_ok("d-2", &IN_PLACE[..6]);
     let hook = spawn_hook(&node, "ValidateService", "d-2");
-    wait_for(&node, "the health check should fail first", || {
-        node.log().contains("health check app failed")
-    });
+    support::wait_until_or(
+        30,
+        "the health check should fail first",
+        || node.log(),
+        || node.log().contains("health check app failed"),
+    );
     sigterm_group(&hook);
     let out = hook.wait_with_output().unwrap();
     let t = text(&out);
@@ -1301,13 +1300,19 @@ fn hook_killed_during_the_drain_wait_no_longer_holds_the_event_until_the_bound()
         assert_eq!(support::http_get(ready_port, "/ready").0, 200);
     }
     let mut hook = spawn_hook(&node, "ApplicationStop", "d-2");
-    wait_for(&node, "the drain should wait for the probes", || {
-        node.log().contains("draining: /ready answers 503")
-    });
+    support::wait_until_or(
+        30,
+        "the drain should wait for the probes",
+        || node.log(),
+        || node.log().contains("draining: /ready answers 503"),
+    );
     hook.kill().unwrap();
     hook.wait().unwrap();
     assert_hook_ended(&node, "ApplicationStop");
-    wait_for(&node, "the old release serves again", || {
-        support::http_get(ready_port, "/ready").0 == 200
-    });
+    support::wait_until_or(
+        30,
+        "the old release serves again",
+        || node.log(),
+        || support::http_get(ready_port, "/ready").0 == 200,
+    );
 }

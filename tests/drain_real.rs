@@ -149,14 +149,6 @@ fn ok(o: &Output) -> String {
     text(o)
 }
 
-fn wait_until(secs: u64, msg: &str, mut what: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !what() {
-        assert!(t0.elapsed() < Duration::from_secs(secs), "{msg}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `rate` requests/s through `port` from 8 threads until `stop` (or `max` requests, or
 /// 120 s): every answer's status and body.
 struct Load {
@@ -277,12 +269,12 @@ fn drain_with_stop_on_drain_behind_haproxy_fails_no_request() {
     for ev in &IN_PLACE[2..] {
         ok(&n.hook(ev, "d-1"));
     }
-    wait_until(10, "HAProxy should see both servers UP", || {
+    support::wait_until(10, "HAProxy should see both servers UP", || {
         lb.stat("node").status == "UP" && lb.stat("peer").status == "UP"
     });
 
     let load = Load::start(lb.port, 200, 40_000);
-    wait_until(10, "the load should be running", || load.count() > 200);
+    support::wait_until(10, "the load should be running", || load.count() > 200);
     n.revision("d-2", "two");
     let mut drain_out = String::new();
     for ev in IN_PLACE {
@@ -291,7 +283,7 @@ fn drain_with_stop_on_drain_behind_haproxy_fails_no_request() {
             drain_out = out;
         }
     }
-    wait_until(10, "HAProxy should take the node in again", || {
+    support::wait_until(10, "HAProxy should take the node in again", || {
         lb.stat("node").status == "UP"
     });
     // some more requests with the node back in

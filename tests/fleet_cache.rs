@@ -6,7 +6,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 use support::fleet::{self, Agent};
 use support::text;
@@ -46,15 +46,6 @@ fn slot(a: &Agent) -> u64 {
     a.status_json()["current_release"]["cache"]["slot"]
         .as_u64()
         .unwrap()
-}
-
-fn redis_cli(port: u16, db: u32, args: &[&str]) -> String {
-    let out = Command::new(support::require("redis-cli"))
-        .args(["-p", &port.to_string(), "-n", &db.to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// All nodes run `events` of `dep` concurrently, released by one barrier per event.
@@ -98,8 +89,8 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
     let agents = start_agents(base.path(), NODES, &redis.url());
 
     // stale entries in slot 0's databases must be gone after the first deployment's flush
-    redis_cli(redis.port, 0, &["SET", "stale-cache-entry", "x"]);
-    redis_cli(redis.port, 2, &["SET", "PHPREDIS_SESSION:abc", "session"]);
+    redis.cli(0, &["SET", "stale-cache-entry", "x"]);
+    redis.cli(2, &["SET", "PHPREDIS_SESSION:abc", "session"]);
     revision(base.path(), "d-1");
     let outs = fleet_deploy_ok(&agents, "d-1", &EVENTS);
     let flushes = outs
@@ -109,12 +100,9 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
         .count();
     assert_eq!(flushes, 1, "exactly one node flushes the new generation");
     assert!(agents.iter().all(|a| slot(a) == 0));
+    assert_eq!(redis.cli(0, &["EXISTS", "stale-cache-entry"]), "0");
     assert_eq!(
-        redis_cli(redis.port, 0, &["EXISTS", "stale-cache-entry"]),
-        "0"
-    );
-    assert_eq!(
-        redis_cli(redis.port, 2, &["GET", "PHPREDIS_SESSION:abc"]),
+        redis.cli(2, &["GET", "PHPREDIS_SESSION:abc"]),
         "session",
         "sessions never flushed"
     );
@@ -122,10 +110,14 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
         let env = std::fs::read_to_string(a.dir.join("app/current/app/etc/env.php")).unwrap();
         assert_eq!(env, "<?php return [0, 'shop_0_'];\n");
     }
-    assert!(redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
+    assert!(
+        redis
+            .cli(2, &["GET", "bgagent:shop:live"])
+            .contains("\"slot\":0")
+    );
 
     // the old generation keeps its entries while a node serves it
-    redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
+    redis.cli(0, &["SET", "gen0-entry", "x"]);
     revision(base.path(), "d-2");
     let outs = fleet_deploy_ok(&agents, "d-2", &EVENTS);
     assert!(
@@ -133,7 +125,7 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
         "the second deployment takes the other slot"
     );
     assert_eq!(
-        redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]),
+        redis.cli(0, &["EXISTS", "gen0-entry"]),
         "1",
         "slot 0 was not flushed"
     );
@@ -146,20 +138,24 @@ fn eight_agents_agree_on_one_generation_flush_it_once_and_alternate() {
     );
 
     // rollback: slot 0 is live again, nothing flushed
-    redis_cli(redis.port, 3, &["SET", "gen1-entry", "x"]);
+    redis.cli(3, &["SET", "gen1-entry", "x"]);
     for a in &agents {
         let out = a.cli(&["rollback"]);
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(slot(a), 0);
     }
-    assert!(redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]).contains("\"slot\":0"));
-    assert_eq!(redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]), "1");
-    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "gen1-entry"]), "1");
+    assert!(
+        redis
+            .cli(2, &["GET", "bgagent:shop:live"])
+            .contains("\"slot\":0")
+    );
+    assert_eq!(redis.cli(0, &["EXISTS", "gen0-entry"]), "1");
+    assert_eq!(redis.cli(3, &["EXISTS", "gen1-entry"]), "1");
 
     // a third deployment would reuse slot 1: it is not served by anyone now, so it is flushed
     revision(base.path(), "d-3");
     fleet_deploy_ok(&agents, "d-3", &EVENTS[..2]);
-    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "gen1-entry"]), "0");
+    assert_eq!(redis.cli(3, &["EXISTS", "gen1-entry"]), "0");
 }
 
 #[test]
@@ -176,18 +172,14 @@ fn a_generation_still_served_is_never_flushed() {
         .as_secs()
         .to_string();
     // (coordination keys live in the session database, 2)
-    redis_cli(
-        redis.port,
-        2,
-        &["HSET", "bgagent:shop:serving:1", "old-node", &now],
-    );
-    redis_cli(redis.port, 3, &["SET", "served-entry", "x"]);
+    redis.cli(2, &["HSET", "bgagent:shop:serving:1", "old-node", &now]);
+    redis.cli(3, &["SET", "served-entry", "x"]);
     revision(base.path(), "d-2");
     let out = a.hook("AfterInstall", "d-2");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("slot 1 is still served by old-node"), "{t}");
-    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "1");
+    assert_eq!(redis.cli(3, &["EXISTS", "served-entry"]), "1");
 }
 
 #[test]
@@ -197,12 +189,14 @@ fn a_serving_node_keeps_its_registration_fresh() {
     let a = agent_with(base.path(), 0, &redis.url(), ", stale_after: 4s");
     revision(base.path(), "d-1");
     hooks_ok(&a, "d-1", &EVENTS);
-    let first: u64 = redis_cli(redis.port, 2, &["HGET", "bgagent:shop:serving:0", "node0"])
+    let first: u64 = redis
+        .cli(2, &["HGET", "bgagent:shop:serving:0", "node0"])
         .parse()
         .unwrap();
     // the heartbeat runs every stale_after/4 = 1 s
     std::thread::sleep(Duration::from_millis(2500));
-    let later: u64 = redis_cli(redis.port, 2, &["HGET", "bgagent:shop:serving:0", "node0"])
+    let later: u64 = redis
+        .cli(2, &["HGET", "bgagent:shop:serving:0", "node0"])
         .parse()
         .unwrap();
     assert!(
@@ -228,27 +222,18 @@ fn a_large_slot_flush_does_not_time_out_or_block_the_session_database() {
     let base = tempfile::tempdir().unwrap();
     for db in [0, 1] {
         assert_eq!(
-            redis_cli(
-                redis.port,
+            redis.cli(
                 db,
                 &["DEBUG", "POPULATE", LARGE_SLOT_KEYS, "magento_cache", "64"]
             ),
             "OK"
         );
     }
-    redis_cli(redis.port, 2, &["SET", "PHPREDIS_SESSION:abc", "session"]);
+    redis.cli(2, &["SET", "PHPREDIS_SESSION:abc", "session"]);
     // every command from now on, with its arguments, lands in the slow log
-    redis_cli(
-        redis.port,
-        0,
-        &["CONFIG", "SET", "slowlog-log-slower-than", "0"],
-    );
-    redis_cli(
-        redis.port,
-        0,
-        &["CONFIG", "SET", "slowlog-max-len", "100000"],
-    );
-    redis_cli(redis.port, 0, &["SLOWLOG", "RESET"]);
+    redis.cli(0, &["CONFIG", "SET", "slowlog-log-slower-than", "0"]);
+    redis.cli(0, &["CONFIG", "SET", "slowlog-max-len", "100000"]);
+    redis.cli(0, &["SLOWLOG", "RESET"]);
     let agents = start_agents(base.path(), 4, &redis.url());
     revision(base.path(), "d-1");
     let outs = fleet_deploy_ok(&agents, "d-1", &EVENTS[..2]);
@@ -260,13 +245,10 @@ fn a_large_slot_flush_does_not_time_out_or_block_the_session_database() {
         1,
         "exactly one node flushes"
     );
-    assert_eq!(redis_cli(redis.port, 0, &["DBSIZE"]), "0");
-    assert_eq!(redis_cli(redis.port, 1, &["DBSIZE"]), "0");
-    assert_eq!(
-        redis_cli(redis.port, 2, &["GET", "PHPREDIS_SESSION:abc"]),
-        "session"
-    );
-    let slowlog = redis_cli(redis.port, 0, &["SLOWLOG", "GET", "100000"]);
+    assert_eq!(redis.cli(0, &["DBSIZE"]), "0");
+    assert_eq!(redis.cli(1, &["DBSIZE"]), "0");
+    assert_eq!(redis.cli(2, &["GET", "PHPREDIS_SESSION:abc"]), "session");
+    let slowlog = redis.cli(0, &["SLOWLOG", "GET", "100000"]);
     let flushes: Vec<&str> = slowlog
         .lines()
         .collect::<Vec<_>>()
@@ -288,8 +270,7 @@ fn a_large_slot_flush_does_not_time_out_or_block_the_session_database() {
 #[test]
 fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it() {
     let redis = support::Redis::start();
-    redis_cli(
-        redis.port,
+    redis.cli(
         0,
         &[
             "ACL", "SETUSER", "bgagent", "on", ">s3cret", "~*", "&*", "+@all", "-flushdb",
@@ -300,7 +281,7 @@ fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it()
     let agents: Vec<Agent> = (0..2)
         .map(|i| agent_with(base.path(), i, &url, ", flush_wait: 3s"))
         .collect();
-    redis_cli(redis.port, 0, &["SET", "stale-cache-entry", "x"]);
+    redis.cli(0, &["SET", "stale-cache-entry", "x"]);
     revision(base.path(), "d-1");
     for a in &agents {
         assert!(a.hook("BeforeInstall", "d-1").status.success());
@@ -314,21 +295,15 @@ fn a_failed_flush_gives_its_claim_back_and_a_retry_on_another_node_finishes_it()
         "the failure names the server (never its password) and Redis's reason: {t}"
     );
     assert!(!t.contains("s3cret"), "{t}");
-    assert_eq!(
-        redis_cli(redis.port, 0, &["EXISTS", "stale-cache-entry"]),
-        "1"
-    );
+    assert_eq!(redis.cli(0, &["EXISTS", "stale-cache-entry"]), "1");
 
     // the operator fixes the cause; the retry goes to the other node
-    redis_cli(redis.port, 0, &["ACL", "SETUSER", "bgagent", "+flushdb"]);
+    redis.cli(0, &["ACL", "SETUSER", "bgagent", "+flushdb"]);
     let out = agents[1].hook("AfterInstall", "d-1");
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("flushed cache generation slot 0"), "{t}");
-    assert_eq!(
-        redis_cli(redis.port, 0, &["EXISTS", "stale-cache-entry"]),
-        "0"
-    );
+    assert_eq!(redis.cli(0, &["EXISTS", "stale-cache-entry"]), "0");
     // and the failed node's own retry goes through without flushing again
     let out = agents[0].hook("AfterInstall", "d-1");
     let t = text(&out);
@@ -355,7 +330,7 @@ fn a_redis_restart_without_persistence_mid_deployment_is_refused_never_split() {
     fleet_deploy_ok(&agents[..2], "d-2", &EVENTS[..2]);
     redis.restart();
     // the fleet goes on serving slot 0 and fills it again
-    redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
+    redis.cli(0, &["SET", "gen0-entry", "x"]);
     for o in fleet_deploy(&agents[2..], "d-2", &EVENTS[..2])
         .iter()
         .map(|n| &n[1])
@@ -380,7 +355,7 @@ fn a_redis_restart_without_persistence_mid_deployment_is_refused_never_split() {
         "every node still serves d-1's generation"
     );
     assert_eq!(
-        redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]),
+        redis.cli(0, &["EXISTS", "gen0-entry"]),
         "1",
         "the served slot was not flushed"
     );
@@ -389,7 +364,7 @@ fn a_redis_restart_without_persistence_mid_deployment_is_refused_never_split() {
     revision(base.path(), "d-3");
     fleet_deploy_ok(&agents, "d-3", &EVENTS);
     assert!(agents.iter().all(|a| slot(a) == 1));
-    assert_eq!(redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]), "1");
+    assert_eq!(redis.cli(0, &["EXISTS", "gen0-entry"]), "1");
 }
 
 fn now_secs() -> u64 {
@@ -412,12 +387,8 @@ fn a_silent_node_past_stale_after_still_blocks_the_flush_and_is_named() {
     hooks_ok(&a, "d-1", &EVENTS);
     // web9 registered on slot 1 two hours ago (stale_after: 1h) and went silent
     let then = (now_secs() - 7200).to_string();
-    redis_cli(
-        redis.port,
-        2,
-        &["HSET", "bgagent:shop:serving:1", "web9", &then],
-    );
-    redis_cli(redis.port, 3, &["SET", "served-entry", "x"]);
+    redis.cli(2, &["HSET", "bgagent:shop:serving:1", "web9", &then]);
+    redis.cli(3, &["SET", "served-entry", "x"]);
     revision(base.path(), "d-2");
     assert!(a.hook("BeforeInstall", "d-2").status.success());
     let out = a.hook("AfterInstall", "d-2");
@@ -428,12 +399,12 @@ fn a_silent_node_past_stale_after_still_blocks_the_flush_and_is_named() {
             && t.contains("redis-cli -n 2 HDEL bgagent:shop:serving:1 <node>"),
         "{t}"
     );
-    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "1");
+    assert_eq!(redis.cli(3, &["EXISTS", "served-entry"]), "1");
     // the operator confirms web9 is gone and removes it as told; the retry flushes
-    redis_cli(redis.port, 2, &["HDEL", "bgagent:shop:serving:1", "web9"]);
+    redis.cli(2, &["HDEL", "bgagent:shop:serving:1", "web9"]);
     let out = a.hook("AfterInstall", "d-2");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(redis_cli(redis.port, 3, &["EXISTS", "served-entry"]), "0");
+    assert_eq!(redis.cli(3, &["EXISTS", "served-entry"]), "0");
 }
 
 /// Issue 16: a late AfterAllowTraffic of a deployment that a newer one had superseded moved
@@ -449,7 +420,7 @@ fn a_late_event_of_a_superseded_deployment_leaves_the_live_pointer_alone() {
     hooks_ok(&agents[0], "d-1", &EVENTS[..5]);
     revision(base.path(), "d-2");
     hooks_ok(&agents[1], "d-2", &EVENTS);
-    let live = redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]);
+    let live = redis.cli(2, &["GET", "bgagent:shop:live"]);
     assert!(live.contains("\"deployment\":\"d-2\""), "{live}");
     let o = agents[0].hook("AfterAllowTraffic", "d-1");
     assert!(o.status.success(), "{}", text(&o));
@@ -459,7 +430,7 @@ fn a_late_event_of_a_superseded_deployment_leaves_the_live_pointer_alone() {
         text(&o)
     );
     assert_eq!(
-        redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]),
+        redis.cli(2, &["GET", "bgagent:shop:live"]),
         live,
         "the late event moved the fleet's live pointer"
     );
@@ -482,7 +453,7 @@ fn a_rollback_on_one_node_leaves_the_fleet_live_pointer_alone() {
         assert!(out.status.success(), "{}", text(&out));
         text(&out)
     };
-    let live = || redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]);
+    let live = || redis.cli(2, &["GET", "bgagent:shop:live"]);
     assert!(live().contains("\"slot\":1"), "{}", live());
     let t = rollback(&agents[0]);
     assert_eq!(slot(&agents[0]), 0);
@@ -511,7 +482,7 @@ fn a_node_lagging_behind_a_deployment_does_not_block_the_next_one() {
     hooks_ok(&agents[1], "d-2", &EVENTS);
     hooks_ok(&agents[0], "d-2", &EVENTS[..2]);
     assert_eq!(slot(&agents[0]), 0);
-    redis_cli(redis.port, 0, &["SET", "gen0-entry", "x"]);
+    redis.cli(0, &["SET", "gen0-entry", "x"]);
     // d-3 (a new deployment, or CodeDeploy's automatic rollback) reaches both nodes
     revision(base.path(), "d-3");
     let mut events = vec!["ApplicationStop"];
@@ -519,11 +490,13 @@ fn a_node_lagging_behind_a_deployment_does_not_block_the_next_one() {
     fleet_deploy_ok(&agents, "d-3", &events);
     assert!(agents.iter().all(|a| slot(a) == 0));
     assert_eq!(
-        redis_cli(redis.port, 0, &["EXISTS", "gen0-entry"]),
+        redis.cli(0, &["EXISTS", "gen0-entry"]),
         "0",
         "the slot left by the lagging node was flushed for d-3"
     );
     assert!(
-        redis_cli(redis.port, 2, &["GET", "bgagent:shop:live"]).contains("\"deployment\":\"d-3\"")
+        redis
+            .cli(2, &["GET", "bgagent:shop:live"])
+            .contains("\"deployment\":\"d-3\"")
     );
 }

@@ -345,7 +345,7 @@ fn a_health_check_that_never_passes_fails_with_evidence_and_rolls_back_to_a_read
         "the healthy previous release is ready again: {t}"
     );
     e.daemon.restart();
-    wait_until(20, "ready again after a daemon restart", || {
+    support::wait_until(20, "ready again after a daemon restart", || {
         e.ready() == 200
     });
 }
@@ -540,14 +540,6 @@ fn stop_on_drain_nginx() -> String {
 }
 
 /// Polls `what` until it holds; fails with `msg` after `secs` (a bound, not a speed claim).
-fn wait_until(secs: u64, msg: &str, mut what: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !what() {
-        assert!(t0.elapsed() < Duration::from_secs(secs), "{msg}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn services_stopped_by_the_drain_come_back_at_application_start() {
     let e = Env::with_nginx("", &stop_on_drain_nginx());
@@ -583,7 +575,7 @@ fn sticky_drain_original_instance_of_a_blue_green_rollback_becomes_ready_again()
     let lb = support::Haproxy::start(e.web.port, e.ready_port);
     e.revision("d-1", "one", false);
     all_ok(&e.deploy("d-1", &ALL[1..]));
-    wait_until(10, "HAProxy should see the ready node UP", || {
+    support::wait_until(10, "HAProxy should see the ready node UP", || {
         lb.server_status() == "UP"
     });
     // d-2 moves traffic to the replacement fleet: this (original) node is blocked.
@@ -594,7 +586,7 @@ fn sticky_drain_original_instance_of_a_blue_green_rollback_becomes_ready_again()
         0,
         "the drain stopped nginx (stop_on_drain)"
     );
-    wait_until(10, "HAProxy should take the drained node out", || {
+    support::wait_until(10, "HAProxy should take the drained node out", || {
         lb.server_status() == "DOWN"
     });
     // d-3 is CodeDeploy's rollback: the original instance gets traffic back.
@@ -607,7 +599,7 @@ fn sticky_drain_original_instance_of_a_blue_green_rollback_becomes_ready_again()
         text(&out)
     );
     assert!(e.web.get("/").1.contains("release=one"), "nginx is back");
-    wait_until(10, "AllowTraffic: HAProxy should see the node UP", || {
+    support::wait_until(10, "AllowTraffic: HAProxy should see the node UP", || {
         lb.server_status() == "UP"
     });
     all_ok(&e.deploy("d-3", &["AfterAllowTraffic"]));
@@ -618,7 +610,7 @@ fn sticky_drain_original_instance_of_a_blue_green_rollback_becomes_ready_again()
     assert_eq!(st["last_deployment"]["status"], "succeeded", "{st}");
     // A restarted daemon brings the live node back to ready through its checks.
     e.daemon.restart();
-    wait_until(
+    support::wait_until(
         20,
         "a restarted daemon must make the live node ready",
         || e.ready() == 200,
@@ -780,7 +772,7 @@ fn application_start_retried_after_a_crash_completes_the_steps_after_the_switch(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until(20, "the reload should start", || {
+    support::wait_until(20, "the reload should start", || {
         std::fs::read_to_string(&marker).is_ok_and(|s| s.trim().parse::<u32>().is_ok())
     });
     e.daemon.kill();
@@ -830,7 +822,7 @@ impl Env {
     /// Waits until the daemon pauses at `at`, then kills it with SIGKILL (a crash there).
     fn crash_at(&mut self, at: &str) {
         let log = self.p("daemon.log");
-        wait_until(60, &format!("the daemon should reach {at}"), || {
+        support::wait_until(60, &format!("the daemon should reach {at}"), || {
             std::fs::read_to_string(&log)
                 .is_ok_and(|l| l.contains(&format!("pausing at step boundary {at}")))
         });

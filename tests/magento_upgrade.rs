@@ -8,7 +8,7 @@
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use support::fleet::{self, Agent};
 use support::text;
@@ -174,14 +174,6 @@ impl Fleet {
 }
 
 /// Polls `done` every 50 ms until it holds; fails with `msg` after 30 s (a bound on a hang).
-fn wait_until(msg: &str, mut done: impl FnMut() -> bool) {
-    let t0 = std::time::Instant::now();
-    while !done() {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(30), "{msg}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-}
-
 const INSTALL: &[&str] = &["BeforeInstall", "AfterInstall", "ApplicationStart"];
 
 fn all_ok(outs: &[Vec<Output>]) {
@@ -537,7 +529,8 @@ fn a_breaking_change_with_schema_breaking_maintenance_takes_every_node_into_main
             a.log()
                 .contains("this node has switched to the new release")
         };
-        wait_until(
+        support::wait_until(
+            30,
             &format!(
                 "{} stayed, or the daemon did not say it took it off",
                 flag.display()
@@ -552,7 +545,7 @@ fn a_breaking_change_with_schema_breaking_maintenance_takes_every_node_into_main
                 .contains("maintenance window for deployment d-2 closed: every node has switched")
         })
     };
-    wait_until("the window was not closed", closed);
+    support::wait_until(30, "the window was not closed", closed);
 }
 
 #[test]
@@ -564,19 +557,10 @@ fn a_node_that_serves_but_does_not_turn_maintenance_on_keeps_the_window_from_ope
     // node1 still serves (its web server runs, it is registered), but its daemon is down:
     // and its watcher's heartbeat is gone too (as for a node that never watched)
     support::stop_daemon(&mut f.agents[1].daemon);
-    let out = Command::new(support::require("redis-cli"))
-        .args([
-            "-u",
-            &f.redis.url(),
-            "-n",
-            "2",
-            "HDEL",
-            "bgagent:shop:maintenance:nodes",
-            "node1",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(text(&out).trim(), "1", "{}", text(&out));
+    let out = f
+        .redis
+        .cli(2, &["HDEL", "bgagent:shop:maintenance:nodes", "node1"]);
+    assert_eq!(out, "1", "{out}");
     f.revision("d-2", Some("breaking"));
     assert_eq!(
         f.agents[0].hook("BeforeInstall", "d-2").status.code(),
@@ -592,7 +576,7 @@ fn a_node_that_serves_but_does_not_turn_maintenance_on_keeps_the_window_from_ope
     );
     assert_eq!(f.runs("setup:upgrade"), 1, "setup:upgrade did not run");
     // node0 took its flag off again once the window closed
-    wait_until("node0 stayed in maintenance", || {
+    support::wait_until(30, "node0 stayed in maintenance", || {
         web0.get("/catalog").0 == 200
     });
 }

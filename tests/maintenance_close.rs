@@ -5,32 +5,8 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
 use support::fleet::{self, Agent};
 use support::text;
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let o = Command::new(support::require("redis-cli"))
-        .args(["-p", &port.to_string(), "-n", "2"])
-        .args(args)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn wait_for(what: &str, log: &Path, mut done: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !done() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(15),
-            "{what} within 15 s; daemon log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[test]
 fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
@@ -71,13 +47,15 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
     // Another deployment's setup:upgrade opened the window and failed: it stays open. The
     // watcher turns this node's maintenance flag on.
     assert_eq!(
-        redis_cli(
-            redis.port,
-            &["SET", "bgagent:shop:maintenance", "d-2", "EX", "3600"]
-        ),
+        redis.cli(2, &["SET", "bgagent:shop:maintenance", "d-2", "EX", "3600"]),
         "OK"
     );
-    wait_for("the watcher turns maintenance on", &log, || flag.exists());
+    support::wait_until_or(
+        15,
+        "the watcher turns maintenance on",
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+        || flag.exists(),
+    );
 
     // `status` says this node serves maintenance (503), and why.
     let st = agent.status_json();
@@ -107,10 +85,7 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
         "{}",
         text(&o)
     );
-    assert_eq!(
-        redis_cli(redis.port, &["GET", "bgagent:shop:maintenance"]),
-        "d-2"
-    );
+    assert_eq!(redis.cli(2, &["GET", "bgagent:shop:maintenance"]), "d-2");
 
     // The operator closes it: the key goes, and the watcher takes the flag off.
     let o = agent.cli(&["maintenance", "close", "--deployment", "d-2"]);
@@ -120,20 +95,33 @@ fn an_open_maintenance_window_could_only_be_closed_by_its_ttl() {
         "{}",
         text(&o)
     );
-    assert_eq!(
-        redis_cli(redis.port, &["EXISTS", "bgagent:shop:maintenance"]),
-        "0"
+    assert_eq!(redis.cli(2, &["EXISTS", "bgagent:shop:maintenance"]), "0");
+    support::wait_until_or(
+        15,
+        "the watcher turns maintenance off",
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+        || !flag.exists(),
     );
-    wait_for("the watcher turns maintenance off", &log, || !flag.exists());
-    wait_for("status says maintenance is off", &log, || {
-        agent.status_json()["maintenance"] == serde_json::json!({ "flag": false, "window": null })
-    });
+    support::wait_until_or(
+        15,
+        "status says maintenance is off",
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+        || {
+            agent.status_json()["maintenance"]
+                == serde_json::json!({ "flag": false, "window": null })
+        },
+    );
     assert!(!agent.status_text().contains("maintenance:"));
-    wait_for("the daemon says why", &log, || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("(the window closed)")
-    });
+    support::wait_until_or(
+        15,
+        "the daemon says why",
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("(the window closed)")
+        },
+    );
 
     // Again: nothing to close, and that is not an error.
     let o = agent.cli(&["maintenance", "close"]);

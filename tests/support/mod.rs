@@ -294,6 +294,16 @@ impl Redis {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// `redis-cli -n DB ARGS` against this server; its reply, trimmed.
+    pub fn cli(&self, db: u32, args: &[&str]) -> String {
+        let out = Command::new(require("redis-cli"))
+            .args(["-p", &self.port.to_string(), "-n", &db.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
 }
 
 impl Drop for Redis {
@@ -825,6 +835,30 @@ impl Drop for Pool {
 }
 
 /// Both streams of a finished command, for assertions and their failure messages.
+/// Polls `done` every 20 ms until it holds; after `secs` fails the test with `what` (a bound
+/// on a hang, not a speed claim).
+pub fn wait_until(secs: u64, what: &str, done: impl FnMut() -> bool) {
+    wait_until_or(secs, what, String::new, done)
+}
+
+/// The same, adding `context()` (a daemon's log, say) to the failure.
+pub fn wait_until_or(
+    secs: u64,
+    what: &str,
+    context: impl Fn() -> String,
+    mut done: impl FnMut() -> bool,
+) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{what} (waited {secs} s)\n{}",
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
